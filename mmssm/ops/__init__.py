@@ -1,0 +1,7 @@
+from .selective_scan import (align_to_dense, ext_status, selective_scan,
+                             selective_scan_chunked, selective_scan_ref)
+
+__all__ = [
+    'selective_scan', 'selective_scan_ref', 'selective_scan_chunked',
+    'align_to_dense', 'ext_status'
+]

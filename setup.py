@@ -1,0 +1,62 @@
+"""Install mmssm and build its compiled ops (``mmssm._ext``) from kernels/.
+
+The CPU kernel is always built (``MMSSM_WITH_OPS=0`` skips it; mmssm then
+falls back to its PyTorch scan with a warning). There are no CUDA sources of
+our own: on CUDA tensors the scan runs through mamba-ssm (extra ``cuda``).
+``MMSSM_NATIVE=0`` builds for a generic x86-64 instead of this machine's CPU.
+"""
+import os
+from glob import glob
+
+from setuptools import find_packages, setup
+
+
+def read_requirements(name):
+    with open(os.path.join('requirements', name)) as f:
+        return [
+            line.strip() for line in f
+            if line.strip() and not line.startswith('#')
+        ]
+
+
+def get_version():
+    scope = {}
+    with open(os.path.join('mmssm', 'version.py')) as f:
+        exec(f.read(), scope)
+    return scope['__version__']
+
+
+def make_extensions():
+    if os.getenv('MMSSM_WITH_OPS', '1') == '0':
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+    flags = ['-O3', '-std=c++20', '-fopenmp']
+    if os.getenv('MMSSM_NATIVE', '1') != '0':
+        flags.append('-march=native')
+    ext = CppExtension(
+        name='mmssm._ext',
+        sources=sorted(glob('kernels/selective_scan/*.cpp')),
+        extra_compile_args={'cxx': flags},
+        extra_link_args=['-fopenmp'])
+    return [ext], {'build_ext': BuildExtension}
+
+
+ext_modules, cmdclass = make_extensions()
+
+setup(
+    name='mmssm',
+    version=get_version(),
+    description='Token-pruned vision state-space models for OpenMMLab',
+    long_description=open('README.md').read(),
+    long_description_content_type='text/markdown',
+    license='Apache-2.0',
+    python_requires='>=3.10',
+    packages=find_packages(include=['mmssm', 'mmssm.*']),
+    install_requires=read_requirements('runtime.txt'),
+    extras_require={
+        'tests': read_requirements('tests.txt'),
+        'cuda': read_requirements('cuda.txt'),
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False)
