@@ -34,9 +34,9 @@ namespace {
 
 enum GapMode : int64_t { kGapNone = 0, kGapPrev = 1, kGapNull = 2 };
 
-// exp for float32, written so that the compiler vectorises it over N
-// (Cody-Waite range reduction, Cephes' degree-6 polynomial; max relative
-// error ~2 ulp). The result of exp(x) for x < -87.3 is flushed to ~1e-38,
+// exp and log for float32, written so that the compiler vectorises them over
+// the loop they sit in (Cody-Waite range reduction and Cephes' polynomials;
+// max relative error ~2 ulp). exp(x) for x < -87.3 is flushed to ~1e-38,
 // which is 0 to the recurrence. NaN propagates.
 inline float exp_simd(float x) {
   x = std::min(std::max(x, -87.3f), 88.3f);
@@ -53,97 +53,199 @@ inline float exp_simd(float x) {
   return p * std::bit_cast<float>(bits);
 }
 
+// log(x) for x in [1, 2]: enough for softplus, log(1 + exp(-|x|)).
+inline float log_1to2(float x) {
+  const int32_t bits = std::bit_cast<int32_t>(x);
+  float e = static_cast<float>(((bits >> 23) & 0xff) - 126);
+  float m = std::bit_cast<float>((bits & 0x007fffff) | 0x3f000000);  // [.5, 1)
+  const bool small = m < 0.707106781186547524f;
+  e = small ? e - 1.0f : e;
+  m = small ? m + m - 1.0f : m - 1.0f;
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  y += -2.12194440e-4f * e;
+  y += -0.5f * z;
+  return m + y + 0.693359375f * e;
+}
+
+inline float softplus(float x) {
+  return std::max(x, 0.0f) + log_1to2(1.0f + exp_simd(-std::abs(x)));
+}
+inline float sigmoid(float x) { return 1.0f / (1.0f + exp_simd(-x)); }
+
+// float64 is for checking against the reference: plain libm.
 inline double exp_simd(double x) { return std::exp(x); }
-
-template <typename T>
-inline T softplus(T x) {
-  return x <= T(20) ? std::log1p(std::exp(x)) : x;
+inline double softplus(double x) {
+  return x <= 20.0 ? std::log1p(std::exp(x)) : x;
 }
-
-template <typename T>
-inline T sigmoid(T x) {
-  return T(1) / (T(1) + std::exp(-x));
-}
+inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 
 // Pointers to one call's tensors.
 template <typename T>
 struct ScanArgs {
   const T *u, *delta, *A, *Bt, *Ct, *D, *z, *bias;
-  const int64_t* pos;
+  const T* gaps;  // (batch, K): pruned tokens before each token, or null
   int64_t dim, K, N;
   bool softplus;
   int64_t gap_mode;
 };
 
-// Per-row scalar bookkeeping shared by forward and backward.
+// Per-row work buffers of K values each.
 template <typename T>
-struct RowState {
-  T bias = 0, gap_null = 0;
+struct RowBuffers {
+  std::vector<T> step, decay_exp, input, gate, dgate, dstep_draw, y;
+  explicit RowBuffers(int64_t K)
+      : step(K), decay_exp(K), input(K), gate(K), dgate(K), dstep_draw(K),
+        y(K) {}
 };
 
-template <typename T>
-inline RowState<T> row_state(const ScanArgs<T>& a, int64_t d) {
-  RowState<T> s;
-  s.bias = a.bias ? a.bias[d] : T(0);
-  s.gap_null = a.softplus ? softplus(s.bias) : s.bias;
-  return s;
-}
-
-// Pruned tokens before kept token k (the leading gap counts 0: h_0 = 0).
-inline int64_t gap_before(const int64_t* pos, int64_t k) {
-  return (pos && k > 0) ? pos[k] - pos[k - 1] - 1 : 0;
-}
-
-// Forward over one row. With kStore, keeps every step's decay and state
-// (K x N each) and the ungated output (K) for the backward pass.
-template <typename T, int kN, bool kStore>
-void forward_row(const ScanArgs<T>& a, int64_t b, int64_t d, T* h, T* out,
-                 T* decay_buf, T* state_buf, T* y_buf) {
-  const int64_t N = kN > 0 ? kN : a.N;
+// Vectorised over k, before the recurrence: the step size delta_k, the
+// exponent e_k = delta_k + g_k gap_delta_k of the step's decay, the input
+// delta_k u_k, the gate silu(z_k) and, for the backward pass, the
+// derivatives of the softplus and the gate.
+template <typename T, bool kBackward>
+void prepare_row(const ScanArgs<T>& a, int64_t b, int64_t d,
+                 RowBuffers<T>& buf) {
   const int64_t K = a.K;
   const int64_t row = (b * a.dim + d) * K;
   const T* u = a.u + row;
   const T* delta = a.delta + row;
   const T* z = a.z ? a.z + row : nullptr;
-  const T* A = a.A + d * N;
-  const T* Bt = a.Bt + b * K * N;
-  const T* Ct = a.Ct + b * K * N;
-  const int64_t* pos = a.pos ? a.pos + b * K : nullptr;
-  const T Dv = a.D ? a.D[d] : T(0);
-  const RowState<T> rs = row_state(a, d);
-
-  std::fill(h, h + N, T(0));
-  T delta_prev = 0;
+  const T bias = a.bias ? a.bias[d] : T(0);
+  T* step = buf.step.data();
+  T* e = buf.decay_exp.data();
+  T* input = buf.input.data();
+#pragma omp simd
   for (int64_t k = 0; k < K; ++k) {
-    const T raw = delta[k] + rs.bias;
-    const T dk = a.softplus ? softplus(raw) : raw;
-    const int64_t g = gap_before(pos, k);
-    T e = dk;
-    if (g > 0) {
-      e += T(g) * (a.gap_mode == kGapPrev ? delta_prev : rs.gap_null);
+    const T raw = delta[k] + bias;
+    step[k] = a.softplus ? softplus(raw) : raw;
+    input[k] = step[k] * u[k];
+    if constexpr (kBackward) {
+      buf.dstep_draw[k] = a.softplus ? sigmoid(raw) : T(1);
     }
-    const T du = dk * u[k];
+  }
+  if (a.gaps && a.gap_mode == kGapPrev) {
+    const T* g = a.gaps + b * K;
+    e[0] = step[0];
+#pragma omp simd
+    for (int64_t k = 1; k < K; ++k) e[k] = step[k] + g[k] * step[k - 1];
+  } else if (a.gaps) {  // 'null': a zero-input token's step
+    const T* g = a.gaps + b * K;
+    const T gap_step = a.softplus ? softplus(bias) : bias;
+#pragma omp simd
+    for (int64_t k = 0; k < K; ++k) e[k] = step[k] + g[k] * gap_step;
+  } else {
+    std::copy(step, step + K, e);
+  }
+  if (z) {
+#pragma omp simd
+    for (int64_t k = 0; k < K; ++k) {
+      const T s = sigmoid(z[k]);
+      buf.gate[k] = z[k] * s;
+      if constexpr (kBackward) buf.dgate[k] = s * (T(1) + z[k] * (T(1) - s));
+    }
+  }
+}
+
+// The recurrence over R channels d0..d0+R-1 of batch element b at once: R
+// independent dependency chains in flight, and B_k, C_k loaded once for all.
+// With kStore, keeps every step's decay and state (R x K x N) for the
+// backward pass. bufs[r].y gets C_k . h_k.
+template <typename T, int kN, bool kStore, int R>
+inline void scan_rows_impl(const ScanArgs<T>& a, int64_t b, int64_t d0,
+                           RowBuffers<T>* bufs, T* __restrict h,
+                           T* __restrict decay_buf, T* __restrict state_buf) {
+  const int64_t N = kN > 0 ? kN : a.N;
+  const int64_t K = a.K;
+  const T* __restrict Bt = a.Bt + b * K * N;
+  const T* __restrict Ct = a.Ct + b * K * N;
+  const T* A[R];
+  const T* e[R];
+  const T* x[R];
+  T* y[R];
+  for (int r = 0; r < R; ++r) {
+    A[r] = a.A + (d0 + r) * N;
+    e[r] = bufs[r].decay_exp.data();
+    x[r] = bufs[r].input.data();
+    y[r] = bufs[r].y.data();
+  }
+  std::fill(h, h + R * N, T(0));
+  for (int64_t k = 0; k < K; ++k) {
     const T* Bk = Bt + k * N;
     const T* Ck = Ct + k * N;
-    T y = 0;
-#pragma omp simd reduction(+ : y)
-    for (int64_t n = 0; n < N; ++n) {
-      const T decay = exp_simd(e * A[n]);
-      const T hn = decay * h[n] + du * Bk[n];
-      h[n] = hn;
-      y += Ck[n] * hn;
-      if constexpr (kStore) {
-        decay_buf[k * N + n] = decay;
-        state_buf[k * N + n] = hn;
+    for (int r = 0; r < R; ++r) {
+      const T ek = e[r][k], xk = x[r][k];
+      const T* Ar = A[r];
+      T* hr = h + r * N;
+      T yk = 0;
+#pragma omp simd reduction(+ : yk)
+      for (int64_t n = 0; n < N; ++n) {
+        const T decay = exp_simd(ek * Ar[n]);
+        const T hn = decay * hr[n] + xk * Bk[n];
+        hr[n] = hn;
+        yk += Ck[n] * hn;
+        if constexpr (kStore) {
+          decay_buf[(r * K + k) * N + n] = decay;
+          state_buf[(r * K + k) * N + n] = hn;
+        }
       }
+      y[r][k] = yk;
     }
-    y += Dv * u[k];
-    if constexpr (kStore) {
-      y_buf[k] = y;
+  }
+}
+
+template <typename T, int kN, bool kStore, int R>
+void scan_rows(const ScanArgs<T>& a, int64_t b, int64_t d0,
+               RowBuffers<T>* bufs, T* decay_buf, T* state_buf) {
+  if constexpr (kN > 0) {
+    T h[R * kN];  // small enough to live in registers
+    scan_rows_impl<T, kN, kStore, R>(a, b, d0, bufs, h, decay_buf,
+                                     state_buf);
+  } else {
+    std::vector<T> h(R * a.N);
+    scan_rows_impl<T, kN, kStore, R>(a, b, d0, bufs, h.data(), decay_buf,
+                                     state_buf);
+  }
+}
+
+// Rows per block of the forward pass.
+constexpr int kRowBlock = 4;
+
+template <typename T, int kN>
+void forward_block(const ScanArgs<T>& a, int64_t b, int64_t d0, int rows,
+                   RowBuffers<T>* bufs, T* out) {
+  for (int r = 0; r < rows; ++r) prepare_row<T, false>(a, b, d0 + r, bufs[r]);
+  if (rows == kRowBlock) {
+    scan_rows<T, kN, false, kRowBlock>(a, b, d0, bufs, nullptr, nullptr);
+  } else {
+    for (int r = 0; r < rows; ++r) {
+      scan_rows<T, kN, false, 1>(a, b, d0 + r, bufs + r, nullptr, nullptr);
+    }
+  }
+  for (int r = 0; r < rows; ++r) {
+    const int64_t d = d0 + r;
+    const int64_t row = (b * a.dim + d) * a.K;
+    const T* u = a.u + row;
+    const T Dv = a.D ? a.D[d] : T(0);
+    const T* y = bufs[r].y.data();
+    const T* gate = bufs[r].gate.data();
+    T* o = out + row;
+    if (a.z) {
+#pragma omp simd
+      for (int64_t k = 0; k < a.K; ++k) o[k] = (y[k] + Dv * u[k]) * gate[k];
     } else {
-      out[row + k] = z ? y * z[k] * sigmoid(z[k]) : y;
+#pragma omp simd
+      for (int64_t k = 0; k < a.K; ++k) o[k] = y[k] + Dv * u[k];
     }
-    delta_prev = dk;
   }
 }
 
@@ -158,49 +260,53 @@ struct GradArgs {
 // the channels it has processed for batch element b.
 template <typename T, int kN>
 void backward_row(const ScanArgs<T>& a, const GradArgs<T>& g, int64_t b,
-                  int64_t d, T* h, T* decay_buf, T* state_buf, T* y_buf,
-                  T* dh, T* dA_loc, T* dB_loc, T* dC_loc) {
+                  int64_t d, RowBuffers<T>& buf, T* decay_buf,
+                  T* state_buf, T* dh, T* dA_loc, T* dB_loc, T* dC_loc) {
   const int64_t N = kN > 0 ? kN : a.N;
   const int64_t K = a.K;
   const int64_t row = (b * a.dim + d) * K;
-  forward_row<T, kN, true>(a, b, d, h, nullptr, decay_buf, state_buf, y_buf);
+  prepare_row<T, true>(a, b, d, buf);
+  scan_rows<T, kN, true, 1>(a, b, d, &buf, decay_buf, state_buf);
 
   const T* u = a.u + row;
-  const T* delta = a.delta + row;
-  const T* z = a.z ? a.z + row : nullptr;
   const T* A = a.A + d * N;
   const T* Bt = a.Bt + b * K * N;
   const T* Ct = a.Ct + b * K * N;
-  const int64_t* pos = a.pos ? a.pos + b * K : nullptr;
+  const T* gaps = a.gaps ? a.gaps + b * K : nullptr;
   const T* dout = g.dout + row;
   const T Dv = a.D ? a.D[d] : T(0);
-  const RowState<T> rs = row_state(a, d);
+  const T* step = buf.step.data();
+  const T* e = buf.decay_exp.data();
+  T* dy_buf = buf.gate.data();  // the gate is read once per k, then reused
+  T* dstep = buf.input.data();  // d loss / d step_k, filled in reverse
+
+  // Gate and skip terms, vectorised over k.
+  T dD = 0;
+  if (a.z) {
+    const T* dgate = buf.dgate.data();
+    const T* y = buf.y.data();
+    T* dz = g.dz + row;
+#pragma omp simd reduction(+ : dD)
+    for (int64_t k = 0; k < K; ++k) {
+      dz[k] = dout[k] * (y[k] + Dv * u[k]) * dgate[k];
+      dy_buf[k] = dout[k] * dy_buf[k];
+      dD += dy_buf[k] * u[k];
+    }
+  } else {
+#pragma omp simd reduction(+ : dD)
+    for (int64_t k = 0; k < K; ++k) {
+      dy_buf[k] = dout[k];
+      dD += dout[k] * u[k];
+    }
+  }
 
   std::fill(dh, dh + N, T(0));
   std::fill(dA_loc, dA_loc + N, T(0));
-  T dD = 0, dbias = 0, dgap_null = 0;
-  T ddelta_from_next = 0;  // 'prev': step k+1's gap decays with delta_k
+  T dgap_null = 0;
+  T dstep_from_next = 0;  // 'prev': step k+1's gap decays with delta_k
+  T* du = g.du + row;
   for (int64_t k = K - 1; k >= 0; --k) {
-    const T raw = delta[k] + rs.bias;
-    const T dk = a.softplus ? softplus(raw) : raw;
-    const int64_t gap = gap_before(pos, k);
-    T e = dk;
-    if (gap > 0) {
-      const T delta_prev =
-          a.gap_mode == kGapPrev
-              ? (a.softplus ? softplus(delta[k - 1] + rs.bias)
-                            : delta[k - 1] + rs.bias)
-              : rs.gap_null;
-      e += T(gap) * delta_prev;
-    }
-    T dy = dout[k];
-    if (z) {
-      const T s = sigmoid(z[k]);
-      g.dz[row + k] = dout[k] * y_buf[k] * s * (T(1) + z[k] * (T(1) - s));
-      dy = dout[k] * z[k] * s;
-    }
-    dD += dy * u[k];
-    const T uk = u[k];
+    const T dy = dy_buf[k], uk = u[k], sk = step[k], ek = e[k];
     const T* Bk = Bt + k * N;
     const T* Ck = Ct + k * N;
     const T* decay = decay_buf + k * N;
@@ -209,37 +315,53 @@ void backward_row(const ScanArgs<T>& a, const GradArgs<T>& g, int64_t b,
     T* dBk = dB_loc + k * N;
     T* dCk = dC_loc + k * N;
     T de = 0, dBu = 0;
+    const T xk = sk * uk;
+    if (prev_state) {
 #pragma omp simd reduction(+ : de, dBu)
-    for (int64_t n = 0; n < N; ++n) {
-      const T dhn = dh[n] + dy * Ck[n];
-      dCk[n] += dy * state[n];
-      const T hp = prev_state ? prev_state[n] : T(0);
-      const T d_decay = dhn * hp * decay[n];  // d(decay) * decay
-      de += d_decay * A[n];
-      dA_loc[n] += d_decay * e;
-      dBk[n] += dhn * dk * uk;
-      dBu += dhn * Bk[n];
-      dh[n] = dhn * decay[n];
-    }
-    g.du[row + k] = dy * Dv + dBu * dk;
-    const T ddk = dBu * uk + de + ddelta_from_next;
-    ddelta_from_next = 0;
-    if (gap > 0) {
-      if (a.gap_mode == kGapPrev) {
-        ddelta_from_next = de * T(gap);
-      } else {
-        dgap_null += de * T(gap);
+      for (int64_t n = 0; n < N; ++n) {
+        const T dhn = dh[n] + dy * Ck[n];
+        dCk[n] += dy * state[n];
+        const T d_decay = dhn * prev_state[n] * decay[n];  // d(decay) decay
+        de += d_decay * A[n];
+        dA_loc[n] += d_decay * ek;
+        dBk[n] += dhn * xk;
+        dBu += dhn * Bk[n];
+        dh[n] = dhn * decay[n];
+      }
+    } else {  // h_{-1} = 0: the decay of the first step has no gradient
+#pragma omp simd reduction(+ : dBu)
+      for (int64_t n = 0; n < N; ++n) {
+        const T dhn = dh[n] + dy * Ck[n];
+        dCk[n] += dy * state[n];
+        dBk[n] += dhn * xk;
+        dBu += dhn * Bk[n];
       }
     }
-    const T draw = a.softplus ? ddk * sigmoid(raw) : ddk;
-    g.ddelta[row + k] = draw;
-    dbias += draw;
+    du[k] = dy * Dv + dBu * sk;
+    dstep[k] = dBu * uk + de + dstep_from_next;
+    dstep_from_next = 0;
+    if (gaps && gaps[k] > T(0)) {
+      if (a.gap_mode == kGapPrev) {
+        dstep_from_next = de * gaps[k];
+      } else {
+        dgap_null += de * gaps[k];
+      }
+    }
+  }
+  T dbias = 0;
+  T* ddelta = g.ddelta + row;
+  const T* dstep_draw = buf.dstep_draw.data();
+#pragma omp simd reduction(+ : dbias)
+  for (int64_t k = 0; k < K; ++k) {
+    ddelta[k] = dstep[k] * dstep_draw[k];
+    dbias += ddelta[k];
   }
   const int64_t bd = b * a.dim + d;
   for (int64_t n = 0; n < N; ++n) g.dA_part[bd * N + n] = dA_loc[n];
   g.dD_part[bd] = dD;
+  const T bias = a.bias ? a.bias[d] : T(0);
   g.dbias_part[bd] =
-      dbias + (a.softplus ? dgap_null * sigmoid(rs.bias) : dgap_null);
+      dbias + (a.softplus ? dgap_null * sigmoid(bias) : dgap_null);
 }
 
 int num_threads() { return std::max(1, at::get_num_threads()); }
@@ -258,6 +380,25 @@ void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype,
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
+// The gaps g_k = p_k - p_{k-1} - 1 (g_0 = 0: h_0 = 0, a leading gap changes
+// nothing), as T; computed once per call, shared by all channels.
+template <typename T>
+std::vector<T> compute_gaps(const std::optional<at::Tensor>& pos,
+                            int64_t gap_mode, int64_t batch, int64_t K) {
+  std::vector<T> gaps;
+  if (!pos || gap_mode == kGapNone) return gaps;
+  check_tensor(*pos, "positions", at::kLong, {batch, K});
+  gaps.resize(batch * K);
+  const int64_t* p = pos->data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t i = b * K + k;
+      gaps[i] = k > 0 ? static_cast<T>(p[i] - p[i - 1] - 1) : T(0);
+    }
+  }
+  return gaps;
+}
+
 template <typename T>
 ScanArgs<T> make_args(const at::Tensor& u, const at::Tensor& delta,
                       const at::Tensor& A, const at::Tensor& Bt,
@@ -265,7 +406,8 @@ ScanArgs<T> make_args(const at::Tensor& u, const at::Tensor& delta,
                       const std::optional<at::Tensor>& D,
                       const std::optional<at::Tensor>& z,
                       const std::optional<at::Tensor>& bias,
-                      const std::optional<at::Tensor>& pos, bool softplus,
+                      const std::optional<at::Tensor>& pos,
+                      const std::vector<T>& gaps, bool softplus,
                       int64_t gap_mode) {
   TORCH_CHECK(u.dim() == 3, "u must be (batch, dim, K)");
   TORCH_CHECK(A.dim() == 2, "A must be (dim, N)");
@@ -292,7 +434,7 @@ ScanArgs<T> make_args(const at::Tensor& u, const at::Tensor& delta,
   a.D = D ? D->data_ptr<T>() : nullptr;
   a.z = z ? z->data_ptr<T>() : nullptr;
   a.bias = bias ? bias->data_ptr<T>() : nullptr;
-  a.pos = (pos && gap_mode != kGapNone) ? pos->data_ptr<int64_t>() : nullptr;
+  a.gaps = gaps.empty() ? nullptr : gaps.data();
   a.dim = dim;
   a.K = K;
   a.N = N;
@@ -303,14 +445,18 @@ ScanArgs<T> make_args(const at::Tensor& u, const at::Tensor& delta,
 
 template <typename T, int kN>
 void forward_impl(const ScanArgs<T>& a, int64_t batch, T* out) {
-  const int64_t rows = batch * a.dim;
+  const int64_t blocks_per_batch = (a.dim + kRowBlock - 1) / kRowBlock;
+  const int64_t blocks = batch * blocks_per_batch;
 #pragma omp parallel num_threads(num_threads())
   {
-    std::vector<T> h(a.N);
+    std::vector<RowBuffers<T>> bufs(kRowBlock, RowBuffers<T>(a.K));
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-      forward_row<T, kN, false>(a, r / a.dim, r % a.dim, h.data(), out,
-                                nullptr, nullptr, nullptr);
+    for (int64_t i = 0; i < blocks; ++i) {
+      const int64_t b = i / blocks_per_batch;
+      const int64_t d0 = (i % blocks_per_batch) * kRowBlock;
+      const int rows = static_cast<int>(std::min<int64_t>(kRowBlock,
+                                                          a.dim - d0));
+      forward_block<T, kN>(a, b, d0, rows, bufs.data(), out);
     }
   }
 }
@@ -331,17 +477,18 @@ void backward_impl(const ScanArgs<T>& a, const GradArgs<T>& g, int64_t batch,
     const int tid = 0;
     const int team = 1;
 #endif
-    std::vector<T> h(N), dh(N), dA_loc(N), y_buf(K);
+    std::vector<T> dh(N), dA_loc(N);
     std::vector<T> decay_buf(KN), state_buf(KN);
+    RowBuffers<T> buf(K);
     T* dB_loc = partial.data() + static_cast<size_t>(tid) * 2 * KN;
     T* dC_loc = dB_loc + KN;
     for (int64_t b = 0; b < batch; ++b) {
       std::fill(dB_loc, dB_loc + 2 * KN, T(0));
 #pragma omp for schedule(static)
       for (int64_t d = 0; d < a.dim; ++d) {
-        backward_row<T, kN>(a, g, b, d, h.data(), decay_buf.data(),
-                            state_buf.data(), y_buf.data(), dh.data(),
-                            dA_loc.data(), dB_loc, dC_loc);
+        backward_row<T, kN>(a, g, b, d, buf, decay_buf.data(),
+                            state_buf.data(), dh.data(), dA_loc.data(),
+                            dB_loc, dC_loc);
       }  // implicit barrier: every thread's partial sums are complete
 #pragma omp for schedule(static)
       for (int64_t i = 0; i < KN; ++i) {
@@ -371,8 +518,10 @@ at::Tensor fwd(const at::Tensor& u, const at::Tensor& delta,
               u.scalar_type());
   auto out = at::empty_like(u);
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_fwd", [&] {
+    const auto gaps = compute_gaps<scalar_t>(positions, gap_mode, u.size(0),
+                                             u.size(2));
     auto a = make_args<scalar_t>(u, delta, A, Bt, Ct, D, z, delta_bias,
-                                 positions, softplus, gap_mode);
+                                 positions, gaps, softplus, gap_mode);
     if (a.N == 16) {
       forward_impl<scalar_t, 16>(a, u.size(0), out.data_ptr<scalar_t>());
     } else {
@@ -403,8 +552,10 @@ std::vector<std::optional<at::Tensor>> bwd(
   auto dD_part = at::empty({batch, dim}, u.options());
   auto dbias_part = at::empty({batch, dim}, u.options());
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_bwd", [&] {
+    const auto gaps = compute_gaps<scalar_t>(positions, gap_mode, u.size(0),
+                                             u.size(2));
     auto a = make_args<scalar_t>(u, delta, A, Bt, Ct, D, z, delta_bias,
-                                 positions, softplus, gap_mode);
+                                 positions, gaps, softplus, gap_mode);
     GradArgs<scalar_t> g;
     g.dout = dout.data_ptr<scalar_t>();
     g.du = du.data_ptr<scalar_t>();

@@ -6,6 +6,8 @@ containers and allow-listed globals are rebuilt, so a pickle that would call
 arrays and scalars (in ``meta`` and the message hub's ``HistoryBuffer``s);
 we allow-list exactly those types and keep the safety on.
 """
+import pickle
+
 import numpy as np
 import torch
 
@@ -24,10 +26,32 @@ def _numpy_globals() -> list:
     ]
 
 
+def _history_buffer_method(owner, name: str):
+    """Stands in for ``getattr`` while unpickling: HistoryBuffer's methods.
+
+    A pickled ``HistoryBuffer`` names its statistics methods as
+    ``getattr(HistoryBuffer, 'mean')``. Allowing the real ``getattr`` would
+    let a checkpoint reach any attribute of any allowed object, so only the
+    methods that HistoryBuffer registers itself are served.
+    """
+    from mmengine.logging.history_buffer import HistoryBuffer
+    if owner is HistoryBuffer and name in _HISTORY_BUFFER_METHODS:
+        return getattr(HistoryBuffer, name)
+    raise pickle.UnpicklingError(
+        f'checkpoint asks for getattr({owner!r}, {name!r}); only '
+        f'HistoryBuffer.{{{", ".join(_HISTORY_BUFFER_METHODS)}}} are allowed')
+
+
+_HISTORY_BUFFER_METHODS = ('min', 'max', 'current', 'mean')
+
+
 def mmengine_safe_globals() -> list:
     """The globals that mmengine's training checkpoints need, and no more."""
     from mmengine.logging.history_buffer import HistoryBuffer
-    return _numpy_globals() + [HistoryBuffer]
+    return _numpy_globals() + [
+        HistoryBuffer,
+        (_history_buffer_method, 'builtins.getattr'),
+    ]
 
 
 def allow_mmengine_checkpoints() -> None:

@@ -1,0 +1,4 @@
+from .plainmamba import PlainMamba
+from .vim import Vim
+
+__all__ = ['PlainMamba', 'Vim']

@@ -1,0 +1,983 @@
+"""PlainMamba (Yang et al., BMVC 2024), faithful to the released weights.
+
+A non-hierarchical vision SSM: a convolutional stem to 1/16, a learned
+absolute position embedding, then ``num_layers`` pre-norm blocks whose mixer
+scans the token grid in four zig-zag orders. The mixer reproduces the
+released model exactly, including its quirks (read from the official code,
+``mmcls/plain_mamba_dev/models/plain_mamba/plain_mamba_layer.py``):
+
+* only the input ``u`` is permuted into each zig-zag order; the step sizes,
+  ``B`` and ``C`` of scan step ``k`` are those of the token at *raster*
+  position ``k``, in all four scans;
+* ``direction_Bs`` (5 x N: start, right, left, up, down) is added to ``B``
+  by the move that arrived at each scan step (step 0 is 'start');
+* the dt bias enters twice (``dt_proj`` with its bias, and the same bias
+  again as the scan's ``delta_bias``);
+* ``A``, ``D`` and ``dt_proj`` are shared by the four scans, so the ``D u``
+  skip term counts four times; ``y = sum of the 4 scans``, then
+  ``out_proj(y * silu(z))``.
+
+The mixer also runs on a pruned subset of the tokens (``token_index``), with
+the pruning-aware hidden-state alignment of "Exploring Token Pruning in
+Vision State Space Models" (NeurIPS 2024); see :class:`PlainMambaMixer`.
+"""
+
+import math
+from functools import lru_cache
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint as cp
+from mmengine.model import BaseModule, ModuleList
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from mmssm.models.layers import resize_pos_embed
+from mmssm.ops import selective_scan
+from mmssm.registry import MODELS
+
+# Rows of ``direction_Bs``: the move that arrived at a scan step.
+START, RIGHT, LEFT, UP, DOWN = range(5)
+
+_NORM_TYPES = {
+    'BN': nn.BatchNorm2d,
+    'BN2d': nn.BatchNorm2d,
+    'SyncBN': nn.SyncBatchNorm,
+    'LN': nn.LayerNorm,
+    'GN': nn.GroupNorm,
+}
+
+
+def build_norm(cfg: dict, num_features: int) -> nn.Module:
+    """Build a normalisation layer from a config, as mmcv does.
+
+    'BN', 'BN2d', 'SyncBN', 'LN' and 'GN' are built here (so that mmcv is not
+    needed); any other type goes to mmcv's ``build_norm_layer``.
+
+    Args:
+        cfg (dict): ``type`` plus the layer's keyword arguments, and
+            optionally ``requires_grad`` (default True).
+        num_features (int): Channels to normalise.
+
+    Returns:
+        nn.Module: The layer.
+    """
+    cfg = dict(cfg)
+    norm_type = cfg.pop('type')
+    requires_grad = cfg.pop('requires_grad', True)
+    if norm_type in _NORM_TYPES:
+        if norm_type == 'GN':
+            layer = nn.GroupNorm(num_channels=num_features, **cfg)
+        else:
+            layer = _NORM_TYPES[norm_type](num_features, **cfg)
+    else:
+        try:
+            from mmcv.cnn import build_norm_layer
+        except ImportError as e:
+            raise ValueError(
+                f'norm type {norm_type!r} needs mmcv, which '
+                f'cannot be imported ({e})'
+            ) from e
+        layer = build_norm_layer(
+            dict(cfg, type=norm_type, requires_grad=requires_grad),
+            num_features,
+        )[1]
+    for param in layer.parameters():
+        param.requires_grad = requires_grad
+    return layer
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample.
+
+    Args:
+        drop_prob (float): Probability of dropping. Defaults to 0.
+    """
+
+    def __init__(self, drop_prob: float = 0.0) -> None:
+        super().__init__()
+        self.drop_prob = float(drop_prob)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1))
+        return x * mask.bernoulli_(keep) / keep
+
+    def extra_repr(self) -> str:
+        return f'drop_prob={self.drop_prob}'
+
+
+# --------------------------------------------------------------------------
+# Scan orders
+# --------------------------------------------------------------------------
+def _move(a: Tuple[int, int], b: Tuple[int, int]) -> int:
+    (i0, j0), (i1, j1) = a, b
+    if i1 == i0:
+        return RIGHT if j1 == j0 + 1 else LEFT
+    return DOWN if i1 == i0 + 1 else UP
+
+
+@lru_cache(maxsize=64)
+def _scan_orders_cpu(H: int, W: int) -> Tuple[Tensor, Tensor, Tensor]:
+    rows = [
+        (i, j)
+        for i in range(H)
+        for j in (range(W) if i % 2 == 0 else reversed(range(W)))
+    ]
+    cols = [
+        (i, j)
+        for j in range(W)
+        for i in (range(H) if j % 2 == 0 else reversed(range(H)))
+    ]
+    paths = [rows, rows[::-1], cols, cols[::-1]]
+    orders = torch.tensor(
+        [[i * W + j for i, j in path] for path in paths], dtype=torch.long
+    )
+    moves = torch.tensor(
+        [
+            [START] + [_move(a, b) for a, b in zip(path[:-1], path[1:])]
+            for path in paths
+        ],
+        dtype=torch.long,
+    )
+    ranks = torch.empty_like(orders)
+    ranks.scatter_(1, orders, torch.arange(H * W).expand(4, -1).clone())
+    return orders, ranks, moves
+
+
+def scan_orders(
+    hw_shape: Sequence[int], device: Union[str, torch.device] = 'cpu'
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """PlainMamba's four zig-zag scan orders of an H x W token grid.
+
+    Direction 0 is a row snake from the top-left corner, direction 1 the
+    same path reversed (it starts in the bottom row: at its left end for even
+    H, its right end for odd H), direction 2 a column snake from the
+    top-left corner and direction 3 that path reversed (it starts in the
+    right column). These are the official orders.
+
+    Args:
+        hw_shape (Sequence[int]): (H, W).
+        device (str | torch.device): Where to put the tables.
+            Defaults to 'cpu'.
+
+    Returns:
+        tuple[Tensor, Tensor, Tensor]: int64 (4, H*W) tables: ``orders``
+        (scan step -> raster index of the token scanned), ``ranks`` (raster
+        index -> scan step, the inverse) and ``moves`` (scan step -> row of
+        ``direction_Bs``: the move that arrived at the step, 0 at step 0).
+    """
+    H, W = (int(s) for s in hw_shape)
+    if H < 1 or W < 1:
+        raise ValueError(f'hw_shape must be positive, got {(H, W)}')
+    tables = _scan_orders_cpu(H, W)
+    return tuple(t.to(device) for t in tables)
+
+
+def _take(t: Tensor, index: Tensor) -> Tensor:
+    """Gather (B, C, L) at an index (4, B, K) of L: (4, B, C, K)."""
+    index = index[:, :, None].expand(-1, -1, t.shape[1], -1)
+    return t[None].expand(index.shape[0], -1, -1, -1).gather(3, index)
+
+
+# --------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------
+class ConvPatchEmbed(nn.Module):
+    """PlainMamba's convolutional stem, stride 16.
+
+    A 7x7 stride-2 conv + norm + ReLU (``stem``), ``num_convs`` x (3x3 conv +
+    norm + ReLU) (``convs``), then an 8x8 stride-8 conv (``projection``).
+    Before the projection the feature map is zero-padded at the bottom and
+    right to a multiple of 8 (mmcv's 'corner' adaptive padding), so an input
+    of H x W gives a ceil(H/16) x ceil(W/16) grid (for any H, W; e.g.
+    112 x 137 -> 7 x 9).
+
+    Args:
+        in_channels (int): Image channels. Defaults to 3.
+        embed_dims (int): Output channels. Defaults to 192.
+        num_convs (int): Number of 3x3 conv blocks. Defaults to 1.
+        stem_channels (int): Channels of the stem. Defaults to 64.
+        norm_cfg (dict, optional): Config of the stem's norms; None means
+            ``dict(type='BN')``. Defaults to None.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        embed_dims: int = 192,
+        num_convs: int = 1,
+        stem_channels: int = 64,
+        norm_cfg: Optional[dict] = None,
+    ) -> None:
+        super().__init__()
+        norm_cfg = norm_cfg or dict(type='BN')
+        c = stem_channels
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, c, 7, stride=2, padding=3, bias=False),
+            build_norm(norm_cfg, c),
+            nn.ReLU(inplace=True),
+        )
+        if num_convs > 0:
+            convs = []
+            for _ in range(num_convs):
+                convs += [
+                    nn.Conv2d(c, c, 3, padding=1, bias=False),
+                    build_norm(norm_cfg, c),
+                    nn.ReLU(inplace=True),
+                ]
+            self.convs = nn.Sequential(*convs)
+        else:
+            self.convs = None
+        self.projection = nn.Conv2d(c, embed_dims, 8, stride=8)
+
+    @staticmethod
+    def out_size(hw: Sequence[int]) -> Tuple[int, int]:
+        """Token grid of an input of size ``hw``: ceil(ceil(s / 2) / 8)."""
+        return tuple(-(-((s + 1) // 2) // 8) for s in hw)
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
+        """Embed images.
+
+        Args:
+            x (Tensor): (B, C, H, W).
+
+        Returns:
+            tuple[Tensor, tuple[int, int]]: Tokens (B, h*w, embed_dims) in
+            raster order and the grid (h, w).
+        """
+        x = self.stem(x)
+        if self.convs is not None:
+            x = self.convs(x)
+        pad_h, pad_w = (-x.shape[2]) % 8, (-x.shape[3]) % 8
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        x = self.projection(x)
+        hw = (x.shape[2], x.shape[3])
+        return x.flatten(2).transpose(1, 2), hw
+
+
+class PlainMambaMixer(nn.Module):
+    """PlainMamba's 2-D selective-scan mixer, dense or on pruned tokens.
+
+    Args:
+        embed_dims (int): Token channels d.
+        d_state (int): SSM state size N. Defaults to 16.
+        expand (int): Inner channels E = expand * d. Defaults to 2.
+        conv_size (int): Depthwise conv kernel (odd). Defaults to 7.
+        dt_rank (int | str): Rank of the step projection; 'auto' is
+            ceil(d / 16). Defaults to 'auto'.
+        dt_min (float): Smallest initial step. Defaults to 0.001.
+        dt_max (float): Largest initial step. Defaults to 0.1.
+        dt_init_floor (float): Floor of the initial steps.
+            Defaults to 1e-4.
+        dt_scale (float): Scale of the ``dt_proj`` weight init.
+            Defaults to 1.0.
+        bias (bool): Bias of ``in_proj`` and ``out_proj`` (True in all
+            released models). Defaults to True.
+        conv_bias (bool): Bias of the depthwise conv. Defaults to True.
+        scan_impl (str): ``impl`` of :func:`mmssm.ops.selective_scan`.
+            Defaults to 'auto'.
+
+    The pruned path (``token_index`` given) keeps the released model's
+    semantics, with every per-step quantity taken at the kept token's
+    *original* scan step ``p`` in each direction:
+
+    * the depthwise conv runs on the full H x W grid with zeros at the
+      pruned positions (they have no ``in_proj`` output) and is read back at
+      the kept tokens; ``x_proj``/``dt_proj`` run on the whole conv output,
+      because scan step ``p`` takes its step size, ``B`` and ``C`` from the
+      token at raster position ``p`` (the released model's quirk), which may
+      itself be pruned (its conv output then only sees its kept
+      neighbours);
+    * ``B`` at step ``p`` gets the ``direction_Bs`` row of the move that
+      arrived at step ``p`` of the full order;
+    * ``align=True``: each direction scans the kept tokens in their order
+      along that direction and passes their steps ``p`` as ``positions``,
+      so the state advances across the pruned steps (``gap_mode``);
+    * ``align=False`` (the naive baseline): the same inputs, scanned as a
+      compact sequence (``positions=None``: no gaps). The depthwise conv
+      still runs on the scattered grid, as in the aligned path, so that the
+      two differ by the alignment only.
+
+    With all tokens kept, both paths equal the dense one.
+    """
+
+    def __init__(
+        self,
+        embed_dims: int,
+        d_state: int = 16,
+        expand: int = 2,
+        conv_size: int = 7,
+        dt_rank: Union[int, str] = 'auto',
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        dt_scale: float = 1.0,
+        bias: bool = True,
+        conv_bias: bool = True,
+        scan_impl: str = 'auto',
+    ) -> None:
+        super().__init__()
+        if conv_size % 2 != 1:
+            raise ValueError(f'conv_size must be odd, got {conv_size}')
+        self.embed_dims = embed_dims
+        self.d_state = d_state
+        self.d_inner = E = int(expand * embed_dims)
+        self.dt_rank = (
+            math.ceil(embed_dims / 16) if dt_rank == 'auto' else int(dt_rank)
+        )
+        self.scan_impl = scan_impl
+
+        self.in_proj = nn.Linear(embed_dims, 2 * E, bias=bias)
+        self.conv2d = nn.Conv2d(
+            E, E, conv_size, padding=conv_size // 2, groups=E, bias=conv_bias
+        )
+        self.act = nn.SiLU()
+        self.x_proj = nn.Linear(E, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, E, bias=True)
+        self.out_proj = nn.Linear(E, embed_dims, bias=bias)
+
+        # Mamba's initialisation, as the official code does it.
+        std = self.dt_rank**-0.5 * dt_scale
+        nn.init.uniform_(self.dt_proj.weight, -std, std)
+        dt = torch.exp(
+            torch.rand(E) * (math.log(dt_max) - math.log(dt_min))
+            + math.log(dt_min)
+        ).clamp(min=dt_init_floor)
+        with torch.no_grad():  # the inverse of softplus
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.dt_proj.bias._no_reinit = True
+        A = torch.arange(1, d_state + 1, dtype=torch.float32)
+        self.A_log = nn.Parameter(torch.log(A).repeat(E, 1))
+        self.D = nn.Parameter(torch.ones(E))
+        self.direction_Bs = nn.Parameter(torch.zeros(5, d_state))
+        nn.init.trunc_normal_(self.direction_Bs, std=0.02)
+        for param in (self.A_log, self.D, self.direction_Bs):
+            param._no_weight_decay = True
+
+    def forward(
+        self,
+        x: Tensor,
+        hw_shape: Sequence[int],
+        token_index: Optional[Tensor] = None,
+        gap_mode: str = 'prev',
+        align: bool = True,
+    ) -> Tensor:
+        """Mix tokens.
+
+        Args:
+            x (Tensor): (B, K, d) tokens (K = H*W when dense).
+            hw_shape (Sequence[int]): The full grid (H, W).
+            token_index (Tensor, optional): int64 (B, K), the sorted raster
+                indices of the K tokens in the H x W grid. None means all
+                tokens in raster order. Defaults to None.
+            gap_mode (str): How the aligned scan crosses pruned steps:
+                'prev', 'null' or 'none' (see :mod:`mmssm.ops`).
+                Defaults to 'prev'.
+            align (bool): Keep the original scan positions of the kept
+                tokens (False: the naive compact scan). Defaults to True.
+
+        Returns:
+            Tensor: (B, K, d).
+        """
+        return self.out_proj(
+            self.forward_ssm(x, hw_shape, token_index, gap_mode, align)
+        )
+
+    def forward_ssm(
+        self,
+        x: Tensor,
+        hw_shape: Sequence[int],
+        token_index: Optional[Tensor] = None,
+        gap_mode: str = 'prev',
+        align: bool = True,
+    ) -> Tensor:
+        """The gated SSM output ``y * silu(z)``, before ``out_proj``.
+
+        ``y`` is the sum of the four scans, each mapped back to token order
+        (the quantity that the token importance is computed from). Arguments
+        as :meth:`forward`.
+
+        Returns:
+            Tensor: (B, K, E).
+        """
+        batch, K, _ = x.shape
+        H, W = (int(s) for s in hw_shape)
+        L = H * W
+        E, N, R = self.d_inner, self.d_state, self.dt_rank
+        if token_index is None:
+            if K != L:
+                raise ValueError(
+                    f'x has {K} tokens but hw_shape {(H, W)} '
+                    f'has {L}; pass token_index'
+                )
+        elif tuple(token_index.shape) != (batch, K):
+            raise ValueError(
+                f'token_index must be (batch={batch}, K={K}), '
+                f'got {tuple(token_index.shape)}'
+            )
+
+        x, z = self.in_proj(x).chunk(2, dim=-1)  # (B, K, E) each
+        if token_index is not None:  # zeros at the pruned positions
+            x = x.new_zeros(batch, L, E).scatter(
+                1, token_index[..., None].expand(-1, -1, E), x
+            )
+        # (the same memory layout in both cases, hence the same rounding)
+        grid = x.transpose(1, 2).reshape(batch, E, H, W)
+        x_conv = self.act(self.conv2d(grid)).flatten(2)  # (B, E, L)
+
+        # Per-step inputs of the released model: those of the raster token.
+        dbl = self.x_proj(x_conv.transpose(1, 2))  # (B, L, R + 2N)
+        dt, B, C = dbl.split([R, N, N], dim=-1)
+        # The bias enters twice: once in dt_proj, once as the scan's
+        # delta_bias. Hand it over as 2b in one place so that a zero-input
+        # token (gap_mode 'null') has delta = softplus(2b).
+        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (B, E, L)
+        B, C = B.transpose(1, 2), C.transpose(1, 2)  # (B, N, L)
+
+        orders, ranks, moves = scan_orders((H, W), x.device)
+        if token_index is None:  # step s scans the token orders[d, s]
+            steps = torch.arange(L, device=x.device).expand(4, batch, L)
+            tokens = orders[:, None].expand(4, batch, L)
+            inverse = ranks[:, None].expand(4, batch, L)
+        else:  # each kept token's step in each direction, sorted
+            steps, slot = ranks[:, token_index].sort(dim=-1)  # (4, B, K)
+            tokens = token_index[None].expand(4, -1, -1).gather(2, slot)
+            inverse = slot.argsort(dim=-1)  # kept token -> scan position
+        u = _take(x_conv, tokens)  # (4, B, E, K)
+        delta, B_steps, C_steps = (_take(t, steps) for t in (dt, B, C))
+        # direction_Bs row of the move that arrived at each original step
+        move = moves[:, None].expand(-1, batch, -1).gather(2, steps)
+        B_steps = B_steps + self.direction_Bs[move].transpose(2, 3).to(B.dtype)
+
+        # A, D and the dt bias in (at least) float32, as the official code
+        ssm_dtype = torch.promote_types(u.dtype, torch.float32)
+        A = -torch.exp(self.A_log.to(ssm_dtype))
+        positions = None
+        if token_index is not None and align and K < L:
+            # (with all tokens kept there are no gaps: the dense scan)
+            positions = steps.reshape(4 * batch, -1)
+        k = u.shape[-1]
+        y = selective_scan(
+            u.reshape(4 * batch, E, k),
+            delta.reshape(4 * batch, E, k),
+            A,
+            B_steps.reshape(4 * batch, N, k),
+            C_steps.reshape(4 * batch, N, k),
+            D=self.D.to(ssm_dtype),
+            delta_bias=2 * self.dt_proj.bias.to(ssm_dtype),
+            delta_softplus=True,
+            positions=positions,
+            gap_mode=gap_mode,
+            impl=self.scan_impl,
+        ).view(4, batch, E, k)
+        # back to token order (raster order, or the order of token_index)
+        y = y.gather(3, inverse[:, :, None].expand(-1, -1, E, -1)).sum(0)
+        return y.transpose(1, 2) * self.act(z)
+
+
+class PlainMambaLayer(nn.Module):
+    """Pre-norm residual block: ``x + drop_path(mixer(norm(x)))``.
+
+    Args:
+        embed_dims (int): Token channels.
+        mixer_cfg (dict): Keyword arguments of :class:`PlainMambaMixer`.
+        drop_path_rate (float): Stochastic depth. Defaults to 0.
+        with_dwconv (bool): Append PlainMamba-L1's depthwise block (3x3 DW
+            conv + norm + GELU) after the residual add; it replaces the
+            tokens, with no residual around it. Defaults to False.
+        layer_norm_cfg (dict, optional): Config of the pre-norm; None means
+            ``dict(type='LN', eps=1e-5)``. Defaults to None.
+        norm_cfg (dict, optional): Config of the depthwise block's norm;
+            None means ``dict(type='BN')``. Defaults to None.
+    """
+
+    def __init__(
+        self,
+        embed_dims: int,
+        mixer_cfg: dict,
+        drop_path_rate: float = 0.0,
+        with_dwconv: bool = False,
+        layer_norm_cfg: Optional[dict] = None,
+        norm_cfg: Optional[dict] = None,
+    ) -> None:
+        super().__init__()
+        layer_norm_cfg = layer_norm_cfg or dict(type='LN', eps=1e-5)
+        norm_cfg = norm_cfg or dict(type='BN')
+        self.norm = build_norm(layer_norm_cfg, embed_dims)
+        self.with_dwconv = with_dwconv
+        if with_dwconv:
+            self.dw = nn.Sequential(
+                nn.Conv2d(
+                    embed_dims,
+                    embed_dims,
+                    3,
+                    padding=1,
+                    groups=embed_dims,
+                    bias=False,
+                ),
+                build_norm(norm_cfg, embed_dims),
+                nn.GELU(),
+            )
+        self.mamba = PlainMambaMixer(embed_dims, **mixer_cfg)
+        self.drop_path = DropPath(drop_path_rate)
+
+    def forward(
+        self,
+        x: Tensor,
+        hw_shape: Sequence[int],
+        token_index: Optional[Tensor] = None,
+        gap_mode: str = 'prev',
+        align: bool = True,
+        return_ssm_out: bool = False,
+    ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+        """Apply the block.
+
+        Args:
+            x (Tensor): (B, K, C).
+            hw_shape (Sequence[int]): The full grid (H, W).
+            token_index (Tensor, optional): See
+                :meth:`PlainMambaMixer.forward`. Defaults to None.
+            gap_mode (str): See :meth:`PlainMambaMixer.forward`.
+                Defaults to 'prev'.
+            align (bool): See :meth:`PlainMambaMixer.forward`.
+                Defaults to True.
+            return_ssm_out (bool): Also return the mixer's gated SSM output
+                (B, K, E), the input of token importance. Defaults to False.
+
+        Returns:
+            Tensor | tuple[Tensor, Tensor]: (B, K, C), and the SSM output if
+            asked for.
+        """
+        if self.with_dwconv and token_index is not None:
+            raise ValueError(
+                'the depthwise block of this layer needs the '
+                'full token grid; prune after this layer'
+            )
+        y = self.mamba.forward_ssm(
+            self.norm(x), hw_shape, token_index, gap_mode, align
+        )
+        out = x + self.drop_path(self.mamba.out_proj(y))
+        if self.with_dwconv:
+            batch, _, C = out.shape
+            out = out.transpose(1, 2).reshape(batch, C, *hw_shape)
+            out = self.dw(out).flatten(2).transpose(1, 2)
+        return (out, y) if return_ssm_out else out
+
+
+@MODELS.register_module()
+class PlainMamba(BaseModule):
+    """PlainMamba backbone (Yang et al., BMVC 2024).
+
+    A convolutional stem to 1/16 (:class:`ConvPatchEmbed`), a learned
+    absolute ``pos_embed`` (no class token), ``num_layers`` x
+    :class:`PlainMambaLayer` and a final LayerNorm ``ln1``. Parameter names
+    equal those of the official checkpoints (after removing ``backbone.``).
+
+    Inputs of any size work: the stem pads to a multiple of 16 at the bottom
+    and right (an H x W image gives a ceil(H/16) x ceil(W/16) grid; 112 x
+    137 -> 7 x 9) and ``pos_embed`` is resized bicubically to the grid. A
+    checkpoint with a ``pos_embed`` of another (square) size is resized when
+    it is loaded.
+
+    Args:
+        arch (str | dict): 'l1', 'l2', 'l3' (or 'L1', ...), or a dict with
+            the keys of :attr:`arch_zoo`: ``embed_dims``, ``num_layers``,
+            ``num_convs`` (3x3 convs of the stem), ``dw_layers`` (layers
+            followed by the depthwise block), ``d_state``, ``expand``,
+            ``conv_size``. Defaults to 'l1'.
+        img_size (int | Sequence[int]): Input size the ``pos_embed`` grid is
+            made for. Defaults to 224.
+        in_channels (int): Image channels. Defaults to 3.
+        out_indices (int | Sequence[int]): Layers whose outputs are
+            returned (negative values count from the end). Defaults to -1.
+        out_type (str): 'featmap': one (B, C, H/16, W/16) map per index;
+            'avg_featmap': one (B, C) vector per index, the normed tokens
+            averaged (the official classifier's pooling). The last layer's
+            output is normed by ``ln1``, any other by its own LayerNorm
+            (``norm_layer{i}``, as the official segmentation backbone).
+            Defaults to 'featmap'.
+        final_norm (bool): Build ``ln1`` and apply it to the last layer's
+            output. The official detection backbone turns it off (its
+            adapter norms the features itself). Defaults to True.
+        drop_path_rate (float): Stochastic depth of the last layer, linear
+            from 0 at the first. Defaults to 0.
+        norm_cfg (dict, optional): Config of the batch norms (stem and the
+            depthwise block), e.g. ``dict(type='SyncBN')`` for detection;
+            None means ``dict(type='BN')``. Defaults to None.
+        layer_norm_cfg (dict, optional): Config of each layer's pre-norm;
+            None means ``dict(type='LN', eps=1e-5)`` (the official eps).
+            Defaults to None.
+        out_norm_cfg (dict, optional): Config of ``ln1`` and the per-output
+            norms; None means ``dict(type='LN', eps=1e-6)`` (the official
+            eps). Defaults to None.
+        with_cp (bool): Checkpoint each layer to save memory.
+            Defaults to False.
+        frozen_stages (int): -1: nothing frozen; 0: the stem and
+            ``pos_embed``; k > 0: also the first k layers; ``num_layers``:
+            also ``ln1`` and the output norms. Defaults to -1.
+        norm_eval (bool): Keep the batch norms in eval mode while training.
+            Defaults to False.
+        scan_impl (str): ``impl`` of :func:`mmssm.ops.selective_scan` for
+            every scan. Defaults to 'auto'.
+        init_cfg (dict | list[dict], optional): Initialisation config. The
+            modules initialise themselves as the official code does (Mamba's
+            dt/A/D init, trunc-normal ``pos_embed`` and ``direction_Bs``).
+            Note that the official ImageNet config initialises the whole
+            classifier with ``TruncNormal`` (std 0.02, bias 0) on every
+            Linear, which overrides the dt bias init.
+            Defaults to None.
+    """
+
+    _required_keys = (
+        'embed_dims',
+        'num_layers',
+        'num_convs',
+        'dw_layers',
+        'd_state',
+        'expand',
+        'conv_size',
+    )
+    arch_zoo = {
+        **dict.fromkeys(
+            ['l1', 'L1'],
+            {
+                'embed_dims': 192,
+                'num_layers': 24,
+                'num_convs': 1,
+                'dw_layers': [0],
+                'd_state': 16,
+                'expand': 2,
+                'conv_size': 7,
+            },
+        ),
+        **dict.fromkeys(
+            ['l2', 'L2'],
+            {
+                'embed_dims': 384,
+                'num_layers': 24,
+                'num_convs': 2,
+                'dw_layers': [],
+                'd_state': 16,
+                'expand': 2,
+                'conv_size': 7,
+            },
+        ),
+        **dict.fromkeys(
+            ['l3', 'L3'],
+            {
+                'embed_dims': 448,
+                'num_layers': 36,
+                'num_convs': 2,
+                'dw_layers': [],
+                'd_state': 16,
+                'expand': 2,
+                'conv_size': 7,
+            },
+        ),
+    }
+    OUT_TYPES = ('featmap', 'avg_featmap')
+    pooled_out_type = 'avg_featmap'
+
+    def __init__(
+        self,
+        arch: Union[str, dict] = 'l1',
+        img_size: Union[int, Sequence[int]] = 224,
+        in_channels: int = 3,
+        out_indices: Union[int, Sequence[int]] = -1,
+        out_type: str = 'featmap',
+        final_norm: bool = True,
+        drop_path_rate: float = 0.0,
+        norm_cfg: Optional[dict] = None,
+        layer_norm_cfg: Optional[dict] = None,
+        out_norm_cfg: Optional[dict] = None,
+        with_cp: bool = False,
+        frozen_stages: int = -1,
+        norm_eval: bool = False,
+        scan_impl: str = 'auto',
+        init_cfg: Optional[Union[dict, List[dict]]] = None,
+    ) -> None:
+        super().__init__(init_cfg=init_cfg)
+        norm_cfg = norm_cfg or dict(type='BN')
+        layer_norm_cfg = layer_norm_cfg or dict(type='LN', eps=1e-5)
+        out_norm_cfg = out_norm_cfg or dict(type='LN', eps=1e-6)
+        self.arch_settings = self._parse_arch(arch)
+        s = self.arch_settings
+        self.embed_dims = int(s['embed_dims'])
+        self.num_layers = int(s['num_layers'])
+        self.dw_layers = tuple(int(i) for i in s['dw_layers'])
+        for i in self.dw_layers:
+            if not 0 <= i < self.num_layers:
+                raise ValueError(
+                    f'arch dw_layers must index the '
+                    f'{self.num_layers} layers, got '
+                    f'{list(self.dw_layers)}'
+                )
+        if out_type not in self.OUT_TYPES:
+            raise ValueError(
+                f'out_type must be one of {self.OUT_TYPES}, got {out_type!r}'
+            )
+        self.out_type = out_type
+        self.out_indices = self._parse_out_indices(out_indices)
+        if not -1 <= frozen_stages <= self.num_layers:
+            raise ValueError(
+                f'frozen_stages must be in [-1, '
+                f'{self.num_layers}], got {frozen_stages}'
+            )
+        self.frozen_stages = frozen_stages
+        self.final_norm = final_norm
+        self.norm_eval = norm_eval
+        self.with_cp = with_cp
+        self.scan_impl = scan_impl
+
+        if isinstance(img_size, int):
+            img_size = (img_size, img_size)
+        self.img_size = tuple(int(v) for v in img_size)
+        self.patch_embed = ConvPatchEmbed(
+            in_channels=in_channels,
+            embed_dims=self.embed_dims,
+            num_convs=int(s['num_convs']),
+            norm_cfg=norm_cfg,
+        )
+        self.patch_resolution = ConvPatchEmbed.out_size(self.img_size)
+        num_patches = self.patch_resolution[0] * self.patch_resolution[1]
+        self.pos_embed = nn.Parameter(
+            torch.zeros(1, num_patches, self.embed_dims)
+        )
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.pos_embed._no_weight_decay = True
+        self._register_load_state_dict_pre_hook(self._prepare_pos_embed)
+
+        mixer_cfg = dict(
+            d_state=int(s['d_state']),
+            expand=s['expand'],
+            conv_size=int(s['conv_size']),
+            scan_impl=scan_impl,
+        )
+        n = self.num_layers
+        dpr = [drop_path_rate * i / max(n - 1, 1) for i in range(n)]
+        self.layers = ModuleList(
+            [
+                PlainMambaLayer(
+                    self.embed_dims,
+                    mixer_cfg,
+                    drop_path_rate=dpr[i],
+                    with_dwconv=i in self.dw_layers,
+                    layer_norm_cfg=layer_norm_cfg,
+                    norm_cfg=norm_cfg,
+                )
+                for i in range(self.num_layers)
+            ]
+        )
+        if final_norm:
+            self.ln1 = build_norm(out_norm_cfg, self.embed_dims)
+        for i in self.out_indices:
+            if i != self.num_layers - 1:
+                self.add_module(
+                    f'norm_layer{i}', build_norm(out_norm_cfg, self.embed_dims)
+                )
+        self._freeze_stages()
+
+    # ----------------------------------------------------------- arguments
+    def _parse_arch(self, arch: Union[str, dict]) -> dict:
+        if isinstance(arch, str):
+            if arch not in self.arch_zoo:
+                raise ValueError(
+                    f'arch {arch!r} is not one of {sorted(self.arch_zoo)}'
+                )
+            return dict(self.arch_zoo[arch])
+        if not isinstance(arch, dict):
+            raise TypeError(
+                f'arch must be a str or a dict, got {type(arch).__name__}'
+            )
+        missing = [k for k in self._required_keys if k not in arch]
+        if missing:
+            raise ValueError(
+                f'arch dict is missing the key(s) {missing}; '
+                f'it needs {list(self._required_keys)}'
+            )
+        return dict(arch)
+
+    def _parse_out_indices(
+        self, out_indices: Union[int, Sequence[int]]
+    ) -> Tuple[int, ...]:
+        if isinstance(out_indices, int):
+            out_indices = [out_indices]
+        if not isinstance(out_indices, Sequence) or not out_indices:
+            raise ValueError(
+                f'out_indices must be an int or a non-empty '
+                f'sequence of ints, got {out_indices!r}'
+            )
+        result = []
+        for index in out_indices:
+            i = int(index) + (self.num_layers if int(index) < 0 else 0)
+            if not 0 <= i < self.num_layers:
+                raise ValueError(
+                    f'out_indices {list(out_indices)} has '
+                    f'{index}, out of range for '
+                    f'{self.num_layers} layers'
+                )
+            result.append(i)
+        return tuple(sorted(set(result)))
+
+    # ---------------------------------------------------------- checkpoint
+    def _prepare_pos_embed(
+        self, state_dict: dict, prefix: str, *args, **kwargs
+    ) -> None:
+        """Resize a checkpoint's (square) ``pos_embed`` to this model's."""
+        name = prefix + 'pos_embed'
+        if name not in state_dict:
+            return
+        ckpt = state_dict[name]
+        if ckpt.shape == self.pos_embed.shape:
+            return
+        n = ckpt.shape[1] if ckpt.dim() == 3 else -1
+        side = math.isqrt(n) if n > 0 else 0
+        if (
+            ckpt.dim() != 3
+            or side * side != n
+            or ckpt.shape[2] != self.embed_dims
+        ):
+            raise ValueError(
+                f"cannot resize the checkpoint's {name} of "
+                f'shape {tuple(ckpt.shape)} to '
+                f'{tuple(self.pos_embed.shape)}: it must be a '
+                f'square grid of {self.embed_dims} channels'
+            )
+        state_dict[name] = resize_pos_embed(
+            ckpt, (side, side), self.patch_resolution
+        )
+
+    # ------------------------------------------------------------- forward
+    def embed(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
+        """Stem and position embedding.
+
+        Args:
+            x (Tensor): Images (B, C, H, W).
+
+        Returns:
+            tuple[Tensor, tuple[int, int]]: Tokens (B, h*w, C) in raster
+            order and the grid (h, w).
+        """
+        x, hw = self.patch_embed(x)
+        pos_embed = resize_pos_embed(self.pos_embed, self.patch_resolution, hw)
+        return x + pos_embed.to(x.dtype), hw
+
+    def forward_layer(
+        self, i: int, x: Tensor, hw_shape: Sequence[int], **kwargs
+    ) -> Tensor:
+        """Run layer ``i`` (checkpointed if ``with_cp``).
+
+        ``kwargs`` go to :meth:`PlainMambaLayer.forward` (``token_index``,
+        ``gap_mode``, ``align``).
+        """
+        layer = self.layers[i]
+        if self.with_cp and self.training and x.requires_grad:
+            return cp.checkpoint(
+                layer, x, tuple(hw_shape), use_reentrant=False, **kwargs
+            )
+        return layer(x, tuple(hw_shape), **kwargs)
+
+    def format_output(
+        self, x: Tensor, hw_shape: Sequence[int], i: int
+    ) -> Tensor:
+        """The output of layer ``i``: normed, as a map or averaged.
+
+        Args:
+            x (Tensor): (B, h*w, C) tokens after layer ``i`` (after ``ln1``
+                for the last layer).
+            hw_shape (Sequence[int]): (h, w).
+            i (int): Layer index (0-based).
+
+        Returns:
+            Tensor: (B, C, h, w) for 'featmap', (B, C) for 'avg_featmap'.
+        """
+        if i != self.num_layers - 1:
+            x = getattr(self, f'norm_layer{i}')(x)
+        if self.out_type == 'avg_featmap':
+            return x.mean(dim=1)
+        return x.transpose(1, 2).reshape(x.shape[0], -1, *hw_shape)
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
+        """Extract features.
+
+        Args:
+            x (Tensor): Images (B, C, H, W), any H and W.
+
+        Returns:
+            tuple[Tensor]: One output per ``out_indices`` (see ``out_type``).
+        """
+        x, hw = self.embed(x)
+        outs = []
+        for i in range(self.num_layers):
+            x = self.forward_layer(i, x, hw)
+            if i == self.num_layers - 1 and self.final_norm:
+                x = self.ln1(x)
+            if i in self.out_indices:
+                outs.append(self.format_output(x, hw, i))
+        return tuple(outs)
+
+    # ------------------------------------------------------------ training
+    def _freeze_stages(self) -> None:
+        if self.frozen_stages < 0:
+            return
+        self.pos_embed.requires_grad = False
+        modules = [self.patch_embed]
+        modules += list(self.layers[: self.frozen_stages])
+        if self.frozen_stages == self.num_layers:
+            modules += [
+                m
+                for name, m in self.named_children()
+                if name == 'ln1' or name.startswith('norm_layer')
+            ]
+        for m in modules:
+            m.eval()
+            for param in m.parameters():
+                param.requires_grad = False
+
+    def train(self, mode: bool = True) -> 'PlainMamba':
+        """Set the mode, keeping frozen stages and (if ``norm_eval``) the
+        batch norms in eval mode."""
+        super().train(mode)
+        self._freeze_stages()
+        if mode and self.norm_eval:
+            for m in self.modules():
+                if isinstance(m, _BatchNorm):
+                    m.eval()
+        return self
+
+    def get_layer_depth(
+        self, param_name: str, prefix: str = ''
+    ) -> Tuple[int, int]:
+        """The layer depth of a parameter, for layer-wise lr decay.
+
+        As mmpretrain's ViT: the stem and ``pos_embed`` are depth 0, layer
+        ``i`` is depth ``i + 1``, everything else (``ln1``, the output norms,
+        and parameters outside the backbone such as the head) is the last
+        depth ``num_layers + 1``.
+
+        Args:
+            param_name (str): The parameter's name.
+            prefix (str): The backbone's prefix in ``param_name``.
+                Defaults to ''.
+
+        Returns:
+            tuple[int, int]: The layer depth and the number of depths
+            (``num_layers + 2``).
+        """
+        num_depths = self.num_layers + 2
+        if not param_name.startswith(prefix):
+            return num_depths - 1, num_depths
+        name = param_name[len(prefix) :]
+        if name == 'pos_embed' or name.startswith('patch_embed.'):
+            depth = 0
+        elif name.startswith('layers.'):
+            depth = int(name.split('.')[1]) + 1
+        else:
+            depth = num_depths - 1
+        return depth, num_depths

@@ -1,0 +1,979 @@
+"""Vision Mamba (Vim), the dense backbone of hustvl/Vim (ICML 2024).
+
+The model follows the released code (``vim/models_mamba.py`` and the bundled
+``mamba-1p1p1/mamba_ssm/modules/mamba_simple.py`` with ``bimamba_type='v2'``)
+so that the released checkpoints load after :func:`convert_vim` and give the
+same outputs:
+
+* a patch convolution (kernel ``patch_size``, stride ``stride``, no padding);
+* a class token inserted at index ``M // 2`` of the ``M`` patch tokens
+  *before* ``pos_embed`` is added, so ``pos_embed`` has ``M + 1`` entries
+  with the class slot at ``M // 2``;
+* ``num_layers`` blocks ``add -> RMSNorm -> bidirectional mixer`` with the
+  residual stream kept in float32. The released ``Block`` returns the mixer
+  output and the residual separately and adds them at the start of the next
+  block (and, after the last block, right before ``norm_f``); that is the
+  same computation as the pre-norm stream ``x = x + mixer(norm(x))`` that
+  :class:`VimBlock` runs, with the drop path of each mixer output at
+  ``linspace(0, drop_path_rate, num_layers)[i]`` as there;
+* the "v2" bidirectional mixer :class:`BiMambaV2`.
+"""
+
+import math
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint as cp
+from mmengine.model import BaseModule
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from mmssm.models.layers import resize_pos_embed
+from mmssm.ops import selective_scan
+from mmssm.registry import MODELS
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _upcast(t: Tensor) -> Tensor:
+    """Half/bfloat16 to float32; float32 and float64 stay as they are."""
+    return t.float() if t.dtype in _LOW_PRECISION else t
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, ``x / sqrt(mean(x^2) + eps) * weight``.
+
+    Computed in float32 (float64 for float64 inputs), as mamba-ssm's
+    ``rms_norm_fn``; the output has the dtype of the input.
+
+    Args:
+        num_features (int): Channels (the last dimension).
+        eps (float): Added to the mean square. Defaults to 1e-5.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = _upcast(x)
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * _upcast(self.weight)).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f'{self.weight.shape[0]}, eps={self.eps}'
+
+
+def build_token_norm(norm_cfg: dict, num_features: int) -> nn.Module:
+    """Build the norm of a token sequence: ``'RMSNorm'`` or ``'LN'``.
+
+    Args:
+        norm_cfg (dict): ``type`` plus the norm's keyword arguments
+            (``eps``).
+        num_features (int): Channels.
+
+    Returns:
+        nn.Module: The norm.
+    """
+    cfg = dict(norm_cfg)
+    norm_type = cfg.pop('type', None)
+    if norm_type == 'RMSNorm':
+        return RMSNorm(num_features, **cfg)
+    if norm_type in ('LN', 'LayerNorm'):
+        return nn.LayerNorm(num_features, **cfg)
+    raise ValueError(
+        "norm_cfg['type'] must be 'RMSNorm' or 'LN' for a token "
+        f'sequence, got {norm_type!r}'
+    )
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample, scaled by ``1 / keep``.
+
+    Args:
+        drop_prob (float): Probability to drop the path. Defaults to 0.
+    """
+
+    def __init__(self, drop_prob: float = 0.0) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+        mask = x.new_empty(shape).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f'drop_prob={self.drop_prob}'
+
+
+def _depthwise_causal(x: Tensor, conv: nn.Conv1d) -> Tensor:
+    """``conv`` (depthwise) over ``x`` padded by ``k - 1`` on the left.
+
+    float64 uses a sum of shifted products: PyTorch's float64 depthwise
+    convolution on the CPU runs one slow kernel per channel.
+    """
+    k = conv.kernel_size[0]
+    xp = F.pad(x, (k - 1, 0))
+    if x.dtype != torch.float64:
+        return F.conv1d(xp, conv.weight, conv.bias, groups=conv.groups)
+    L = x.shape[-1]
+    w = conv.weight[:, 0]
+    out = w[:, :1] * xp[..., :L]
+    for j in range(1, k):
+        out = out + w[:, j : j + 1] * xp[..., j : j + L]
+    return out if conv.bias is None else out + conv.bias[:, None]
+
+
+def causal_conv1d(
+    x: Tensor,
+    conv: nn.Conv1d,
+    positions: Optional[Tensor] = None,
+    seq_len: Optional[int] = None,
+) -> Tensor:
+    """Depthwise causal convolution, optionally position-aware.
+
+    Args:
+        x (Tensor): (B, E, K).
+        conv (nn.Conv1d): Depthwise, kernel ``k``; its own padding is unused
+            (the input is padded by ``k - 1`` on the left only).
+        positions (Tensor, optional): (B, K) int64, the increasing positions
+            of the K tokens in a sequence of ``seq_len``. The tokens are
+            scattered there with zeros at the missing positions, the
+            convolution runs over the full length and the K positions are
+            read back. None: convolve the K tokens as they are.
+            Defaults to None.
+        seq_len (int, optional): The full length; needed with positions.
+            Defaults to None.
+
+    Returns:
+        Tensor: (B, E, K).
+    """
+    if positions is None:
+        return _depthwise_causal(x, conv)
+    B, E, K = x.shape
+    index = positions[:, None, :].expand(B, E, K)
+    full = x.new_zeros(B, E, seq_len).scatter(2, index, x)
+    return _depthwise_causal(full, conv).gather(2, index)
+
+
+class BiMambaV2(nn.Module):
+    """The bidirectional "v2" Mamba mixer of Vim.
+
+    ``in_proj`` (shared) gives ``x`` and the gate ``z``. The forward branch
+    runs ``conv1d`` (causal, + SiLU), ``x_proj``, ``dt_proj`` and the
+    selective scan with ``A_log``/``D`` on the sequence; the backward branch
+    runs ``conv1d_b``, ``x_proj_b``, ``dt_proj_b``, ``A_b_log``/``D_b`` on the
+    flipped sequence, with ``z`` flipped too. Each branch is gated by
+    ``silu(z)`` inside the scan, and::
+
+        out = out_proj((y_f + flip(y_b)) / 2)
+
+    The ``/ 2`` is the released models' ``if_divide_out=True``.
+
+    Token pruning: ``forward`` takes the kept tokens and their sorted
+    original positions. With ``align=True`` (the paper's method) the scan
+    advances the hidden state across the pruned tokens
+    (:func:`mmssm.ops.selective_scan` with ``positions``) and the causal
+    convolution sees zeros at the pruned positions; with ``align=False``
+    (the naive baseline) both run over the compact sequence.
+
+    Initialisation as the released code: ``A_log = A_b_log = log(1..N)``,
+    ``D = D_b = 1``, ``dt_proj`` weight uniform in ``+-dt_rank**-0.5 *
+    dt_scale`` and bias ``softplus^-1(dt)``, ``dt`` log-uniform in
+    ``[dt_min, dt_max]`` (floored at ``dt_init_floor``). ``dt_proj_b`` keeps
+    PyTorch's default init and its bias is zeroed by the model-level init
+    (:meth:`Vim.init_official`), as in the released code.
+
+    Args:
+        embed_dims (int): Model width C.
+        d_state (int): SSM state size N. Defaults to 16.
+        d_conv (int): Causal conv kernel. Defaults to 4.
+        expand (int): Inner width E = expand * C. Defaults to 2.
+        dt_rank (int | str): Rank of the step projection; 'auto' is
+            ``ceil(C / 16)``. Defaults to 'auto'.
+        dt_min (float): Defaults to 0.001.
+        dt_max (float): Defaults to 0.1.
+        dt_scale (float): Defaults to 1.0.
+        dt_init_floor (float): Defaults to 1e-4.
+        conv_bias (bool): Defaults to True.
+        bias (bool): Bias of in_proj/out_proj. Defaults to False.
+        scan_impl (str): ``impl`` of :func:`mmssm.ops.selective_scan`.
+            Defaults to 'auto'.
+    """
+
+    def __init__(
+        self,
+        embed_dims: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: Union[int, str] = 'auto',
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_scale: float = 1.0,
+        dt_init_floor: float = 1e-4,
+        conv_bias: bool = True,
+        bias: bool = False,
+        scan_impl: str = 'auto',
+    ) -> None:
+        super().__init__()
+        self.embed_dims = embed_dims
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.d_inner = int(expand * embed_dims)
+        self.dt_rank = (
+            math.ceil(embed_dims / 16) if dt_rank == 'auto' else int(dt_rank)
+        )
+        self.scan_impl = scan_impl
+        E, N, R = self.d_inner, d_state, self.dt_rank
+
+        self.in_proj = nn.Linear(embed_dims, 2 * E, bias=bias)
+        self.conv1d = nn.Conv1d(
+            E, E, d_conv, groups=E, padding=d_conv - 1, bias=conv_bias
+        )
+        self.x_proj = nn.Linear(E, R + 2 * N, bias=False)
+        self.dt_proj = nn.Linear(R, E, bias=True)
+        self._init_dt_proj(
+            self.dt_proj, dt_min, dt_max, dt_scale, dt_init_floor
+        )
+        self.A_log = nn.Parameter(self._s4d_real_log(E, N))
+        self.D = nn.Parameter(torch.ones(E))
+
+        self.conv1d_b = nn.Conv1d(
+            E, E, d_conv, groups=E, padding=d_conv - 1, bias=conv_bias
+        )
+        self.x_proj_b = nn.Linear(E, R + 2 * N, bias=False)
+        self.dt_proj_b = nn.Linear(R, E, bias=True)
+        self.A_b_log = nn.Parameter(self._s4d_real_log(E, N))
+        self.D_b = nn.Parameter(torch.ones(E))
+
+        self.out_proj = nn.Linear(E, embed_dims, bias=bias)
+        for p in (self.A_log, self.A_b_log, self.D, self.D_b):
+            p._no_weight_decay = True
+
+    @staticmethod
+    def _s4d_real_log(dim: int, d_state: int) -> Tensor:
+        A = torch.arange(1, d_state + 1, dtype=torch.float32)
+        return torch.log(A).repeat(dim, 1).contiguous()
+
+    @staticmethod
+    def _init_dt_proj(
+        dt_proj: nn.Linear,
+        dt_min: float,
+        dt_max: float,
+        dt_scale: float,
+        dt_init_floor: float,
+    ) -> None:
+        std = dt_proj.in_features**-0.5 * dt_scale
+        nn.init.uniform_(dt_proj.weight, -std, std)
+        dt = torch.exp(
+            torch.rand(dt_proj.out_features)
+            * (math.log(dt_max) - math.log(dt_min))
+            + math.log(dt_min)
+        ).clamp(min=dt_init_floor)
+        with torch.no_grad():  # softplus^-1(dt)
+            dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+    def _branch(
+        self,
+        x: Tensor,
+        z: Tensor,
+        conv1d: nn.Conv1d,
+        x_proj: nn.Linear,
+        dt_proj: nn.Linear,
+        A_log: Tensor,
+        D: Tensor,
+        positions: Optional[Tensor],
+        seq_len: int,
+        gap_mode: str,
+    ) -> Tensor:
+        """One scan direction: conv, projections, gated selective scan."""
+        x = F.silu(causal_conv1d(x, conv1d, positions, seq_len))
+        x_dbl = x_proj(x.transpose(1, 2))  # (B, K, R + 2N)
+        dt, B, C = torch.split(
+            x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1
+        )
+        dt = F.linear(dt, dt_proj.weight).transpose(1, 2)  # bias: in scan
+        A = -torch.exp(_upcast(A_log))
+        return selective_scan(
+            x,
+            dt,
+            A,
+            B.transpose(1, 2).contiguous(),
+            C.transpose(1, 2).contiguous(),
+            _upcast(D),
+            z=z,
+            delta_bias=_upcast(dt_proj.bias),
+            delta_softplus=True,
+            positions=positions,
+            gap_mode=gap_mode,
+            impl=self.scan_impl,
+        )
+
+    def forward(
+        self,
+        x: Tensor,
+        positions: Optional[Tensor] = None,
+        seq_len: Optional[int] = None,
+        gap_mode: str = 'prev',
+        align: bool = True,
+        return_ssm_out: bool = False,
+    ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+        """Mix a (possibly pruned) token sequence.
+
+        Args:
+            x (Tensor): (B, K, C), the tokens in their original order.
+            positions (Tensor, optional): (B, K) or (K, ) int64, the strictly
+                increasing original indices of the K tokens in a sequence
+                of ``seq_len``. None: the tokens are the whole sequence.
+                Defaults to None.
+            seq_len (int, optional): Length L of the unpruned sequence;
+                defaults to ``positions.max() + 1``. The result does not
+                depend on it (a leading gap leaves the zero state unchanged
+                and the conv pads with zeros). Defaults to None.
+            gap_mode (str): How the scan crosses pruned tokens: 'prev',
+                'null' or 'none' (see :mod:`mmssm.ops.selective_scan`).
+                Defaults to 'prev'.
+            align (bool): True: the scan and the conv keep the original
+                positions (forward direction ``positions``; backward
+                direction ``flip(L - 1 - positions)``). False: the naive
+                baseline, both run over the K tokens as a shorter
+                sequence. Defaults to True.
+            return_ssm_out (bool): Also return the gated SSM output
+                ``y_f + flip(y_b)`` (B, K, E) in token order, the input of
+                the pruning importance score. Defaults to False.
+
+        Returns:
+            Tensor | tuple[Tensor, Tensor]: (B, K, C), and the SSM output if
+            ``return_ssm_out``.
+        """
+        batch, K, _ = x.shape
+        if positions is not None and not align:
+            positions = None
+        if positions is not None:
+            if positions.dim() == 1:
+                positions = positions.unsqueeze(0)
+            positions = positions.expand(batch, K)
+            last = int(positions.max()) if K else -1
+            if seq_len is None:
+                seq_len = last + 1
+            elif last >= seq_len:
+                raise ValueError(
+                    f'positions reach {last}, beyond seq_len={seq_len}'
+                )
+            positions_b = (seq_len - 1 - positions).flip(-1)
+        else:
+            seq_len, positions_b = K, None
+
+        xz = self.in_proj(x).transpose(1, 2)  # (B, 2E, K)
+        xs, z = xz.chunk(2, dim=1)
+        y_f = self._branch(
+            xs,
+            z,
+            self.conv1d,
+            self.x_proj,
+            self.dt_proj,
+            self.A_log,
+            self.D,
+            positions,
+            seq_len,
+            gap_mode,
+        )
+        y_b = self._branch(
+            xs.flip(-1),
+            z.flip(-1),
+            self.conv1d_b,
+            self.x_proj_b,
+            self.dt_proj_b,
+            self.A_b_log,
+            self.D_b,
+            positions_b,
+            seq_len,
+            gap_mode,
+        )
+        y = (y_f + y_b.flip(-1)).transpose(1, 2)  # (B, K, E)
+        out = self.out_proj(y / 2)
+        if return_ssm_out:
+            return out, y
+        return out
+
+
+class VimBlock(nn.Module):
+    """A Vim layer on the residual stream: ``x + drop_path(mixer(norm(x)))``.
+
+    The stream is kept in float32 (float64 stays float64), as the released
+    ``residual_in_fp32=True``.
+
+    Args:
+        embed_dims (int): Channels C.
+        mixer_cfg (dict): Keyword arguments of :class:`BiMambaV2`.
+        norm_cfg (dict, optional): The norm before the mixer; None is
+            ``dict(type='RMSNorm', eps=1e-5)``. Defaults to None.
+        drop_path_rate (float): Drop path of the mixer output.
+            Defaults to 0.
+    """
+
+    def __init__(
+        self,
+        embed_dims: int,
+        mixer_cfg: dict,
+        norm_cfg: Optional[dict] = None,
+        drop_path_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        norm_cfg = norm_cfg or dict(type='RMSNorm', eps=1e-5)
+        self.norm = build_token_norm(norm_cfg, embed_dims)
+        self.mixer = BiMambaV2(embed_dims, **mixer_cfg)
+        self.drop_path = DropPath(drop_path_rate)
+
+    def forward(
+        self,
+        x: Tensor,
+        positions: Optional[Tensor] = None,
+        seq_len: Optional[int] = None,
+        gap_mode: str = 'prev',
+        align: bool = True,
+        return_ssm_out: bool = False,
+    ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+        """Run the layer; see :meth:`BiMambaV2.forward` for the arguments.
+
+        Returns:
+            Tensor | tuple[Tensor, Tensor]: The stream (B, K, C), and the
+            mixer's SSM output if ``return_ssm_out``.
+        """
+        x = _upcast(x)
+        out = self.mixer(
+            self.norm(x), positions, seq_len, gap_mode, align, return_ssm_out
+        )
+        if return_ssm_out:
+            out, y = out
+            return x + self.drop_path(out), y
+        return x + self.drop_path(out)
+
+
+class PatchEmbed(nn.Module):
+    """Patch convolution without padding; the input is padded bottom/right.
+
+    Args:
+        in_channels (int): Defaults to 3.
+        embed_dims (int): Defaults to 192.
+        patch_size (int): Conv kernel. Defaults to 16.
+        stride (int): Conv stride. Defaults to 16.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        embed_dims: int = 192,
+        patch_size: int = 16,
+        stride: int = 16,
+    ) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.stride = stride
+        self.proj = nn.Conv2d(in_channels, embed_dims, patch_size, stride)
+
+    def grid_size(self, hw: Sequence[int]) -> Tuple[int, int]:
+        """Token grid of an (H, W) input (after padding)."""
+        p, s = self.patch_size, self.stride
+        return tuple(max(-(-(n - p) // s), 0) + 1 for n in hw)  # type: ignore
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
+        gh, gw = self.grid_size(x.shape[-2:])
+        p, s = self.patch_size, self.stride
+        pad_h = p + (gh - 1) * s - x.shape[-2]
+        pad_w = p + (gw - 1) * s - x.shape[-1]
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        x = self.proj(x)
+        return x.flatten(2).transpose(1, 2), (gh, gw)
+
+
+@MODELS.register_module()
+class Vim(BaseModule):
+    """Vision Mamba (Vim).
+
+    A reimplementation of `Vision Mamba
+    <https://arxiv.org/abs/2401.09417>`_ (hustvl/Vim); see the module
+    docstring for what is reproduced. Parameter names are those of the
+    released checkpoints (``patch_embed.proj``, ``cls_token``, ``pos_embed``,
+    ``layers.{i}.norm``, ``layers.{i}.mixer.*``, ``norm_f``).
+
+    Input sizes: the input is zero-padded at the bottom/right so that the
+    patch conv covers every pixel, giving a grid of ``ceil((H - patch) /
+    stride) + 1`` rows (H/16 for the 16/16 models; 27 at 224 for the
+    stride-8 models, as released). ``pos_embed`` belongs to the grid of
+    ``img_size``; another grid gets it resized bicubically at forward (the
+    class slot kept aside), and checkpoints of another size are resized on
+    load (a ``load_state_dict`` pre-hook). The released code does neither:
+    its models only take ``img_size``.
+
+    Outputs: ``out_type='featmap'`` gives, for each index in
+    ``out_indices`` (in layer order), the token stream after that layer (the
+    released Block's residual plus its mixer output, i.e. the input of the
+    next block's norm), class token removed, as a (B, C, h, w) map; with
+    ``final_norm`` the last layer's map goes through ``norm_f``. The released
+    detection backbone taps the same sum (``last_layer_process='add'``); its
+    segmentation backbone taps the mixer output alone by default
+    (``use_residual_as_feature=False``) and this sum otherwise.
+    ``out_type='cls_token'`` gives the (B, C) middle class token at each
+    index, through ``norm_f`` at the last layer: with the default
+    ``out_indices=-1`` the one feature of the released classifier.
+
+    Args:
+        arch (str | dict): A key of :attr:`arch_zoo` ('t'/'tiny',
+            's'/'small', 'b'/'base') or a dict with the keys
+            ``embed_dims``, ``num_layers``, ``patch_size``, ``stride``,
+            ``d_state``, ``expand``, ``d_conv``, ``cls_token``. The
+            stride-8 models are ``dict(Vim.arch_zoo['s'], stride=8)``.
+            Defaults to 'tiny'.
+        img_size (int | tuple[int, int]): The size ``pos_embed`` is built
+            for. Defaults to 224.
+        in_channels (int): Defaults to 3.
+        cls_token (str, optional): 'middle' (a class token at ``M // 2``) or
+            None (no class token, the dense-prediction setting); 'arch'
+            takes the arch's. Defaults to 'arch'.
+        out_indices (int | Sequence[int]): Layers to output; negative
+            indices count from the end. Defaults to -1.
+        out_type (str): 'featmap' or 'cls_token'. Defaults to 'featmap'.
+        final_norm (bool): Build ``norm_f`` and apply it to the last layer's
+            output. Defaults to True.
+        drop_path_rate (float): Stochastic depth, linear in depth.
+            Defaults to 0.
+        norm_cfg (dict, optional): Norm of the blocks and ``norm_f``:
+            'RMSNorm' (released) or 'LN'; None is
+            ``dict(type='RMSNorm', eps=1e-5)`` (the released eps).
+            Defaults to None.
+        mixer_cfg (dict, optional): Extra keyword arguments of
+            :class:`BiMambaV2` (dt init, biases). Defaults to None.
+        with_cp (bool): Checkpoint each layer. Defaults to False.
+        frozen_stages (int): Freeze the embeddings (0) and also the first
+            ``frozen_stages`` layers; ``num_layers`` also freezes ``norm_f``.
+            -1 freezes nothing. Defaults to -1.
+        norm_eval (bool): Keep batch norms in eval mode while training (Vim
+            has none; kept for the common interface). Defaults to False.
+        scan_impl (str): ``impl`` of :func:`mmssm.ops.selective_scan`.
+            Defaults to 'auto'.
+        init_cfg (dict | list[dict], optional): Defaults to None, the
+            released initialisation (done at construction).
+    """
+
+    arch_zoo: Dict[str, dict] = {
+        **dict.fromkeys(
+            ['t', 'tiny'],
+            {
+                'embed_dims': 192,
+                'num_layers': 24,
+                'patch_size': 16,
+                'stride': 16,
+                'd_state': 16,
+                'expand': 2,
+                'd_conv': 4,
+                'cls_token': 'middle',
+            },
+        ),
+        **dict.fromkeys(
+            ['s', 'small'],
+            {
+                'embed_dims': 384,
+                'num_layers': 24,
+                'patch_size': 16,
+                'stride': 16,
+                'd_state': 16,
+                'expand': 2,
+                'd_conv': 4,
+                'cls_token': 'middle',
+            },
+        ),
+        **dict.fromkeys(
+            ['b', 'base'],
+            {
+                'embed_dims': 768,
+                'num_layers': 24,
+                'patch_size': 16,
+                'stride': 16,
+                'd_state': 16,
+                'expand': 2,
+                'd_conv': 4,
+                'cls_token': 'middle',
+            },
+        ),
+    }
+    _required_keys = (
+        'embed_dims',
+        'num_layers',
+        'patch_size',
+        'stride',
+        'd_state',
+        'expand',
+        'd_conv',
+        'cls_token',
+    )
+    OUT_TYPES = ('featmap', 'cls_token')
+    CLS_TOKEN_TYPES = ('middle', None)
+
+    def __init__(
+        self,
+        arch: Union[str, dict] = 'tiny',
+        img_size: Union[int, Tuple[int, int]] = 224,
+        in_channels: int = 3,
+        cls_token: Optional[str] = 'arch',
+        out_indices: Union[int, Sequence[int]] = -1,
+        out_type: str = 'featmap',
+        final_norm: bool = True,
+        drop_path_rate: float = 0.0,
+        norm_cfg: Optional[dict] = None,
+        mixer_cfg: Optional[dict] = None,
+        with_cp: bool = False,
+        frozen_stages: int = -1,
+        norm_eval: bool = False,
+        scan_impl: str = 'auto',
+        init_cfg: Optional[Union[dict, List[dict]]] = None,
+    ) -> None:
+        super().__init__(init_cfg=init_cfg)
+        self.arch_settings = self._parse_arch(arch)
+        s = self.arch_settings
+        self.embed_dims = s['embed_dims']
+        self.num_layers = s['num_layers']
+        if cls_token == 'arch':
+            cls_token = s['cls_token']
+        if cls_token not in self.CLS_TOKEN_TYPES:
+            raise ValueError(
+                f'cls_token must be one of '
+                f'{self.CLS_TOKEN_TYPES}, got {cls_token!r}'
+            )
+        self.cls_token_type = cls_token
+        self.num_extra_tokens = 0 if cls_token is None else 1
+        if out_type not in self.OUT_TYPES:
+            raise ValueError(
+                f'out_type must be one of {self.OUT_TYPES}, got {out_type!r}'
+            )
+        if out_type == 'cls_token' and cls_token is None:
+            raise ValueError("out_type='cls_token' needs cls_token='middle'")
+        self.out_type = out_type
+        self.out_indices = self._parse_out_indices(out_indices)
+        if not 0 <= drop_path_rate < 1:
+            raise ValueError(
+                f'drop_path_rate must be in [0, 1), got {drop_path_rate}'
+            )
+        if not -1 <= frozen_stages <= self.num_layers:
+            raise ValueError(
+                f'frozen_stages must be in [-1, '
+                f'{self.num_layers}], got {frozen_stages}'
+            )
+        self.final_norm = final_norm
+        self.with_cp = with_cp
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
+        self.scan_impl = scan_impl
+        norm_cfg = norm_cfg or dict(type='RMSNorm', eps=1e-5)
+
+        self.img_size = (
+            (img_size, img_size)
+            if isinstance(img_size, int)
+            else tuple(img_size)
+        )
+        self.patch_embed = PatchEmbed(
+            in_channels, self.embed_dims, s['patch_size'], s['stride']
+        )
+        self.patch_grid = self.patch_embed.grid_size(self.img_size)
+        num_patches = self.patch_grid[0] * self.patch_grid[1]
+        if cls_token is not None:
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, self.embed_dims))
+            self.cls_token._no_weight_decay = True
+        self.pos_embed = nn.Parameter(
+            torch.zeros(
+                1, num_patches + self.num_extra_tokens, self.embed_dims
+            )
+        )
+        self.pos_embed._no_weight_decay = True
+        self._register_load_state_dict_pre_hook(self._prepare_pos_embed)
+
+        block_mixer_cfg = dict(
+            d_state=s['d_state'],
+            d_conv=s['d_conv'],
+            expand=s['expand'],
+            scan_impl=scan_impl,
+        )
+        block_mixer_cfg.update(mixer_cfg or {})
+        dpr = torch.linspace(0, drop_path_rate, self.num_layers).tolist()
+        self.layers = nn.ModuleList(
+            [
+                VimBlock(self.embed_dims, block_mixer_cfg, norm_cfg, dpr[i])
+                for i in range(self.num_layers)
+            ]
+        )
+        if final_norm:
+            self.norm_f = build_token_norm(norm_cfg, self.embed_dims)
+
+        self.init_official()
+        self._freeze_stages()
+
+    # ------------------------------------------------------------------
+    # Construction helpers.
+    # ------------------------------------------------------------------
+    def _parse_arch(self, arch: Union[str, dict]) -> dict:
+        if isinstance(arch, str):
+            key = arch.lower()
+            if key not in self.arch_zoo:
+                raise ValueError(
+                    f'arch {arch!r} is not one of {sorted(set(self.arch_zoo))}'
+                )
+            return dict(self.arch_zoo[key])
+        if not isinstance(arch, dict):
+            raise TypeError(
+                f'arch must be a str or a dict, got {type(arch).__name__}'
+            )
+        missing = [k for k in self._required_keys if k not in arch]
+        if missing:
+            raise ValueError(
+                f'arch dict misses the keys {missing}; it needs '
+                f'{list(self._required_keys)}'
+            )
+        return dict(arch)
+
+    def _parse_out_indices(
+        self, out_indices: Union[int, Sequence[int]]
+    ) -> Tuple[int, ...]:
+        if isinstance(out_indices, int):
+            out_indices = [out_indices]
+        if not isinstance(out_indices, Sequence) or not out_indices:
+            raise ValueError(
+                'out_indices must be an int or a non-empty '
+                f'sequence of ints, got {out_indices!r}'
+            )
+        parsed = []
+        for i in out_indices:
+            j = i + self.num_layers if i < 0 else i
+            if not 0 <= j < self.num_layers:
+                raise ValueError(
+                    f'out_indices {list(out_indices)} has {i}, '
+                    f'out of range for {self.num_layers} layers'
+                )
+            parsed.append(j)
+        return tuple(sorted(set(parsed)))
+
+    def init_official(self) -> None:
+        """The released initialisation (also run at construction).
+
+        Patch conv: LeCun-normal weight (truncated at 2 std), zero bias;
+        ``pos_embed`` and ``cls_token``: truncated normal, std 0.02; linear
+        biases zeroed except ``dt_proj.bias`` (so ``dt_proj_b.bias`` starts
+        at 0); ``out_proj.weight``: Kaiming-uniform divided by
+        ``sqrt(num_layers)``; norms: ones.
+        """
+        proj = self.patch_embed.proj
+        fan_in = proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1]
+        std = math.sqrt(1.0 / fan_in) / 0.87962566103423978
+        nn.init.trunc_normal_(proj.weight, std=std, a=-2 * std, b=2 * std)
+        nn.init.zeros_(proj.bias)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.cls_token_type is not None:
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for layer in self.layers:
+            mixer = layer.mixer
+            for m in (
+                mixer.in_proj,
+                mixer.x_proj,
+                mixer.x_proj_b,
+                mixer.dt_proj_b,
+                mixer.out_proj,
+            ):
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            nn.init.kaiming_uniform_(mixer.out_proj.weight, a=math.sqrt(5))
+            with torch.no_grad():
+                mixer.out_proj.weight /= math.sqrt(self.num_layers)
+
+    # ------------------------------------------------------------------
+    # Position embedding.
+    # ------------------------------------------------------------------
+    def _split_pos_embed(
+        self, pos_embed: Tensor, with_cls: bool
+    ) -> Tuple[Optional[Tensor], Tensor]:
+        """(class slot or None, grid part) of a (1, M[+1], C) embedding."""
+        if not with_cls:
+            return None, pos_embed
+        M = pos_embed.shape[1] - 1
+        mid = M // 2
+        grid = torch.cat([pos_embed[:, :mid], pos_embed[:, mid + 1 :]], 1)
+        return pos_embed[:, mid : mid + 1], grid
+
+    def get_pos_embed(self, grid: Tuple[int, int]) -> Tensor:
+        """``pos_embed`` for a token grid, the class slot at ``M // 2``."""
+        if tuple(grid) == tuple(self.patch_grid):
+            return self.pos_embed
+        cls_slot, grid_pe = self._split_pos_embed(
+            self.pos_embed, self.cls_token_type is not None
+        )
+        grid_pe = resize_pos_embed(grid_pe, self.patch_grid, grid)
+        if cls_slot is None:
+            return grid_pe
+        mid = grid_pe.shape[1] // 2
+        return torch.cat([grid_pe[:, :mid], cls_slot, grid_pe[:, mid:]], 1)
+
+    def _prepare_pos_embed(
+        self, state_dict: dict, prefix: str, *args, **kwargs
+    ) -> None:
+        """Load pre-hook: fit a checkpoint's ``pos_embed`` to this model.
+
+        A square checkpoint grid (class slot at ``M // 2`` or none) is
+        resized bicubically to ``patch_grid``; a class slot this model does
+        not have is dropped.
+        """
+        name = prefix + 'pos_embed'
+        if name not in state_dict:
+            return
+        ckpt = state_dict[name]
+        if tuple(ckpt.shape) == tuple(self.pos_embed.shape):
+            return
+        if ckpt.dim() != 3 or ckpt.shape[-1] != self.embed_dims:
+            return  # let load_state_dict report the mismatch
+        n = ckpt.shape[1]
+        ckpt_cls = n > 1 and math.isqrt(n - 1) ** 2 == n - 1
+        side = math.isqrt(n - 1 if ckpt_cls else n)
+        if side * side != n - int(ckpt_cls):
+            raise ValueError(
+                f'{name} of the checkpoint has {n} entries: not a square '
+                'grid (with or without a class slot), so it cannot be '
+                f'resized to the grid {self.patch_grid}'
+            )
+        cls_slot, grid_pe = self._split_pos_embed(ckpt, ckpt_cls)
+        grid_pe = resize_pos_embed(grid_pe, (side, side), self.patch_grid)
+        if self.cls_token_type is not None and cls_slot is not None:
+            mid = grid_pe.shape[1] // 2
+            grid_pe = torch.cat(
+                [grid_pe[:, :mid], cls_slot, grid_pe[:, mid:]], 1
+            )
+        state_dict[name] = grid_pe
+
+    # ------------------------------------------------------------------
+    # Forward.
+    # ------------------------------------------------------------------
+    def embed(
+        self, x: Tensor
+    ) -> Tuple[Tensor, Tuple[int, int], Optional[int]]:
+        """Patch tokens, class token and position embedding.
+
+        Returns:
+            tuple: The tokens (B, L, C), the grid (h, w) and the index of
+            the class token (``M // 2``) or None.
+        """
+        tokens, grid = self.patch_embed(x)
+        B, M, _ = tokens.shape
+        cls_index = None
+        if self.cls_token_type is not None:
+            cls_index = M // 2
+            tokens = torch.cat(
+                [
+                    tokens[:, :cls_index],
+                    self.cls_token.expand(B, -1, -1),
+                    tokens[:, cls_index:],
+                ],
+                1,
+            )
+        return tokens + self.get_pos_embed(grid), grid, cls_index
+
+    def _output(
+        self,
+        x: Tensor,
+        grid: Tuple[int, int],
+        cls_index: Optional[int],
+        last: bool,
+    ) -> Tensor:
+        if last and self.final_norm:
+            x = self.norm_f(x)
+        if self.out_type == 'cls_token':
+            return x[:, cls_index]
+        if cls_index is not None:
+            x = torch.cat([x[:, :cls_index], x[:, cls_index + 1 :]], 1)
+        B, _, C = x.shape
+        return x.transpose(1, 2).reshape(B, C, *grid).contiguous()
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
+        """Run the backbone.
+
+        Args:
+            x (Tensor): Images (B, in_channels, H, W), any H, W.
+
+        Returns:
+            tuple[Tensor]: One output per ``out_indices``: (B, C, h, w) maps
+            or (B, C) class tokens, see ``out_type``.
+        """
+        x, grid, cls_index = self.embed(x)
+        x = _upcast(x)
+        outs = []
+        for i, layer in enumerate(self.layers):
+            if self.with_cp and self.training and x.requires_grad:
+                x = cp.checkpoint(layer, x, use_reentrant=False)
+            else:
+                x = layer(x)
+            if i in self.out_indices:
+                outs.append(
+                    self._output(x, grid, cls_index, i == self.num_layers - 1)
+                )
+        return tuple(outs)
+
+    # ------------------------------------------------------------------
+    # Training helpers.
+    # ------------------------------------------------------------------
+    def _freeze_stages(self) -> None:
+        if self.frozen_stages < 0:
+            return
+        modules = [self.patch_embed]
+        modules += list(self.layers[: self.frozen_stages])
+        if self.frozen_stages == self.num_layers and self.final_norm:
+            modules.append(self.norm_f)
+        for m in modules:
+            m.eval()
+            for p in m.parameters():
+                p.requires_grad = False
+        self.pos_embed.requires_grad = False
+        if self.cls_token_type is not None:
+            self.cls_token.requires_grad = False
+
+    def train(self, mode: bool = True) -> 'Vim':
+        super().train(mode)
+        self._freeze_stages()
+        if mode and self.norm_eval:
+            for m in self.modules():
+                if isinstance(m, _BatchNorm):
+                    m.eval()
+        return self
+
+    def get_layer_depth(
+        self, param_name: str, prefix: str = ''
+    ) -> Tuple[int, int]:
+        """Layer depth of a parameter, for layer-wise learning-rate decay.
+
+        Embeddings (``patch_embed``, ``pos_embed``, ``cls_token``) are depth
+        0, ``layers.{i}`` depth ``i + 1``, anything else (``norm_f``, a head)
+        the last depth.
+
+        Args:
+            param_name (str): Name of the parameter.
+            prefix (str): Prefix of the backbone's parameters in
+                ``param_name``, e.g. 'backbone.'. Defaults to ''.
+
+        Returns:
+            tuple[int, int]: The depth and the number of depths
+            (``num_layers + 2``).
+        """
+        num_depths = self.num_layers + 2
+        if not param_name.startswith(prefix):
+            return num_depths - 1, num_depths
+        name = param_name[len(prefix) :]
+        if name in ('cls_token', 'pos_embed') or name.startswith(
+            'patch_embed'
+        ):
+            return 0, num_depths
+        if name.startswith('layers.'):
+            return int(name.split('.')[1]) + 1, num_depths
+        return num_depths - 1, num_depths

@@ -1,0 +1,3 @@
+from .ssm_classifier import SSMClassifier
+
+__all__ = ['SSMClassifier']

@@ -1,0 +1,124 @@
+"""Benchmark the selective scan implementations side by side, in one run.
+
+Rows: the classification shape (batch 8, dim 896, N 16, K 196) and the
+detection shape (batch 1, dim 768, N 16, a 50x83 grid = 4150 tokens), dense
+and at keep 0.5 with random gaps (the aligned scan over the kept tokens);
+forward and forward+backward time of each implementation. The last column
+relates each time to the physical floor of the work: one exp per state
+update, timed as ``torch.exp`` on a cache-resident float32 tensor and scaled
+to batch*dim*K*N elements.
+
+Example::
+
+    python tools/analysis_tools/benchmark_scan.py --threads 2
+"""
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+
+from mmssm.ops import ext_status, selective_scan
+
+SHAPES = {
+    'cls': (8, 896, 16, 196),  # batch, dim, N, L
+    'det': (1, 768, 16, 50 * 83),
+}
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--threads', type=int, default=2,
+                        help='torch/OpenMP threads. Defaults to 2.')
+    parser.add_argument('--impls', nargs='+',
+                        default=['cpu', 'chunked', 'ref'],
+                        choices=['cpu', 'chunked', 'ref'])
+    parser.add_argument('--shapes', nargs='+', default=list(SHAPES),
+                        choices=list(SHAPES))
+    parser.add_argument('--keeps', nargs='+', type=float, default=[1.0, 0.5])
+    parser.add_argument('--repeat', type=int, default=10,
+                        help='timed runs of the fast implementations '
+                        "(the median is shown); 'ref' runs twice.")
+    return parser.parse_args()
+
+
+def timed(fn, repeat):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def exp_floor_per_element(repeat=200, numel=256 * 1024):
+    """Seconds per float32 exp, on a tensor that stays in cache."""
+    x = -torch.rand(numel)
+    out = torch.empty_like(x)
+    seconds = timed(lambda: torch.exp(x, out=out), repeat)
+    return seconds / numel
+
+
+def make_inputs(batch, dim, N, L, keep):
+    K = max(1, round(L * keep))
+    inputs = dict(
+        u=torch.randn(batch, dim, K),
+        delta=torch.randn(batch, dim, K) * 0.5 - 1.0,
+        A=-torch.rand(dim, N) - 0.1,
+        B=torch.randn(batch, N, K),
+        C=torch.randn(batch, N, K),
+        D=torch.randn(dim),
+        z=torch.randn(batch, dim, K),
+        delta_bias=torch.randn(dim) * 0.1)
+    positions = None
+    if keep < 1.0:
+        positions = torch.stack([
+            torch.randperm(L)[:K].sort().values for _ in range(batch)])
+    return inputs, positions, K
+
+
+def main():
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    floor = exp_floor_per_element()
+    print(f'machine: {platform.processor() or platform.machine()}, '
+          f'{args.threads} threads, torch {torch.__version__}, '
+          f'mmssm._ext {ext_status()}')
+    print(f'exp floor: {floor * 1e9:.3f} ns per element\n')
+    header = ('| shape | keep | K | impl | fwd (ms) | fwd+bwd (ms) | '
+              'floor (ms) | fwd/floor | fwd+bwd/floor |')
+    print(header)
+    print('|---' * (header.count('|') - 1) + '|')
+    for shape in args.shapes:
+        batch, dim, N, L = SHAPES[shape]
+        for keep in args.keeps:
+            inputs, positions, K = make_inputs(batch, dim, N, L, keep)
+            floor_ms = floor * batch * dim * K * N * 1e3
+            for impl in args.impls:
+                repeat = 2 if impl == 'ref' else args.repeat
+                grads = {k: v.clone().requires_grad_()
+                         for k, v in inputs.items()}
+
+                def forward(impl=impl):
+                    with torch.no_grad():
+                        selective_scan(**inputs, delta_softplus=True,
+                                       positions=positions, impl=impl)
+
+                def forward_backward(impl=impl, grads=grads):
+                    y = selective_scan(**grads, delta_softplus=True,
+                                       positions=positions, impl=impl)
+                    y.sum().backward()
+
+                fwd = timed(forward, repeat) * 1e3
+                fwd_bwd = timed(forward_backward, repeat) * 1e3
+                print(f'| {shape} ({batch}x{dim}x{N}) | {keep:g} | {K} | '
+                      f'{impl} | {fwd:.2f} | {fwd_bwd:.2f} | '
+                      f'{floor_ms:.2f} | {fwd / floor_ms:.2f} | '
+                      f'{fwd_bwd / floor_ms:.2f} |', flush=True)
+
+
+if __name__ == '__main__':
+    main()
