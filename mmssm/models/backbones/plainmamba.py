@@ -34,7 +34,7 @@ from mmengine.model import BaseModule, ModuleList
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from mmssm.models.layers import resize_pos_embed
+from mmssm.models.layers import TokenState, resize_pos_embed
 from mmssm.ops import selective_scan
 from mmssm.registry import MODELS
 
@@ -883,25 +883,47 @@ class PlainMamba(BaseModule):
             )
         return layer(x, tuple(hw_shape), **kwargs)
 
-    def format_output(
-        self, x: Tensor, hw_shape: Sequence[int], i: int
-    ) -> Tensor:
-        """The output of layer ``i``: normed, as a map or averaged.
+    def init_tokens(self, x: Tensor) -> TokenState:
+        """Embed images into the token state that the layers run on."""
+        tokens, hw = self.embed(x)
+        return TokenState(tokens, hw)
+
+    def run_layers(self, state: TokenState, start: int,
+                   end: int) -> TokenState:
+        """Run layers ``start`` .. ``end - 1`` on the state.
 
         Args:
-            x (Tensor): (B, h*w, C) tokens after layer ``i`` (after ``ln1``
-                for the last layer).
-            hw_shape (Sequence[int]): (h, w).
+            state (TokenState): From :meth:`init_tokens` or an earlier call.
+            start (int): First layer (0-based).
+            end (int): One past the last layer.
+
+        Returns:
+            TokenState: The state after layer ``end - 1``.
+        """
+        tokens = state.tokens
+        for i in range(start, end):
+            tokens = self.forward_layer(i, tokens, state.hw)
+        return TokenState(tokens, state.hw, state.index, state.frozen)
+
+    def output(self, state: TokenState, i: int) -> Tensor:
+        """The output of layer ``i`` on the full grid.
+
+        Args:
+            state (TokenState): The state after layer ``i``.
             i (int): Layer index (0-based).
 
         Returns:
             Tensor: (B, C, h, w) for 'featmap', (B, C) for 'avg_featmap'.
         """
-        if i != self.num_layers - 1:
+        x = state.full()
+        if i == self.num_layers - 1:
+            if self.final_norm:
+                x = self.ln1(x)
+        else:
             x = getattr(self, f'norm_layer{i}')(x)
         if self.out_type == 'avg_featmap':
             return x.mean(dim=1)
-        return x.transpose(1, 2).reshape(x.shape[0], -1, *hw_shape)
+        return x.transpose(1, 2).reshape(x.shape[0], -1, *state.hw)
 
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
         """Extract features.
@@ -912,14 +934,12 @@ class PlainMamba(BaseModule):
         Returns:
             tuple[Tensor]: One output per ``out_indices`` (see ``out_type``).
         """
-        x, hw = self.embed(x)
+        state = self.init_tokens(x)
         outs = []
         for i in range(self.num_layers):
-            x = self.forward_layer(i, x, hw)
-            if i == self.num_layers - 1 and self.final_norm:
-                x = self.ln1(x)
+            state = self.run_layers(state, i, i + 1)
             if i in self.out_indices:
-                outs.append(self.format_output(x, hw, i))
+                outs.append(self.output(state, i))
         return tuple(outs)
 
     # ------------------------------------------------------------ training

@@ -30,7 +30,7 @@ from mmengine.model import BaseModule
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from mmssm.models.layers import resize_pos_embed
+from mmssm.models.layers import TokenState, resize_pos_embed
 from mmssm.ops import selective_scan
 from mmssm.registry import MODELS
 
@@ -881,21 +881,45 @@ class Vim(BaseModule):
             )
         return tokens + self.get_pos_embed(grid), grid, cls_index
 
-    def _output(
-        self,
-        x: Tensor,
-        grid: Tuple[int, int],
-        cls_index: Optional[int],
-        last: bool,
-    ) -> Tensor:
-        if last and self.final_norm:
+    def init_tokens(self, x: Tensor) -> TokenState:
+        """Embed images into the token state that the layers run on."""
+        tokens, grid, cls_index = self.embed(x)
+        return TokenState(_upcast(tokens), grid, cls_index=cls_index)
+
+    def run_layers(self, state: TokenState, start: int,
+                   end: int) -> TokenState:
+        """Run layers ``start`` .. ``end - 1`` on the state.
+
+        Args:
+            state (TokenState): From :meth:`init_tokens` or an earlier call.
+            start (int): First layer (0-based).
+            end (int): One past the last layer.
+
+        Returns:
+            TokenState: The state after layer ``end - 1``.
+        """
+        x = state.tokens
+        for layer in self.layers[start:end]:
+            if self.with_cp and self.training and x.requires_grad:
+                x = cp.checkpoint(layer, x, use_reentrant=False)
+            else:
+                x = layer(x)
+        return TokenState(x, state.hw, state.index, state.frozen,
+                          state.cls_index)
+
+    def output(self, state: TokenState, i: int) -> Tensor:
+        """The output of layer ``i``: a map on the full grid or the class
+        token (see ``out_type``)."""
+        x = state.full()
+        if i == self.num_layers - 1 and self.final_norm:
             x = self.norm_f(x)
+        cls_index = state.cls_index
         if self.out_type == 'cls_token':
             return x[:, cls_index]
         if cls_index is not None:
-            x = torch.cat([x[:, :cls_index], x[:, cls_index + 1 :]], 1)
+            x = torch.cat([x[:, :cls_index], x[:, cls_index + 1:]], 1)
         B, _, C = x.shape
-        return x.transpose(1, 2).reshape(B, C, *grid).contiguous()
+        return x.transpose(1, 2).reshape(B, C, *state.hw).contiguous()
 
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
         """Run the backbone.
@@ -907,18 +931,12 @@ class Vim(BaseModule):
             tuple[Tensor]: One output per ``out_indices``: (B, C, h, w) maps
             or (B, C) class tokens, see ``out_type``.
         """
-        x, grid, cls_index = self.embed(x)
-        x = _upcast(x)
+        state = self.init_tokens(x)
         outs = []
-        for i, layer in enumerate(self.layers):
-            if self.with_cp and self.training and x.requires_grad:
-                x = cp.checkpoint(layer, x, use_reentrant=False)
-            else:
-                x = layer(x)
+        for i in range(self.num_layers):
+            state = self.run_layers(state, i, i + 1)
             if i in self.out_indices:
-                outs.append(
-                    self._output(x, grid, cls_index, i == self.num_layers - 1)
-                )
+                outs.append(self.output(state, i))
         return tuple(outs)
 
     # ------------------------------------------------------------------

@@ -1,3 +1,4 @@
 from .pos_embed import resize_pos_embed
+from .token_pruner import TokenState
 
-__all__ = ['resize_pos_embed']
+__all__ = ['resize_pos_embed', 'TokenState']
