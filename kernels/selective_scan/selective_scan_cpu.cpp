@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -82,6 +83,92 @@ inline float softplus(float x) {
 }
 inline float sigmoid(float x) { return 1.0f / (1.0f + exp_simd(-x)); }
 
+// The hot path, float32 with N = 16: one state vector per channel, written
+// with GCC vector extensions so that it compiles to whole-register code
+// (one zmm with AVX-512, two ymm with AVX2) whatever the compiler's
+// vectoriser decides. The scalar functions above are its reference.
+using vf16 = float __attribute__((vector_size(64), aligned(4)));
+using vi16 = int32_t __attribute__((vector_size(64), aligned(4)));
+
+inline vf16 splat(float v) { return vf16{} + v; }
+inline vf16 load16(const float* p) { return *reinterpret_cast<const vf16*>(p); }
+inline void store16(float* p, vf16 v) { *reinterpret_cast<vf16*>(p) = v; }
+
+inline vf16 exp16(vf16 x) {
+  x = x < splat(-87.3f) ? splat(-87.3f) : x;
+  x = x > splat(88.3f) ? splat(88.3f) : x;
+  const vf16 t = x * 1.44269504088896341f + 0.5f;
+  vf16 n = __builtin_convertvector(__builtin_convertvector(t, vi16), vf16);
+  n = n > t ? n - 1.0f : n;  // floor(t): truncation rounds up below 0
+  const vf16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  vf16 p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const vi16 bits = (__builtin_convertvector(n, vi16) + 127) << 23;
+  return p * reinterpret_cast<const vf16&>(bits);
+}
+
+// The sums of the lanes of a and of b, reduced together.
+inline void sum2x16(vf16 a, vf16 b, float& sa, float& sb) {
+  vf16 v = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18,
+                                   19, 20, 21, 22, 23) +
+           __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25,
+                                   26, 27, 28, 29, 30, 31);
+  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15,
+                               8, 9, 10, 11);
+  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14,
+                               15, 12, 13);
+  sa = v[0] + v[1];
+  sb = v[8] + v[9];
+}
+
+// log(x) for x in [1, 2], as log_1to2.
+inline vf16 log16_1to2(vf16 x) {
+  const vi16 bits = reinterpret_cast<const vi16&>(x);
+  vf16 e = __builtin_convertvector(((bits >> 23) & 0xff) - 126, vf16);
+  const vi16 mbits = (bits & 0x007fffff) | 0x3f000000;
+  vf16 m = reinterpret_cast<const vf16&>(mbits);  // [0.5, 1)
+  const vi16 small = m < splat(0.707106781186547524f);
+  e = small ? e - 1.0f : e;
+  m = small ? m + m - 1.0f : m - 1.0f;
+  const vf16 z = m * m;
+  vf16 y = splat(7.0376836292e-2f);
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  y += e * -2.12194440e-4f;
+  y += z * -0.5f;
+  return m + y + e * 0.693359375f;
+}
+
+inline vf16 softplus16(vf16 x) {
+  const vf16 neg_abs = x < 0.0f ? x : -x;
+  const vf16 pos = x > 0.0f ? x : vf16{};
+  return pos + log16_1to2(1.0f + exp16(neg_abs));
+}
+
+inline vf16 sigmoid16(vf16 x) { return 1.0f / (1.0f + exp16(-x)); }
+
+inline float sum16(vf16 v) {  // a tree, not 15 dependent adds
+  v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2,
+                               3, 4, 5, 6, 7);
+  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0,
+                               1, 2, 3);
+  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2,
+                               3, 0, 1);
+  return v[0] + v[1];
+}
+
 // float64 is for checking against the reference: plain libm.
 inline double exp_simd(double x) { return std::exp(x); }
 inline double softplus(double x) {
@@ -124,8 +211,28 @@ void prepare_row(const ScanArgs<T>& a, int64_t b, int64_t d,
   T* step = buf.step.data();
   T* e = buf.decay_exp.data();
   T* input = buf.input.data();
-#pragma omp simd
-  for (int64_t k = 0; k < K; ++k) {
+  int64_t k0 = 0;  // where the scalar loops take over
+  if constexpr (std::is_same_v<T, float>) {
+    for (; k0 + 16 <= K; k0 += 16) {
+      const vf16 raw = load16(delta + k0) + bias;
+      const vf16 sk = a.softplus ? softplus16(raw) : raw;
+      store16(step + k0, sk);
+      store16(input + k0, sk * load16(u + k0));
+      if constexpr (kBackward) {
+        store16(buf.dstep_draw.data() + k0,
+                a.softplus ? sigmoid16(raw) : splat(1.0f));
+      }
+      if (z) {
+        const vf16 zk = load16(z + k0);
+        const vf16 sig = sigmoid16(zk);
+        store16(buf.gate.data() + k0, zk * sig);
+        if constexpr (kBackward) {
+          store16(buf.dgate.data() + k0, sig * (1.0f + zk * (1.0f - sig)));
+        }
+      }
+    }
+  }
+  for (int64_t k = k0; k < K; ++k) {
     const T raw = delta[k] + bias;
     step[k] = a.softplus ? softplus(raw) : raw;
     input[k] = step[k] * u[k];
@@ -135,7 +242,7 @@ void prepare_row(const ScanArgs<T>& a, int64_t b, int64_t d,
   }
   if (a.gaps && a.gap_mode == kGapPrev) {
     const T* g = a.gaps + b * K;
-    e[0] = step[0];
+    if (K > 0) e[0] = step[0];
 #pragma omp simd
     for (int64_t k = 1; k < K; ++k) e[k] = step[k] + g[k] * step[k - 1];
   } else if (a.gaps) {  // 'null': a zero-input token's step
@@ -147,8 +254,7 @@ void prepare_row(const ScanArgs<T>& a, int64_t b, int64_t d,
     std::copy(step, step + K, e);
   }
   if (z) {
-#pragma omp simd
-    for (int64_t k = 0; k < K; ++k) {
+    for (int64_t k = k0; k < K; ++k) {
       const T s = sigmoid(z[k]);
       buf.gate[k] = z[k] * s;
       if constexpr (kBackward) buf.dgate[k] = s * (T(1) + z[k] * (T(1) - s));
@@ -177,6 +283,27 @@ inline void scan_rows_impl(const ScanArgs<T>& a, int64_t b, int64_t d0,
     e[r] = bufs[r].decay_exp.data();
     x[r] = bufs[r].input.data();
     y[r] = bufs[r].y.data();
+  }
+  if constexpr (std::is_same_v<T, float> && kN == 16) {
+    vf16 hv[R], Av[R];
+    for (int r = 0; r < R; ++r) {
+      hv[r] = vf16{};
+      Av[r] = load16(A[r]);
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      const vf16 Bk = load16(Bt + k * 16);
+      const vf16 Ck = load16(Ct + k * 16);
+      for (int r = 0; r < R; ++r) {
+        const vf16 decay = exp16(Av[r] * e[r][k]);
+        hv[r] = decay * hv[r] + Bk * x[r][k];
+        y[r][k] = sum16(Ck * hv[r]);
+        if constexpr (kStore) {
+          store16(decay_buf + (r * K + k) * 16, decay);
+          store16(state_buf + (r * K + k) * 16, hv[r]);
+        }
+      }
+    }
+    return;
   }
   std::fill(h, h + R * N, T(0));
   for (int64_t k = 0; k < K; ++k) {
@@ -305,18 +432,32 @@ void backward_row(const ScanArgs<T>& a, const GradArgs<T>& g, int64_t b,
   T dgap_null = 0;
   T dstep_from_next = 0;  // 'prev': step k+1's gap decays with delta_k
   T* du = g.du + row;
+  [[maybe_unused]] vf16 dh_v{}, dA_v{}, A_v{};
+  constexpr bool kVec16 = std::is_same_v<T, float> && kN == 16;
+  if constexpr (kVec16) A_v = load16(A);
   for (int64_t k = K - 1; k >= 0; --k) {
     const T dy = dy_buf[k], uk = u[k], sk = step[k], ek = e[k];
     const T* Bk = Bt + k * N;
     const T* Ck = Ct + k * N;
     const T* decay = decay_buf + k * N;
     const T* state = state_buf + k * N;
+    // h_{-1} = 0: the decay of the first step has no gradient
     const T* prev_state = k > 0 ? state_buf + (k - 1) * N : nullptr;
     T* dBk = dB_loc + k * N;
     T* dCk = dC_loc + k * N;
     T de = 0, dBu = 0;
     const T xk = sk * uk;
-    if (prev_state) {
+    if constexpr (kVec16) {
+      const vf16 decay_v = load16(decay);
+      const vf16 dhn = dh_v + load16(Ck) * dy;
+      store16(dCk, load16(dCk) + load16(state) * dy);
+      const vf16 d_decay =
+          prev_state ? dhn * load16(prev_state) * decay_v : vf16{};
+      dA_v += d_decay * ek;
+      store16(dBk, load16(dBk) + dhn * xk);
+      sum2x16(d_decay * A_v, dhn * load16(Bk), de, dBu);
+      dh_v = dhn * decay_v;
+    } else if (prev_state) {
 #pragma omp simd reduction(+ : de, dBu)
       for (int64_t n = 0; n < N; ++n) {
         const T dhn = dh[n] + dy * Ck[n];
@@ -328,7 +469,7 @@ void backward_row(const ScanArgs<T>& a, const GradArgs<T>& g, int64_t b,
         dBu += dhn * Bk[n];
         dh[n] = dhn * decay[n];
       }
-    } else {  // h_{-1} = 0: the decay of the first step has no gradient
+    } else {
 #pragma omp simd reduction(+ : dBu)
       for (int64_t n = 0; n < N; ++n) {
         const T dhn = dh[n] + dy * Ck[n];
@@ -357,6 +498,7 @@ void backward_row(const ScanArgs<T>& a, const GradArgs<T>& g, int64_t b,
     dbias += ddelta[k];
   }
   const int64_t bd = b * a.dim + d;
+  if constexpr (kVec16) store16(dA_loc, dA_v);
   for (int64_t n = 0; n < N; ++n) g.dA_part[bd * N + n] = dA_loc[n];
   g.dD_part[bd] = dD;
   const T bias = a.bias ? a.bias[d] : T(0);
