@@ -5,6 +5,7 @@ falls back to its PyTorch scan with a warning). There are no CUDA sources of
 our own: on CUDA tensors the scan runs through mamba-ssm (extra ``cuda``).
 ``MMSSM_NATIVE=0`` builds for a generic x86-64 instead of this machine's CPU.
 """
+
 import os
 from glob import glob
 
@@ -14,7 +15,8 @@ from setuptools import find_packages, setup
 def read_requirements(name):
     with open(os.path.join('requirements', name)) as f:
         return [
-            line.strip() for line in f
+            line.strip()
+            for line in f
             if line.strip() and not line.startswith('#')
         ]
 
@@ -30,6 +32,7 @@ def make_extensions():
     if os.getenv('MMSSM_WITH_OPS', '1') == '0':
         return [], {}
     from torch.utils.cpp_extension import BuildExtension, CppExtension
+
     flags = ['-O3', '-std=c++20', '-fopenmp']
     if os.getenv('MMSSM_NATIVE', '1') != '0':
         flags.append('-march=native')
@@ -37,7 +40,8 @@ def make_extensions():
         name='mmssm._ext',
         sources=sorted(glob('kernels/selective_scan/*.cpp')),
         extra_compile_args={'cxx': flags},
-        extra_link_args=['-fopenmp'])
+        extra_link_args=['-fopenmp'],
+    )
     return [ext], {'build_ext': BuildExtension}
 
 
@@ -59,4 +63,5 @@ setup(
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    zip_safe=False)
+    zip_safe=False,
+)

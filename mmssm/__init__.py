@@ -1,4 +1,5 @@
 """mmssm: token-pruned vision state-space models for OpenMMLab."""
+
 from .utils.checkpoint import allow_mmengine_checkpoints
 from .version import __version__
 

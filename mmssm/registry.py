@@ -3,15 +3,19 @@
 Configs of mmdet or mmseg keep their default scope and name our modules with
 the scope prefix, e.g. ``type='mmssm.PlainMamba'``.
 """
+
 from mmengine.registry import MODELS as MMENGINE_MODELS
-from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS as \
-    MMENGINE_OPTIM_WRAPPER_CONSTRUCTORS
+from mmengine.registry import (
+    OPTIM_WRAPPER_CONSTRUCTORS as MMENGINE_OPTIM_WRAPPER_CONSTRUCTORS,
+)
 from mmengine.registry import Registry
 
 MODELS = Registry(
-    'model', parent=MMENGINE_MODELS, scope='mmssm',
-    locations=['mmssm.models'])
+    'model', parent=MMENGINE_MODELS, scope='mmssm', locations=['mmssm.models']
+)
 OPTIM_WRAPPER_CONSTRUCTORS = Registry(
     'optimizer wrapper constructor',
-    parent=MMENGINE_OPTIM_WRAPPER_CONSTRUCTORS, scope='mmssm',
-    locations=['mmssm.engine'])
+    parent=MMENGINE_OPTIM_WRAPPER_CONSTRUCTORS,
+    scope='mmssm',
+    locations=['mmssm.engine'],
+)

@@ -1,4 +1,5 @@
 """mmssm's registries are children of mmengine's, scope ``mmssm``."""
+
 import subprocess
 import sys
 
@@ -11,7 +12,6 @@ from mmssm.registry import MODELS
 
 @MODELS.register_module(force=True)
 class _RegistryProbe(BaseModule):
-
     def __init__(self, width=3):
         super().__init__()
         self.width = width
@@ -21,8 +21,7 @@ class _RegistryProbe(BaseModule):
 def test_found_from_task_scope(task):
     registry = pytest.importorskip(f'{task}.registry')
     init_default_scope(task)
-    model = registry.MODELS.build(dict(type='mmssm._RegistryProbe',
-                                       width=5))
+    model = registry.MODELS.build(dict(type='mmssm._RegistryProbe', width=5))
     assert isinstance(model, _RegistryProbe) and model.width == 5
     assert MODELS.scope == 'mmssm'
     assert MODELS.parent.scope == 'mmengine'
@@ -35,8 +34,10 @@ def test_import_needs_neither_mmdet_nor_mmseg_nor_the_extension():
         '    sys.modules[name] = None  # any import of these fails\n'
         'import mmssm, mmssm.ops, mmssm.models\n'
         'assert mmssm.ops.ext_status().startswith("not built")\n'
-        'print("ok")\n')
-    out = subprocess.run([sys.executable, '-c', code], capture_output=True,
-                         text=True)
+        'print("ok")\n'
+    )
+    out = subprocess.run(
+        [sys.executable, '-c', code], capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == 'ok'

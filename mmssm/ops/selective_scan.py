@@ -29,9 +29,11 @@ Implementations, one signature (:func:`selective_scan` chooses):
 * ``'cuda'``: mamba-ssm's fused kernel on CUDA tensors, through the exact
   reparametrisation :func:`align_to_dense`.
 """
+
+import contextlib
 import os
 import warnings
-from typing import Optional, Tuple
+from typing import Callable, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +54,57 @@ _FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _warned = set()
 
 
+class ScanCall(NamedTuple):
+    """What one call of :func:`selective_scan` computes, for listeners.
+
+    Attributes:
+        batch (int): Sequences scanned (``u.shape[0]``).
+        dim (int): Channels (``u.shape[1]``).
+        length (int): Tokens actually scanned, K (``u.shape[2]``).
+        d_state (int): State size N (``A.shape[1]``).
+        positions (Tensor, optional): The ``positions`` argument (None:
+            dense).
+        gap_mode (str): The ``gap_mode`` argument.
+    """
+
+    batch: int
+    dim: int
+    length: int
+    d_state: int
+    positions: Optional[Tensor]
+    gap_mode: str
+
+
+_scan_listeners: List[Callable[[ScanCall], None]] = []
+
+
+@contextlib.contextmanager
+def scan_listener(fn: Callable[[ScanCall], None]) -> Iterator[None]:
+    """Call ``fn(ScanCall)`` on every :func:`selective_scan` in the block.
+
+    Used by :func:`mmssm.utils.count_flops` to count the scans a model
+    really runs. Listeners nest; with none, a call costs one list check.
+
+    Args:
+        fn (Callable[[ScanCall], None]): The listener.
+    """
+    _scan_listeners.append(fn)
+    try:
+        yield
+    finally:
+        _scan_listeners.remove(fn)
+
+
+def _notify_scan(
+    u: Tensor, A: Tensor, positions: Optional[Tensor], gap_mode: str
+) -> None:
+    if u.dim() != 3 or A.dim() != 2:
+        return  # the call fails its input checks
+    call = ScanCall(*u.shape, A.shape[1], positions, gap_mode)
+    for fn in list(_scan_listeners):
+        fn(call)
+
+
 def _warn_once(msg: str) -> None:
     if msg not in _warned:
         _warned.add(msg)
@@ -68,62 +121,80 @@ def ext_status() -> str:
 # --------------------------------------------------------------------------
 # Input checks, shared by every implementation.
 # --------------------------------------------------------------------------
-def _check_inputs(u, delta, A, B, C, D, z, delta_bias, positions,
-                  gap_mode) -> Optional[Tensor]:
+def _check_inputs(
+    u, delta, A, B, C, D, z, delta_bias, positions, gap_mode
+) -> Optional[Tensor]:
     """Validate the arguments; return positions as int64 (batch, K)."""
     if gap_mode not in GAP_MODES:
-        raise ValueError(f'gap_mode must be one of {GAP_MODES}, '
-                         f'got {gap_mode!r}')
-    named = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z,
-                 delta_bias=delta_bias)
+        raise ValueError(
+            f'gap_mode must be one of {GAP_MODES}, got {gap_mode!r}'
+        )
+    named = dict(
+        u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias
+    )
     for name, t in named.items():
         if t is None:
             continue
         if not isinstance(t, Tensor):
-            raise TypeError(f'{name} must be a torch.Tensor, '
-                            f'got {type(t).__name__}')
+            raise TypeError(
+                f'{name} must be a torch.Tensor, got {type(t).__name__}'
+            )
         if t.dtype not in _FLOAT_TYPES:
-            raise TypeError(f'{name} must be a floating tensor, got '
-                            f'{t.dtype}')
+            raise TypeError(f'{name} must be a floating tensor, got {t.dtype}')
         if t.device != u.device:
-            raise ValueError(f'{name} is on {t.device} but u is on '
-                             f'{u.device}')
+            raise ValueError(f'{name} is on {t.device} but u is on {u.device}')
     if u.dim() != 3:
         raise ValueError(f'u must be (batch, dim, K), got {tuple(u.shape)}')
     batch, dim, K = u.shape
     if A.dim() != 2 or A.shape[0] != dim:
         raise ValueError(f'A must be (dim={dim}, N), got {tuple(A.shape)}')
     N = A.shape[1]
-    expected = dict(delta=(batch, dim, K), z=(batch, dim, K),
-                    B=(batch, N, K), C=(batch, N, K), D=(dim, ),
-                    delta_bias=(dim, ))
+    expected = dict(
+        delta=(batch, dim, K),
+        z=(batch, dim, K),
+        B=(batch, N, K),
+        C=(batch, N, K),
+        D=(dim,),
+        delta_bias=(dim,),
+    )
     for name, shape in expected.items():
         t = named[name]
         if t is not None and tuple(t.shape) != shape:
-            raise ValueError(f'{name} must have shape {shape}, got '
-                             f'{tuple(t.shape)}')
+            raise ValueError(
+                f'{name} must have shape {shape}, got {tuple(t.shape)}'
+            )
     if positions is None:
         return None
     if not isinstance(positions, Tensor):
-        raise TypeError('positions must be an int64 tensor, got '
-                        f'{type(positions).__name__}')
+        raise TypeError(
+            'positions must be an int64 tensor, got '
+            f'{type(positions).__name__}'
+        )
     if positions.dtype != torch.int64:
         raise TypeError(f'positions must be int64, got {positions.dtype}')
     if positions.device != u.device:
-        raise ValueError(f'positions is on {positions.device} but u is on '
-                         f'{u.device}')
+        raise ValueError(
+            f'positions is on {positions.device} but u is on {u.device}'
+        )
     if positions.dim() == 1:
         positions = positions.unsqueeze(0)
-    if positions.dim() != 2 or positions.shape[-1] != K or \
-            positions.shape[0] not in (1, batch):
-        raise ValueError(f'positions must be (K={K},) or (batch={batch}, '
-                         f'K={K}), got {tuple(positions.shape)}')
+    if (
+        positions.dim() != 2
+        or positions.shape[-1] != K
+        or positions.shape[0] not in (1, batch)
+    ):
+        raise ValueError(
+            f'positions must be (K={K},) or (batch={batch}, '
+            f'K={K}), got {tuple(positions.shape)}'
+        )
     if K > 0:
         if bool((positions[:, 0] < 0).any()):
             raise ValueError('positions must be non-negative')
         if K > 1 and bool((positions.diff(dim=-1) <= 0).any()):
-            raise ValueError('positions must be strictly increasing along '
-                             'the last dimension')
+            raise ValueError(
+                'positions must be strictly increasing along '
+                'the last dimension'
+            )
     return positions.expand(batch, K)
 
 
@@ -136,16 +207,21 @@ def _gaps(positions: Tensor) -> Tensor:
     return gaps
 
 
-def _prepare_delta(delta: Tensor, delta_bias: Optional[Tensor],
-                   delta_softplus: bool) -> Tensor:
+def _prepare_delta(
+    delta: Tensor, delta_bias: Optional[Tensor], delta_softplus: bool
+) -> Tensor:
     if delta_bias is not None:
         delta = delta + delta_bias[..., None]
     return F.softplus(delta) if delta_softplus else delta
 
 
-def _effective_delta(delta: Tensor, delta_bias: Optional[Tensor],
-                     delta_softplus: bool, gaps: Optional[Tensor],
-                     gap_mode: str) -> Tensor:
+def _effective_delta(
+    delta: Tensor,
+    delta_bias: Optional[Tensor],
+    delta_softplus: bool,
+    gaps: Optional[Tensor],
+    gap_mode: str,
+) -> Tensor:
     """``delta_k + g_k * gap_delta_k``: the exponent of the step's decay."""
     if gaps is None or gap_mode == 'none':
         return delta
@@ -167,8 +243,9 @@ def _compute_dtype(u: Tensor) -> torch.dtype:
     return torch.float64 if u.dtype == torch.float64 else torch.float32
 
 
-def _finish(y: Tensor, u: Tensor, D: Optional[Tensor],
-            z: Optional[Tensor]) -> Tensor:
+def _finish(
+    y: Tensor, u: Tensor, D: Optional[Tensor], z: Optional[Tensor]
+) -> Tensor:
     if D is not None:
         y = y + u * D[:, None]
     if z is not None:
@@ -179,57 +256,66 @@ def _finish(y: Tensor, u: Tensor, D: Optional[Tensor],
 # --------------------------------------------------------------------------
 # Pure PyTorch implementations.
 # --------------------------------------------------------------------------
-def selective_scan_ref(u: Tensor,
-                       delta: Tensor,
-                       A: Tensor,
-                       B: Tensor,
-                       C: Tensor,
-                       D: Optional[Tensor] = None,
-                       z: Optional[Tensor] = None,
-                       delta_bias: Optional[Tensor] = None,
-                       delta_softplus: bool = False,
-                       positions: Optional[Tensor] = None,
-                       gap_mode: str = 'prev') -> Tensor:
+def selective_scan_ref(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    z: Optional[Tensor] = None,
+    delta_bias: Optional[Tensor] = None,
+    delta_softplus: bool = False,
+    positions: Optional[Tensor] = None,
+    gap_mode: str = 'prev',
+) -> Tensor:
     """The aligned selective scan as a plain sequential loop: the reference.
 
     Computes in float64 for float64 ``u`` and in float32 otherwise. See
     :func:`selective_scan` for the arguments.
     """
-    positions = _check_inputs(u, delta, A, B, C, D, z, delta_bias,
-                              positions, gap_mode)
+    positions = _check_inputs(
+        u, delta, A, B, C, D, z, delta_bias, positions, gap_mode
+    )
     out_dtype = u.dtype
     dtype = _compute_dtype(u)
     u, delta, A, B, C = (t.to(dtype) for t in (u, delta, A, B, C))
-    D, z, delta_bias = (None if t is None else t.to(dtype)
-                        for t in (D, z, delta_bias))
+    D, z, delta_bias = (
+        None if t is None else t.to(dtype) for t in (D, z, delta_bias)
+    )
     gaps = None if positions is None else _gaps(positions)
     delta = _prepare_delta(delta, delta_bias, delta_softplus)
-    decay_delta = _effective_delta(delta, delta_bias, delta_softplus, gaps,
-                                   gap_mode)
+    decay_delta = _effective_delta(
+        delta, delta_bias, delta_softplus, gaps, gap_mode
+    )
     batch, dim, K = u.shape
     h = u.new_zeros(batch, dim, A.shape[1])
     ys = []
     for k in range(K):
         decay = torch.exp(decay_delta[:, :, k, None] * A)
-        h = decay * h + (delta[:, :, k] * u[:, :, k])[..., None] * \
-            B[:, None, :, k]
+        h = (
+            decay * h
+            + (delta[:, :, k] * u[:, :, k])[..., None] * B[:, None, :, k]
+        )
         ys.append(torch.einsum('bdn,bn->bd', h, C[:, :, k]))
     y = torch.stack(ys, dim=-1) if ys else u.new_zeros(batch, dim, 0)
     return _finish(y, u, D, z).to(out_dtype)
 
 
-def selective_scan_chunked(u: Tensor,
-                           delta: Tensor,
-                           A: Tensor,
-                           B: Tensor,
-                           C: Tensor,
-                           D: Optional[Tensor] = None,
-                           z: Optional[Tensor] = None,
-                           delta_bias: Optional[Tensor] = None,
-                           delta_softplus: bool = False,
-                           positions: Optional[Tensor] = None,
-                           gap_mode: str = 'prev',
-                           chunk_size: int = 32) -> Tensor:
+def selective_scan_chunked(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    z: Optional[Tensor] = None,
+    delta_bias: Optional[Tensor] = None,
+    delta_softplus: bool = False,
+    positions: Optional[Tensor] = None,
+    gap_mode: str = 'prev',
+    chunk_size: int = 32,
+) -> Tensor:
     """The aligned selective scan as a parallel scan in PyTorch.
 
     Inside chunks of ``chunk_size`` tokens the linear recurrence is an
@@ -237,17 +323,20 @@ def selective_scan_chunked(u: Tensor,
     of decays <= 1, so it is stable in float32); the chunks' final states are
     then carried across sequentially. Materialises (batch, dim, K, N).
     """
-    positions = _check_inputs(u, delta, A, B, C, D, z, delta_bias,
-                              positions, gap_mode)
+    positions = _check_inputs(
+        u, delta, A, B, C, D, z, delta_bias, positions, gap_mode
+    )
     out_dtype = u.dtype
     dtype = _compute_dtype(u)
     u, delta, A, B, C = (t.to(dtype) for t in (u, delta, A, B, C))
-    D, z, delta_bias = (None if t is None else t.to(dtype)
-                        for t in (D, z, delta_bias))
+    D, z, delta_bias = (
+        None if t is None else t.to(dtype) for t in (D, z, delta_bias)
+    )
     gaps = None if positions is None else _gaps(positions)
     delta = _prepare_delta(delta, delta_bias, delta_softplus)
-    decay_delta = _effective_delta(delta, delta_bias, delta_softplus, gaps,
-                                   gap_mode)
+    decay_delta = _effective_delta(
+        delta, delta_bias, delta_softplus, gaps, gap_mode
+    )
     batch, dim, K = u.shape
     N = A.shape[1]
     if K == 0:
@@ -264,12 +353,20 @@ def selective_scan_chunked(u: Tensor,
     x = x.view(batch, dim, num_chunks, T, N)
     step = 1
     while step < T:  # within chunks: x = local state, decay = cumulative
-        x = torch.cat([x[:, :, :, :step],
-                       decay[:, :, :, step:] * x[:, :, :, :-step] +
-                       x[:, :, :, step:]], dim=3)
-        decay = torch.cat([decay[:, :, :, :step],
-                           decay[:, :, :, step:] * decay[:, :, :, :-step]],
-                          dim=3)
+        x = torch.cat(
+            [
+                x[:, :, :, :step],
+                decay[:, :, :, step:] * x[:, :, :, :-step] + x[:, :, :, step:],
+            ],
+            dim=3,
+        )
+        decay = torch.cat(
+            [
+                decay[:, :, :, :step],
+                decay[:, :, :, step:] * decay[:, :, :, :-step],
+            ],
+            dim=3,
+        )
         step *= 2
     carry = x.new_zeros(batch, dim, N)
     carries = []
@@ -282,9 +379,14 @@ def selective_scan_chunked(u: Tensor,
     return _finish(y, u, D, z).to(out_dtype)
 
 
-def align_to_dense(u: Tensor, delta: Tensor, delta_bias: Optional[Tensor],
-                   delta_softplus: bool, positions: Optional[Tensor],
-                   gap_mode: str) -> Tuple[Tensor, Tensor]:
+def align_to_dense(
+    u: Tensor,
+    delta: Tensor,
+    delta_bias: Optional[Tensor],
+    delta_softplus: bool,
+    positions: Optional[Tensor],
+    gap_mode: str,
+) -> Tuple[Tensor, Tensor]:
     """Reparametrise the aligned scan as an ordinary selective scan.
 
     With ``delta'_k = delta_k + g_k gap_delta_k`` and ``u'_k = u_k delta_k /
@@ -295,8 +397,7 @@ def align_to_dense(u: Tensor, delta: Tensor, delta_bias: Optional[Tensor],
     """
     delta = _prepare_delta(delta, delta_bias, delta_softplus)
     gaps = None if positions is None else _gaps(positions)
-    eff = _effective_delta(delta, delta_bias, delta_softplus, gaps,
-                           gap_mode)
+    eff = _effective_delta(delta, delta_bias, delta_softplus, gaps, gap_mode)
     return u * delta / eff, eff
 
 
@@ -311,23 +412,39 @@ class SelectiveScanFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, positions,
-                delta_softplus, gap_mode):
+    def forward(
+        ctx,
+        u,
+        delta,
+        A,
+        B,
+        C,
+        D,
+        z,
+        delta_bias,
+        positions,
+        delta_softplus,
+        gap_mode,
+    ):
         dtype = _compute_dtype(u)
-        dtypes = [None if t is None else t.dtype
-                  for t in (u, delta, A, B, C, D, z, delta_bias)]
+        dtypes = [
+            None if t is None else t.dtype
+            for t in (u, delta, A, B, C, D, z, delta_bias)
+        ]
 
         def prep(t):
             return None if t is None else t.to(dtype).contiguous()
 
         u_, delta_, A_, D_, z_, bias_ = (
-            prep(t) for t in (u, delta, A, D, z, delta_bias))
+            prep(t) for t in (u, delta, A, D, z, delta_bias)
+        )
         Bt = prep(B.transpose(1, 2))
         Ct = prep(C.transpose(1, 2))
         pos = None if positions is None else positions.contiguous()
         mode = _GAP_MODE_IDS[gap_mode]
-        out = _ext.fwd(u_, delta_, A_, Bt, Ct, D_, z_, bias_, pos,
-                       delta_softplus, mode)
+        out = _ext.fwd(
+            u_, delta_, A_, Bt, Ct, D_, z_, bias_, pos, delta_softplus, mode
+        )
         ctx.save_for_backward(u_, delta_, A_, Bt, Ct, D_, z_, bias_, pos)
         ctx.config = (delta_softplus, mode, dtypes)
         return out.to(u.dtype)
@@ -336,13 +453,35 @@ class SelectiveScanFn(torch.autograd.Function):
     def backward(ctx, dout):
         u, delta, A, Bt, Ct, D, z, bias, pos = ctx.saved_tensors
         delta_softplus, mode, dtypes = ctx.config
-        grads = _ext.bwd(u, delta, A, Bt, Ct, D, z, bias, pos,
-                         dout.to(u.dtype).contiguous(), delta_softplus, mode)
+        grads = _ext.bwd(
+            u,
+            delta,
+            A,
+            Bt,
+            Ct,
+            D,
+            z,
+            bias,
+            pos,
+            dout.to(u.dtype).contiguous(),
+            delta_softplus,
+            mode,
+        )
         du, ddelta, dA, dBt, dCt, dD, dz, dbias = grads
-        out = [du, ddelta, dA, dBt.transpose(1, 2), dCt.transpose(1, 2), dD,
-               dz, dbias]
-        out = [None if g is None or dt is None else g.to(dt)
-               for g, dt in zip(out, dtypes)]
+        out = [
+            du,
+            ddelta,
+            dA,
+            dBt.transpose(1, 2),
+            dCt.transpose(1, 2),
+            dD,
+            dz,
+            dbias,
+        ]
+        out = [
+            None if g is None or dt is None else g.to(dt)
+            for g, dt in zip(out, dtypes)
+        ]
         return (*out, None, None, None)
 
 
@@ -364,30 +503,36 @@ def _mamba_skip_reason(u: Tensor) -> str:
     return ''
 
 
-def _scan_mamba(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                positions, gap_mode):
+def _scan_mamba(
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, positions, gap_mode
+):
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
     if positions is None or gap_mode == 'none':
-        return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias,
-                                 delta_softplus)
-    u_eff, delta_eff = align_to_dense(u, delta, delta_bias, delta_softplus,
-                                      positions, gap_mode)
+        return selective_scan_fn(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus
+        )
+    u_eff, delta_eff = align_to_dense(
+        u, delta, delta_bias, delta_softplus, positions, gap_mode
+    )
     y = selective_scan_fn(u_eff, delta_eff, A, B, C)
     return _finish(y, u, D, z)
 
 
-def selective_scan(u: Tensor,
-                   delta: Tensor,
-                   A: Tensor,
-                   B: Tensor,
-                   C: Tensor,
-                   D: Optional[Tensor] = None,
-                   z: Optional[Tensor] = None,
-                   delta_bias: Optional[Tensor] = None,
-                   delta_softplus: bool = False,
-                   positions: Optional[Tensor] = None,
-                   gap_mode: str = 'prev',
-                   impl: str = 'auto') -> Tensor:
+def selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    z: Optional[Tensor] = None,
+    delta_bias: Optional[Tensor] = None,
+    delta_softplus: bool = False,
+    positions: Optional[Tensor] = None,
+    gap_mode: str = 'prev',
+    impl: str = 'auto',
+) -> Tensor:
     """Selective scan over K tokens that may be a pruned subset.
 
     Args:
@@ -417,11 +562,14 @@ def selective_scan(u: Tensor,
     """
     if impl not in IMPLS:
         raise ValueError(f'impl must be one of {IMPLS}, got {impl!r}')
+    if _scan_listeners:
+        _notify_scan(u, A, positions, gap_mode)
     if impl == 'auto':
         impl = os.environ.get('MMSSM_SCAN_IMPL', 'auto')
         if impl not in IMPLS:
-            raise ValueError(f'MMSSM_SCAN_IMPL must be one of {IMPLS}, '
-                             f'got {impl!r}')
+            raise ValueError(
+                f'MMSSM_SCAN_IMPL must be one of {IMPLS}, got {impl!r}'
+            )
     args = (u, delta, A, B, C, D, z, delta_bias)
     if impl == 'auto':
         if u.device.type == 'cuda':
@@ -431,15 +579,19 @@ def selective_scan(u: Tensor,
             reason = _cpu_kernel_skip_reason(u)
             impl = 'cpu' if not reason else 'chunked'
         if reason:
-            _warn_once(f'selective_scan: {reason}; using the PyTorch '
-                       "'chunked' scan instead (slower).")
+            _warn_once(
+                f'selective_scan: {reason}; using the PyTorch '
+                "'chunked' scan instead (slower)."
+            )
     if impl == 'ref':
         return selective_scan_ref(*args, delta_softplus, positions, gap_mode)
     if impl == 'chunked':
-        return selective_scan_chunked(*args, delta_softplus, positions,
-                                      gap_mode)
-    positions = _check_inputs(u, delta, A, B, C, D, z, delta_bias,
-                              positions, gap_mode)
+        return selective_scan_chunked(
+            *args, delta_softplus, positions, gap_mode
+        )
+    positions = _check_inputs(
+        u, delta, A, B, C, D, z, delta_bias, positions, gap_mode
+    )
     if gap_mode == 'none':
         positions = None
     if impl == 'cuda':

@@ -6,6 +6,7 @@ containers and allow-listed globals are rebuilt, so a pickle that would call
 arrays and scalars (in ``meta`` and the message hub's ``HistoryBuffer``s);
 we allow-list exactly those types and keep the safety on.
 """
+
 import pickle
 
 import numpy as np
@@ -14,9 +15,20 @@ import torch
 
 def _numpy_globals() -> list:
     core = np._core if hasattr(np, '_core') else np.core  # numpy 2 / 1
-    dtypes = (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8,
-              np.uint16, np.uint32, np.uint64, np.float16, np.float32,
-              np.float64)
+    dtypes = (
+        np.bool_,
+        np.int8,
+        np.int16,
+        np.int32,
+        np.int64,
+        np.uint8,
+        np.uint16,
+        np.uint32,
+        np.uint64,
+        np.float16,
+        np.float32,
+        np.float64,
+    )
     return [
         core.multiarray._reconstruct,  # numpy arrays
         core.multiarray.scalar,  # numpy scalars
@@ -35,11 +47,13 @@ def _history_buffer_method(owner, name: str):
     methods that HistoryBuffer registers itself are served.
     """
     from mmengine.logging.history_buffer import HistoryBuffer
+
     if owner is HistoryBuffer and name in _HISTORY_BUFFER_METHODS:
         return getattr(HistoryBuffer, name)
     raise pickle.UnpicklingError(
         f'checkpoint asks for getattr({owner!r}, {name!r}); only '
-        f'HistoryBuffer.{{{", ".join(_HISTORY_BUFFER_METHODS)}}} are allowed')
+        f'HistoryBuffer.{{{", ".join(_HISTORY_BUFFER_METHODS)}}} are allowed'
+    )
 
 
 _HISTORY_BUFFER_METHODS = ('min', 'max', 'current', 'mean')
@@ -48,6 +62,7 @@ _HISTORY_BUFFER_METHODS = ('min', 'max', 'current', 'mean')
 def mmengine_safe_globals() -> list:
     """The globals that mmengine's training checkpoints need, and no more."""
     from mmengine.logging.history_buffer import HistoryBuffer
+
     return _numpy_globals() + [
         HistoryBuffer,
         (_history_buffer_method, 'builtins.getattr'),

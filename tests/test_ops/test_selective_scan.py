@@ -5,20 +5,34 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmssm.ops import (align_to_dense, ext_status, selective_scan,
-                       selective_scan_chunked, selective_scan_ref)
+from mmssm.ops import (
+    align_to_dense,
+    ext_status,
+    selective_scan,
+    selective_scan_chunked,
+    selective_scan_ref,
+)
 
 # the module, which its function of the same name shadows in mmssm.ops
 scan_module = importlib.import_module('mmssm.ops.selective_scan')
 
 needs_ext = pytest.mark.skipif(
-    ext_status() != 'built', reason='mmssm._ext is not built')
+    ext_status() != 'built', reason='mmssm._ext is not built'
+)
 
 NAMES = ('u', 'delta', 'A', 'B', 'C', 'D', 'z', 'delta_bias')
 
 
-def make_inputs(batch, dim, K, N, dtype=torch.float64, with_D=True,
-                with_z=True, with_bias=True):
+def make_inputs(
+    batch,
+    dim,
+    K,
+    N,
+    dtype=torch.float64,
+    with_D=True,
+    with_z=True,
+    with_bias=True,
+):
     inputs = dict(
         u=torch.randn(batch, dim, K, dtype=dtype),
         delta=0.5 * torch.randn(batch, dim, K, dtype=dtype),
@@ -27,7 +41,8 @@ def make_inputs(batch, dim, K, N, dtype=torch.float64, with_D=True,
         C=torch.randn(batch, N, K, dtype=dtype),
         D=torch.randn(dim, dtype=dtype) if with_D else None,
         z=torch.randn(batch, dim, K, dtype=dtype) if with_z else None,
-        delta_bias=torch.randn(dim, dtype=dtype) if with_bias else None)
+        delta_bias=torch.randn(dim, dtype=dtype) if with_bias else None,
+    )
     for t in inputs.values():
         if t is not None:
             t.requires_grad_()
@@ -37,17 +52,22 @@ def make_inputs(batch, dim, K, N, dtype=torch.float64, with_D=True,
 def random_positions(batch, K, L):
     """Sorted random subsets of K of L positions, one per batch element."""
     return torch.stack(
-        [torch.randperm(L)[:K].sort().values for _ in range(batch)])
+        [torch.randperm(L)[:K].sort().values for _ in range(batch)]
+    )
 
 
 def run(impl, inputs, **kwargs):
     """Output and the gradients of a fixed random projection of it."""
     y = selective_scan(**inputs, impl=impl, **kwargs)
-    weight = torch.randn(y.shape, generator=torch.Generator().manual_seed(1),
-                         dtype=y.dtype)
+    weight = torch.randn(
+        y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype
+    )
     tensors = [t for t in inputs.values() if t is not None]
-    grads = torch.autograd.grad((y * weight).sum(), tensors,
-                                allow_unused=True) if y.numel() else []
+    grads = (
+        torch.autograd.grad((y * weight).sum(), tensors, allow_unused=True)
+        if y.numel()
+        else []
+    )
     return y, grads
 
 
@@ -71,21 +91,30 @@ def compare(impl, inputs, rtol, **kwargs):
 # ---------------------------------------------------------------------------
 # The identities of the alignment (DESIGN.md section 2), on the reference.
 # ---------------------------------------------------------------------------
-@pytest.mark.parametrize('impl', ['ref', 'chunked',
-                                  pytest.param('cpu', marks=needs_ext)])
+@pytest.mark.parametrize(
+    'impl', ['ref', 'chunked', pytest.param('cpu', marks=needs_ext)]
+)
 @pytest.mark.parametrize('gap_mode', ['prev', 'null', 'none'])
 def test_all_kept_equals_dense(impl, gap_mode):
     inputs = make_inputs(2, 5, 13, 4)
     dense = selective_scan(**inputs, delta_softplus=True, impl=impl)
-    kept = selective_scan(**inputs, delta_softplus=True, impl=impl,
-                          positions=torch.arange(13), gap_mode=gap_mode)
+    kept = selective_scan(
+        **inputs,
+        delta_softplus=True,
+        impl=impl,
+        positions=torch.arange(13),
+        gap_mode=gap_mode,
+    )
     torch.testing.assert_close(kept, dense, rtol=0, atol=0)
 
 
 def _full_length(kept, positions, L, fill):
-    """Scatter (batch, C, K) kept values to (batch, C, L), ``fill`` elsewhere."""
-    full = fill.clone() if torch.is_tensor(fill) else kept.new_full(
-        (*kept.shape[:2], L), fill)
+    """Scatter (batch, C, K) kept values to (batch, C, L); ``fill`` else."""
+    full = (
+        fill.clone()
+        if torch.is_tensor(fill)
+        else kept.new_full((*kept.shape[:2], L), fill)
+    )
     index = positions[:, None, :].expand(-1, kept.shape[1], -1)
     return full.scatter(2, index, kept)
 
@@ -100,8 +129,9 @@ def test_null_equals_masked_dense_scan(with_bias):
     batch, dim, K, L, N = 2, 3, 9, 23, 4
     inputs = make_inputs(batch, dim, K, N, with_bias=with_bias)
     pos = random_positions(batch, K, L)
-    aligned = selective_scan_ref(**inputs, delta_softplus=True,
-                                 positions=pos, gap_mode='null')
+    aligned = selective_scan_ref(
+        **inputs, delta_softplus=True, positions=pos, gap_mode='null'
+    )
     # pruned positions: zero input, zero B and C, delta = softplus(bias)
     full = dict(inputs)
     full['u'] = _full_length(inputs['u'], pos, L, 0.0)
@@ -117,13 +147,16 @@ def test_prev_equals_dense_scan_with_previous_delta():
     batch, dim, K, L, N = 2, 3, 9, 23, 4
     inputs = make_inputs(batch, dim, K, N)
     pos = random_positions(batch, K, L)
-    aligned = selective_scan_ref(**inputs, delta_softplus=True,
-                                 positions=pos, gap_mode='prev')
+    aligned = selective_scan_ref(
+        **inputs, delta_softplus=True, positions=pos, gap_mode='prev'
+    )
     # The dense scan gets softplus'd deltas; a pruned position takes the
     # delta of the previous kept position, with B u = 0 and C = 0 there.
     delta = F.softplus(inputs['delta'] + inputs['delta_bias'][:, None])
-    owner = torch.searchsorted(pos, torch.arange(L).repeat(batch, 1),
-                               right=True) - 1  # previous kept index
+    owner = (
+        torch.searchsorted(pos, torch.arange(L).repeat(batch, 1), right=True)
+        - 1
+    )  # previous kept index
     owner = owner.clamp_min(0)[:, None, :].expand(-1, dim, -1)
     full = dict(inputs, delta_bias=None)
     full['delta'] = delta.gather(2, owner)
@@ -140,13 +173,15 @@ def test_reparametrisation_equals_direct_recurrence(gap_mode):
     batch, dim, K, L, N = 2, 4, 11, 30, 5
     inputs = make_inputs(batch, dim, K, N)
     pos = random_positions(batch, K, L)
-    direct = selective_scan_ref(**inputs, delta_softplus=True,
-                                positions=pos, gap_mode=gap_mode)
-    u_eff, delta_eff = align_to_dense(inputs['u'], inputs['delta'],
-                                      inputs['delta_bias'], True, pos,
-                                      gap_mode)
-    y = selective_scan_ref(u_eff, delta_eff, inputs['A'], inputs['B'],
-                           inputs['C'])
+    direct = selective_scan_ref(
+        **inputs, delta_softplus=True, positions=pos, gap_mode=gap_mode
+    )
+    u_eff, delta_eff = align_to_dense(
+        inputs['u'], inputs['delta'], inputs['delta_bias'], True, pos, gap_mode
+    )
+    y = selective_scan_ref(
+        u_eff, delta_eff, inputs['A'], inputs['B'], inputs['C']
+    )
     y = (y + inputs['u'] * inputs['D'][:, None]) * F.silu(inputs['z'])
     torch.testing.assert_close(y, direct)
 
@@ -161,12 +196,16 @@ def test_none_is_the_compact_scan():
 def test_gaps_decay_the_state():
     """A longer gap forgets more: the output moves towards D u."""
     inputs = make_inputs(1, 2, 2, 3, with_z=False)
-    near = selective_scan_ref(**inputs, delta_softplus=True,
-                              positions=torch.tensor([0, 1]))
-    far = selective_scan_ref(**inputs, delta_softplus=True,
-                             positions=torch.tensor([0, 500]))
-    second = {k: v[..., 1:] if k in ('u', 'delta', 'B', 'C') else v
-              for k, v in inputs.items()}
+    near = selective_scan_ref(
+        **inputs, delta_softplus=True, positions=torch.tensor([0, 1])
+    )
+    far = selective_scan_ref(
+        **inputs, delta_softplus=True, positions=torch.tensor([0, 500])
+    )
+    second = {
+        k: v[..., 1:] if k in ('u', 'delta', 'B', 'C') else v
+        for k, v in inputs.items()
+    }
     alone = selective_scan_ref(**second, delta_softplus=True)
     torch.testing.assert_close(near[..., 0], far[..., 0])
     assert not torch.allclose(near[..., 1], far[..., 1])
@@ -185,36 +224,56 @@ SHAPES = [  # batch, dim, K, L (original length), N
 ]
 
 
-@pytest.mark.parametrize('impl', [pytest.param('cpu', marks=needs_ext),
-                                  'chunked'])
+@pytest.mark.parametrize(
+    'impl', [pytest.param('cpu', marks=needs_ext), 'chunked']
+)
 @pytest.mark.parametrize('shape', SHAPES)
 @pytest.mark.parametrize('gap_mode', ['prev', 'null', 'none'])
-@pytest.mark.parametrize('dtype,rtol', [(torch.float64, 1e-10),
-                                        (torch.float32, 2e-5)])
+@pytest.mark.parametrize(
+    'dtype,rtol', [(torch.float64, 1e-10), (torch.float32, 2e-5)]
+)
 def test_against_reference(impl, shape, gap_mode, dtype, rtol):
     batch, dim, K, L, N = shape
     inputs = make_inputs(batch, dim, K, N, dtype=dtype)
     pos = random_positions(batch, K, L)
-    compare(impl, inputs, rtol, delta_softplus=True, positions=pos,
-            gap_mode=gap_mode)
+    compare(
+        impl,
+        inputs,
+        rtol,
+        delta_softplus=True,
+        positions=pos,
+        gap_mode=gap_mode,
+    )
 
 
-@pytest.mark.parametrize('impl', [pytest.param('cpu', marks=needs_ext),
-                                  'chunked'])
-@pytest.mark.parametrize('with_D,with_z,with_bias,softplus', [
-    (False, False, False, False),
-    (True, False, True, False),
-    (False, True, False, True),
-])
+@pytest.mark.parametrize(
+    'impl', [pytest.param('cpu', marks=needs_ext), 'chunked']
+)
+@pytest.mark.parametrize(
+    'with_D,with_z,with_bias,softplus',
+    [
+        (False, False, False, False),
+        (True, False, True, False),
+        (False, True, False, True),
+    ],
+)
 def test_optional_arguments(impl, with_D, with_z, with_bias, softplus):
-    inputs = make_inputs(2, 6, 21, 16, with_D=with_D, with_z=with_z,
-                         with_bias=with_bias)
+    inputs = make_inputs(
+        2, 6, 21, 16, with_D=with_D, with_z=with_z, with_bias=with_bias
+    )
     if not softplus:  # keep the step sizes positive
-        inputs['delta'] = (inputs['delta'].detach().abs() + 0.1
-                           ).requires_grad_()
+        inputs['delta'] = (
+            inputs['delta'].detach().abs() + 0.1
+        ).requires_grad_()
     for gap_mode in ('prev', 'null'):
-        compare(impl, inputs, 1e-10, delta_softplus=softplus,
-                positions=random_positions(2, 21, 50), gap_mode=gap_mode)
+        compare(
+            impl,
+            inputs,
+            1e-10,
+            delta_softplus=softplus,
+            positions=random_positions(2, 21, 50),
+            gap_mode=gap_mode,
+        )
 
 
 @needs_ext
@@ -223,10 +282,17 @@ def test_shared_positions_and_non_contiguous_inputs():
     inputs = make_inputs(batch, dim, K, N)
     # the same values, laid out non-contiguously
     strided = dict(inputs)
-    strided['u'] = inputs['u'].detach().transpose(1, 2).contiguous() \
-        .transpose(1, 2).requires_grad_()
-    strided['B'] = inputs['B'].detach().repeat(1, 2, 1)[:, ::2] \
+    strided['u'] = (
+        inputs['u']
+        .detach()
+        .transpose(1, 2)
+        .contiguous()
+        .transpose(1, 2)
         .requires_grad_()
+    )
+    strided['B'] = (
+        inputs['B'].detach().repeat(1, 2, 1)[:, ::2].requires_grad_()
+    )
     assert not strided['u'].is_contiguous()
     assert not strided['B'].is_contiguous()
     pos = random_positions(1, K, 45)[0]  # (K,): shared by the batch
@@ -237,8 +303,10 @@ def test_shared_positions_and_non_contiguous_inputs():
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
 def test_half_inputs_compute_in_float32(dtype):
     inputs = make_inputs(2, 4, 12, 16, dtype=torch.float32)
-    half = {k: None if v is None else v.detach().to(dtype).requires_grad_()
-            for k, v in inputs.items()}
+    half = {
+        k: None if v is None else v.detach().to(dtype).requires_grad_()
+        for k, v in inputs.items()
+    }
     pos = random_positions(2, 12, 30)
     y, grads = run('cpu', half, delta_softplus=True, positions=pos)
     y_ref, _ = run('ref', half, delta_softplus=True, positions=pos)
@@ -247,8 +315,7 @@ def test_half_inputs_compute_in_float32(dtype):
     torch.testing.assert_close(y, y_ref)
 
 
-@pytest.mark.parametrize('impl', ['ref', pytest.param('cpu',
-                                                      marks=needs_ext)])
+@pytest.mark.parametrize('impl', ['ref', pytest.param('cpu', marks=needs_ext)])
 @pytest.mark.parametrize('gap_mode', ['prev', 'null'])
 def test_gradcheck(impl, gap_mode):
     inputs = make_inputs(2, 2, 5, 3)
@@ -256,9 +323,13 @@ def test_gradcheck(impl, gap_mode):
     names = [n for n in NAMES if inputs[n] is not None]
 
     def fn(*tensors):
-        return selective_scan(**dict(zip(names, tensors)),
-                              delta_softplus=True, positions=pos,
-                              gap_mode=gap_mode, impl=impl)
+        return selective_scan(
+            **dict(zip(names, tensors)),
+            delta_softplus=True,
+            positions=pos,
+            gap_mode=gap_mode,
+            impl=impl,
+        )
 
     assert torch.autograd.gradcheck(fn, [inputs[n] for n in names])
 
@@ -273,28 +344,53 @@ def _call(**changes):
     return selective_scan(**kwargs, impl='ref')
 
 
-@pytest.mark.parametrize('changes,error,match', [
-    (dict(B=torch.randn(2, 4, 5)), ValueError, 'B must have shape'),
-    (dict(delta=torch.randn(2, 3, 7)), ValueError, 'delta must have shape'),
-    (dict(A=torch.randn(4, 4)), ValueError, 'A must be'),
-    (dict(u=torch.randn(3, 6)), ValueError, 'u must be'),
-    (dict(D=torch.randn(2)), ValueError, 'D must have shape'),
-    (dict(positions=torch.tensor([0, 1, 1, 2, 3, 4])), ValueError,
-     'strictly increasing'),
-    (dict(positions=torch.tensor([-1, 1, 2, 3, 4, 5])), ValueError,
-     'non-negative'),
-    (dict(positions=torch.arange(6, dtype=torch.int32)), TypeError,
-     'positions must be int64'),
-    (dict(positions=torch.arange(5)), ValueError, 'positions must be'),
-    (dict(positions=[0, 1, 2, 3, 4, 5]), TypeError, 'positions must be'),
-    (dict(u=torch.randint(0, 3, (2, 3, 6))), TypeError, 'u must be a '
-     'floating'),
-    (dict(C=torch.randn(2, 4, 6, device='meta')), ValueError,
-     'C is on meta'),
-    (dict(positions=torch.arange(6, device='meta')), ValueError,
-     'positions is on meta'),
-    (dict(gap_mode='zero'), ValueError, 'gap_mode'),
-])
+@pytest.mark.parametrize(
+    'changes,error,match',
+    [
+        (dict(B=torch.randn(2, 4, 5)), ValueError, 'B must have shape'),
+        (
+            dict(delta=torch.randn(2, 3, 7)),
+            ValueError,
+            'delta must have shape',
+        ),
+        (dict(A=torch.randn(4, 4)), ValueError, 'A must be'),
+        (dict(u=torch.randn(3, 6)), ValueError, 'u must be'),
+        (dict(D=torch.randn(2)), ValueError, 'D must have shape'),
+        (
+            dict(positions=torch.tensor([0, 1, 1, 2, 3, 4])),
+            ValueError,
+            'strictly increasing',
+        ),
+        (
+            dict(positions=torch.tensor([-1, 1, 2, 3, 4, 5])),
+            ValueError,
+            'non-negative',
+        ),
+        (
+            dict(positions=torch.arange(6, dtype=torch.int32)),
+            TypeError,
+            'positions must be int64',
+        ),
+        (dict(positions=torch.arange(5)), ValueError, 'positions must be'),
+        (dict(positions=[0, 1, 2, 3, 4, 5]), TypeError, 'positions must be'),
+        (
+            dict(u=torch.randint(0, 3, (2, 3, 6))),
+            TypeError,
+            'u must be a floating',
+        ),
+        (
+            dict(C=torch.randn(2, 4, 6, device='meta')),
+            ValueError,
+            'C is on meta',
+        ),
+        (
+            dict(positions=torch.arange(6, device='meta')),
+            ValueError,
+            'positions is on meta',
+        ),
+        (dict(gap_mode='zero'), ValueError, 'gap_mode'),
+    ],
+)
 def test_bad_input(changes, error, match):
     with pytest.raises(error, match=match):
         _call(**changes)
@@ -306,24 +402,27 @@ def test_bad_impl():
         selective_scan(**inputs, impl='gpu')
 
 
-@pytest.mark.parametrize('impl', ['ref', 'chunked',
-                                  pytest.param('cpu', marks=needs_ext)])
+@pytest.mark.parametrize(
+    'impl', ['ref', 'chunked', pytest.param('cpu', marks=needs_ext)]
+)
 def test_empty_sequence(impl):
     inputs = make_inputs(2, 3, 0, 4)
-    y = selective_scan(**inputs, positions=torch.zeros(2, 0,
-                                                       dtype=torch.long),
-                       impl=impl)
+    y = selective_scan(
+        **inputs, positions=torch.zeros(2, 0, dtype=torch.long), impl=impl
+    )
     assert y.shape == (2, 3, 0)
 
 
-@pytest.mark.parametrize('impl', ['chunked',
-                                  pytest.param('cpu', marks=needs_ext)])
+@pytest.mark.parametrize(
+    'impl', ['chunked', pytest.param('cpu', marks=needs_ext)]
+)
 def test_nan_input_propagates_without_crash(impl):
     inputs = make_inputs(1, 2, 8, 16, with_z=False)
     with torch.no_grad():
         inputs['delta'][0, 0, 3] = float('nan')
-    y, grads = run(impl, inputs, delta_softplus=True,
-                   positions=torch.arange(0, 16, 2))
+    y, grads = run(
+        impl, inputs, delta_softplus=True, positions=torch.arange(0, 16, 2)
+    )
     assert torch.isnan(y[0, 0, 3:]).all()
     assert torch.isfinite(y[0, 0, :3]).all()
     assert torch.isfinite(y[0, 1]).all()
@@ -353,8 +452,9 @@ def test_cuda_impl_refuses_cpu_tensors():
 def test_env_var_chooses_impl(monkeypatch):
     inputs = make_inputs(1, 2, 5, 3)
     monkeypatch.setenv('MMSSM_SCAN_IMPL', 'ref')
-    torch.testing.assert_close(selective_scan(**inputs),
-                               selective_scan_ref(**inputs), rtol=0, atol=0)
+    torch.testing.assert_close(
+        selective_scan(**inputs), selective_scan_ref(**inputs), rtol=0, atol=0
+    )
     monkeypatch.setenv('MMSSM_SCAN_IMPL', 'fast')
     with pytest.raises(ValueError, match='MMSSM_SCAN_IMPL'):
         selective_scan(**inputs)
@@ -366,8 +466,10 @@ def test_cuda_against_reference():
     inputs = make_inputs(2, 8, 40, 16, dtype=torch.float32)
     pos = random_positions(2, 40, 90)
     ref = selective_scan_ref(**inputs, delta_softplus=True, positions=pos)
-    cuda = {k: None if v is None else v.detach().cuda()
-            for k, v in inputs.items()}
-    y = selective_scan(**cuda, delta_softplus=True, positions=pos.cuda(),
-                       impl='cuda')
+    cuda = {
+        k: None if v is None else v.detach().cuda() for k, v in inputs.items()
+    }
+    y = selective_scan(
+        **cuda, delta_softplus=True, positions=pos.cuda(), impl='cuda'
+    )
     torch.testing.assert_close(y.cpu(), ref, rtol=1e-4, atol=1e-4)

@@ -1,4 +1,5 @@
 """mmengine checkpoints load with ``weights_only`` unpickling kept on."""
+
 import os
 import pickle
 
@@ -13,7 +14,6 @@ import mmssm  # noqa: F401  (allow-lists mmengine's checkpoint types)
 
 
 class ToyModel(BaseModel):
-
     def __init__(self):
         super().__init__()
         self.linear = torch.nn.Linear(2, 1)
@@ -21,7 +21,7 @@ class ToyModel(BaseModel):
     def forward(self, inputs, targets, mode='tensor'):
         out = self.linear(inputs)
         if mode == 'loss':
-            return dict(loss=((out - targets)**2).mean())
+            return dict(loss=((out - targets) ** 2).mean())
         return out
 
 
@@ -41,21 +41,27 @@ def make_runner(work_dir, max_epochs, resume=False):
         model=ToyModel(),
         work_dir=str(work_dir),
         train_dataloader=dict(
-            dataset=ToyDataset(), sampler=dict(type='DefaultSampler'),
-            batch_size=4, num_workers=0,
-            collate_fn=dict(type='default_collate')),
+            dataset=ToyDataset(),
+            sampler=dict(type='DefaultSampler'),
+            batch_size=4,
+            num_workers=0,
+            collate_fn=dict(type='default_collate'),
+        ),
         optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.01)),
         train_cfg=dict(by_epoch=True, max_epochs=max_epochs),
-        default_hooks=dict(checkpoint=dict(type='CheckpointHook',
-                                           interval=1)),
+        default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=1)),
         resume=resume,
-        experiment_name=f'toy_{max_epochs}_{resume}')
+        experiment_name=f'toy_{max_epochs}_{resume}',
+    )
 
 
 def test_default_load_is_weights_only():
     import inspect
-    assert inspect.signature(torch.load).parameters['weights_only'] \
-        .default is None  # None means True since torch 2.6
+
+    assert (
+        inspect.signature(torch.load).parameters['weights_only'].default
+        is None
+    )  # None means True since torch 2.6
     assert torch.__version__ >= '2.6'
 
 
@@ -69,8 +75,7 @@ def test_training_checkpoint_loads_and_resumes(tmp_path):
 
     model = ToyModel()
     load_checkpoint(model, str(ckpt), strict=True)
-    torch.testing.assert_close(model.linear.weight,
-                               runner.model.linear.weight)
+    torch.testing.assert_close(model.linear.weight, runner.model.linear.weight)
 
     resumed = make_runner(tmp_path, max_epochs=3, resume=True)
     resumed.train()
@@ -94,14 +99,15 @@ class _RunsCode:
         self.marker = marker
 
     def __reduce__(self):
-        return os.system, (f'touch {self.marker}', )
+        return os.system, (f'touch {self.marker}',)
 
 
 def test_malicious_checkpoint_is_refused(tmp_path):
     marker = tmp_path / 'pwned'
     path = tmp_path / 'evil.pth'
-    torch.save(dict(state_dict=ToyModel().state_dict(),
-                    meta=_RunsCode(marker)), path)
+    torch.save(
+        dict(state_dict=ToyModel().state_dict(), meta=_RunsCode(marker)), path
+    )
     with pytest.raises(pickle.UnpicklingError, match='system'):
         load_checkpoint(ToyModel(), str(path))
     with pytest.raises(pickle.UnpicklingError):
@@ -111,6 +117,7 @@ def test_malicious_checkpoint_is_refused(tmp_path):
 
 def test_getattr_is_served_for_history_buffer_methods_only(tmp_path):
     from mmengine.logging.history_buffer import HistoryBuffer
+
     path = tmp_path / 'getattr.pth'
     torch.save(dict(meta=_Getattr(HistoryBuffer, '__init__')), path)
     with pytest.raises(pickle.UnpicklingError, match='getattr'):
@@ -120,7 +127,6 @@ def test_getattr_is_served_for_history_buffer_methods_only(tmp_path):
 
 
 class _Getattr:
-
     def __init__(self, obj, name):
         self.obj, self.name = obj, name
 

@@ -12,6 +12,7 @@ Example::
 
     python tools/analysis_tools/benchmark_scan.py --threads 2
 """
+
 import argparse
 import platform
 import statistics
@@ -29,17 +30,29 @@ SHAPES = {
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--threads', type=int, default=2,
-                        help='torch/OpenMP threads. Defaults to 2.')
-    parser.add_argument('--impls', nargs='+',
-                        default=['cpu', 'chunked', 'ref'],
-                        choices=['cpu', 'chunked', 'ref'])
-    parser.add_argument('--shapes', nargs='+', default=list(SHAPES),
-                        choices=list(SHAPES))
+    parser.add_argument(
+        '--threads',
+        type=int,
+        default=2,
+        help='torch/OpenMP threads. Defaults to 2.',
+    )
+    parser.add_argument(
+        '--impls',
+        nargs='+',
+        default=['cpu', 'chunked', 'ref'],
+        choices=['cpu', 'chunked', 'ref'],
+    )
+    parser.add_argument(
+        '--shapes', nargs='+', default=list(SHAPES), choices=list(SHAPES)
+    )
     parser.add_argument('--keeps', nargs='+', type=float, default=[1.0, 0.5])
-    parser.add_argument('--repeat', type=int, default=10,
-                        help='timed runs of the fast implementations '
-                        "(the median is shown); 'ref' runs twice.")
+    parser.add_argument(
+        '--repeat',
+        type=int,
+        default=10,
+        help='timed runs of the fast implementations '
+        "(the median is shown); 'ref' runs twice.",
+    )
     return parser.parse_args()
 
 
@@ -71,11 +84,13 @@ def make_inputs(batch, dim, N, L, keep):
         C=torch.randn(batch, N, K),
         D=torch.randn(dim),
         z=torch.randn(batch, dim, K),
-        delta_bias=torch.randn(dim) * 0.1)
+        delta_bias=torch.randn(dim) * 0.1,
+    )
     positions = None
     if keep < 1.0:
-        positions = torch.stack([
-            torch.randperm(L)[:K].sort().values for _ in range(batch)])
+        positions = torch.stack(
+            [torch.randperm(L)[:K].sort().values for _ in range(batch)]
+        )
     return inputs, positions, K
 
 
@@ -84,12 +99,16 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     floor = exp_floor_per_element()
-    print(f'machine: {platform.processor() or platform.machine()}, '
-          f'{args.threads} threads, torch {torch.__version__}, '
-          f'mmssm._ext {ext_status()}')
+    print(
+        f'machine: {platform.processor() or platform.machine()}, '
+        f'{args.threads} threads, torch {torch.__version__}, '
+        f'mmssm._ext {ext_status()}'
+    )
     print(f'exp floor: {floor * 1e9:.3f} ns per element\n')
-    header = ('| shape | keep | K | impl | fwd (ms) | fwd+bwd (ms) | '
-              'floor (ms) | fwd/floor | fwd+bwd/floor |')
+    header = (
+        '| shape | keep | K | impl | fwd (ms) | fwd+bwd (ms) | '
+        'floor (ms) | fwd/floor | fwd+bwd/floor |'
+    )
     print(header)
     print('|---' * (header.count('|') - 1) + '|')
     for shape in args.shapes:
@@ -99,25 +118,39 @@ def main():
             floor_ms = floor * batch * dim * K * N * 1e3
             for impl in args.impls:
                 repeat = 2 if impl == 'ref' else args.repeat
-                grads = {k: v.clone().requires_grad_()
-                         for k, v in inputs.items()}
+                grads = {
+                    k: v.clone().requires_grad_() for k, v in inputs.items()
+                }
 
-                def forward(impl=impl):
+                def forward(impl=impl, inputs=inputs, positions=positions):
                     with torch.no_grad():
-                        selective_scan(**inputs, delta_softplus=True,
-                                       positions=positions, impl=impl)
+                        selective_scan(
+                            **inputs,
+                            delta_softplus=True,
+                            positions=positions,
+                            impl=impl,
+                        )
 
-                def forward_backward(impl=impl, grads=grads):
-                    y = selective_scan(**grads, delta_softplus=True,
-                                       positions=positions, impl=impl)
+                def forward_backward(
+                    impl=impl, grads=grads, positions=positions
+                ):
+                    y = selective_scan(
+                        **grads,
+                        delta_softplus=True,
+                        positions=positions,
+                        impl=impl,
+                    )
                     y.sum().backward()
 
                 fwd = timed(forward, repeat) * 1e3
                 fwd_bwd = timed(forward_backward, repeat) * 1e3
-                print(f'| {shape} ({batch}x{dim}x{N}) | {keep:g} | {K} | '
-                      f'{impl} | {fwd:.2f} | {fwd_bwd:.2f} | '
-                      f'{floor_ms:.2f} | {fwd / floor_ms:.2f} | '
-                      f'{fwd_bwd / floor_ms:.2f} |', flush=True)
+                print(
+                    f'| {shape} ({batch}x{dim}x{N}) | {keep:g} | {K} | '
+                    f'{impl} | {fwd:.2f} | {fwd_bwd:.2f} | '
+                    f'{floor_ms:.2f} | {fwd / floor_ms:.2f} | '
+                    f'{fwd_bwd / floor_ms:.2f} |',
+                    flush=True,
+                )
 
 
 if __name__ == '__main__':

@@ -4,9 +4,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def resize_pos_embed(pos_embed: Tensor, src_shape: Tuple[int, int],
-                     dst_shape: Tuple[int, int],
-                     mode: str = 'bicubic') -> Tensor:
+def resize_pos_embed(
+    pos_embed: Tensor,
+    src_shape: Tuple[int, int],
+    dst_shape: Tuple[int, int],
+    mode: str = 'bicubic',
+) -> Tensor:
     """Resize a grid of position embeddings.
 
     Args:
@@ -20,12 +23,17 @@ def resize_pos_embed(pos_embed: Tensor, src_shape: Tuple[int, int],
     """
     if tuple(src_shape) == tuple(dst_shape):
         return pos_embed
-    if pos_embed.dim() != 3 or pos_embed.shape[1] != src_shape[0] * \
-            src_shape[1]:
-        raise ValueError(f'pos_embed of shape {tuple(pos_embed.shape)} is '
-                         f'not a (1, {src_shape[0]}*{src_shape[1]}, C) grid')
+    if (
+        pos_embed.dim() != 3
+        or pos_embed.shape[1] != src_shape[0] * src_shape[1]
+    ):
+        raise ValueError(
+            f'pos_embed of shape {tuple(pos_embed.shape)} is '
+            f'not a (1, {src_shape[0]}*{src_shape[1]}, C) grid'
+        )
     C = pos_embed.shape[-1]
     grid = pos_embed.reshape(1, *src_shape, C).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid.float(), size=tuple(dst_shape), mode=mode,
-                         align_corners=False).to(pos_embed.dtype)
+    grid = F.interpolate(
+        grid.float(), size=tuple(dst_shape), mode=mode, align_corners=False
+    ).to(pos_embed.dtype)
     return grid.flatten(2).transpose(1, 2)

@@ -1,0 +1,3 @@
+from .vit_adapter import ViTAdapter
+
+__all__ = ['ViTAdapter']
