@@ -33,6 +33,7 @@ Implementations, one signature (:func:`selective_scan` chooses):
 import contextlib
 import os
 import warnings
+from functools import partial
 from typing import Callable, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -274,32 +275,20 @@ def selective_scan_ref(
     Computes in float64 for float64 ``u`` and in float32 otherwise. See
     :func:`selective_scan` for the arguments.
     """
-    positions = _check_inputs(
-        u, delta, A, B, C, D, z, delta_bias, positions, gap_mode
+    return _scan_in_pytorch(
+        _recurrence_loop,
+        u,
+        delta,
+        A,
+        B,
+        C,
+        D,
+        z,
+        delta_bias,
+        delta_softplus,
+        positions,
+        gap_mode,
     )
-    out_dtype = u.dtype
-    dtype = _compute_dtype(u)
-    u, delta, A, B, C = (t.to(dtype) for t in (u, delta, A, B, C))
-    D, z, delta_bias = (
-        None if t is None else t.to(dtype) for t in (D, z, delta_bias)
-    )
-    gaps = None if positions is None else _gaps(positions)
-    delta = _prepare_delta(delta, delta_bias, delta_softplus)
-    decay_delta = _effective_delta(
-        delta, delta_bias, delta_softplus, gaps, gap_mode
-    )
-    batch, dim, K = u.shape
-    h = u.new_zeros(batch, dim, A.shape[1])
-    ys = []
-    for k in range(K):
-        decay = torch.exp(decay_delta[:, :, k, None] * A)
-        h = (
-            decay * h
-            + (delta[:, :, k] * u[:, :, k])[..., None] * B[:, None, :, k]
-        )
-        ys.append(torch.einsum('bdn,bn->bd', h, C[:, :, k]))
-    y = torch.stack(ys, dim=-1) if ys else u.new_zeros(batch, dim, 0)
-    return _finish(y, u, D, z).to(out_dtype)
 
 
 def selective_scan_chunked(
@@ -323,6 +312,42 @@ def selective_scan_chunked(
     of decays <= 1, so it is stable in float32); the chunks' final states are
     then carried across sequentially. Materialises (batch, dim, K, N).
     """
+    return _scan_in_pytorch(
+        partial(_recurrence_chunked, chunk_size=chunk_size),
+        u,
+        delta,
+        A,
+        B,
+        C,
+        D,
+        z,
+        delta_bias,
+        delta_softplus,
+        positions,
+        gap_mode,
+    )
+
+
+def _scan_in_pytorch(
+    recurrence,
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D,
+    z,
+    delta_bias,
+    delta_softplus,
+    positions,
+    gap_mode,
+) -> Tensor:
+    """Check and prepare the inputs, run ``recurrence``, add D and the gate.
+
+    ``recurrence(u, delta, decay_delta, A, B, C)`` returns ``C_k . h_k``
+    (batch, dim, K) for the softplus'd steps ``delta`` and the exponents
+    ``decay_delta`` of the steps' decays (gaps included).
+    """
     positions = _check_inputs(
         u, delta, A, B, C, D, z, delta_bias, positions, gap_mode
     )
@@ -337,10 +362,34 @@ def selective_scan_chunked(
     decay_delta = _effective_delta(
         delta, delta_bias, delta_softplus, gaps, gap_mode
     )
+    if u.shape[-1] == 0:
+        y = u.new_zeros(u.shape)
+    else:
+        y = recurrence(u, delta, decay_delta, A, B, C)
+    return _finish(y, u, D, z).to(out_dtype)
+
+
+def _recurrence_loop(u, delta, decay_delta, A, B, C) -> Tensor:
+    """One step at a time: the ground truth."""
+    batch, dim, K = u.shape
+    h = u.new_zeros(batch, dim, A.shape[1])
+    ys = []
+    for k in range(K):
+        decay = torch.exp(decay_delta[:, :, k, None] * A)
+        h = (
+            decay * h
+            + (delta[:, :, k] * u[:, :, k])[..., None] * B[:, None, :, k]
+        )
+        ys.append(torch.einsum('bdn,bn->bd', h, C[:, :, k]))
+    return torch.stack(ys, dim=-1)
+
+
+def _recurrence_chunked(
+    u, delta, decay_delta, A, B, C, chunk_size: int
+) -> Tensor:
+    """Hillis-Steele scans inside chunks, a loop across them."""
     batch, dim, K = u.shape
     N = A.shape[1]
-    if K == 0:
-        return _finish(u.new_zeros(batch, dim, 0), u, D, z).to(out_dtype)
     T = min(chunk_size, K)
     pad = (-K) % T
     decay = torch.exp(decay_delta[..., None] * A[:, None, :])
@@ -375,8 +424,7 @@ def selective_scan_chunked(
         carry = decay[:, :, c, -1] * carry + x[:, :, c, -1]
     h = x + decay * torch.stack(carries, dim=2)[:, :, :, None]
     h = h.view(batch, dim, num_chunks * T, N)[:, :, :K]
-    y = torch.einsum('bdkn,bnk->bdk', h, C)
-    return _finish(y, u, D, z).to(out_dtype)
+    return torch.einsum('bdkn,bnk->bdk', h, C)
 
 
 def align_to_dense(
