@@ -34,12 +34,35 @@ from mmengine.model import BaseModule, ModuleList
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from mmssm.models.layers import TokenState, resize_pos_embed
+from mmssm.models.layers import (
+    TokenPruner,
+    TokenState,
+    resize_pos_embed,
+    run_layers,
+    scan_options,
+)
 from mmssm.ops import selective_scan
 from mmssm.registry import MODELS
 
 # Rows of ``direction_Bs``: the move that arrived at a scan step.
 START, RIGHT, LEFT, UP, DOWN = range(5)
+
+# Keep ratio of the paper's schedules (``arch_zoo[arch]['prune']``), one
+# ratio repeated at every step. The paper gives the layers, not the ratios;
+# each ratio is the two-decimal value whose FLOPs come closest to the
+# paper's Table 1 (L1 2.46 G, L2 6.27 G, L3 8.44 G), measured with
+# mmssm.utils.count_flops (MACs of what runs, scan convention 'plainmamba')
+# on an SSMClassifier with a 1000-class head at 224 x 224:
+#   L1 0.80: 2.471 G (+0.5%; 0.79: 2.448 G), dense 3.006 G;
+#   L2 0.81: 6.228 G (-0.7%; 0.82: 6.327 G), dense 8.060 G;
+#   L3 0.73: 8.486 G (+0.5%; 0.72: 8.337 G), dense 14.408 G.
+# The naive schedule (align=False) counts the same (the state advance over
+# the pruned tokens is not counted). In the pruned layers, in_proj, out_proj
+# and the scans run on the kept tokens; the 7x7 conv, x_proj and dt_proj
+# still run on the full grid (see PlainMambaMixer).
+_KEEP_L1 = 0.8
+_KEEP_L2 = 0.81
+_KEEP_L3 = 0.73
 
 _NORM_TYPES = {
     'BN': nn.BatchNorm2d,
@@ -625,6 +648,17 @@ class PlainMamba(BaseModule):
             Defaults to False.
         scan_impl (str): ``impl`` of :func:`mmssm.ops.selective_scan` for
             every scan. Defaults to 'auto'.
+        prune_cfg (None | str | dict): Token pruning (see
+            :class:`~mmssm.models.layers.TokenPruner`). None: dense.
+            'paper': the arch's schedule (``arch_zoo[arch]['prune']``).
+            A dict: ``layers`` (1-based: prune after the k-th layer),
+            ``keep_ratios`` (of the tokens entering each step), ``metric``
+            ('clip', 'l1', 'l2' or 'raw'), ``align`` (False: the naive
+            compact scan) and ``gap_mode``, or ``schedule='paper'`` with
+            the other keys. The layers of ``dw_layers`` need the full grid,
+            so every step must come after them. Pruning runs in training
+            and inference; the outputs keep the full grid, a pruned token
+            frozen at its value when it was pruned. Defaults to None.
         init_cfg (dict | list[dict], optional): Initialisation config. The
             modules initialise themselves as the official code does (Mamba's
             dt/A/D init, trunc-normal ``pos_embed`` and ``direction_Bs``).
@@ -634,6 +668,10 @@ class PlainMamba(BaseModule):
             Defaults to None.
     """
 
+    # 'prune': the paper's schedule (prune_cfg='paper'): after the 5th and
+    # 10th layer (L1), 5th, 10th, 15th (L2), 5th, 11th, 17th, 23rd (L3), with
+    # one keep ratio repeated at every step (see _KEEP_L1 for how it was
+    # chosen).
     _required_keys = (
         'embed_dims',
         'num_layers',
@@ -654,6 +692,7 @@ class PlainMamba(BaseModule):
                 'd_state': 16,
                 'expand': 2,
                 'conv_size': 7,
+                'prune': dict(layers=(5, 10), keep_ratios=_KEEP_L1),
             },
         ),
         **dict.fromkeys(
@@ -666,6 +705,7 @@ class PlainMamba(BaseModule):
                 'd_state': 16,
                 'expand': 2,
                 'conv_size': 7,
+                'prune': dict(layers=(5, 10, 15), keep_ratios=_KEEP_L2),
             },
         ),
         **dict.fromkeys(
@@ -678,6 +718,7 @@ class PlainMamba(BaseModule):
                 'd_state': 16,
                 'expand': 2,
                 'conv_size': 7,
+                'prune': dict(layers=(5, 11, 17, 23), keep_ratios=_KEEP_L3),
             },
         ),
     }
@@ -700,6 +741,7 @@ class PlainMamba(BaseModule):
         frozen_stages: int = -1,
         norm_eval: bool = False,
         scan_impl: str = 'auto',
+        prune_cfg: Union[None, str, dict] = None,
         init_cfg: Optional[Union[dict, List[dict]]] = None,
     ) -> None:
         super().__init__(init_cfg=init_cfg)
@@ -718,6 +760,12 @@ class PlainMamba(BaseModule):
                     f'{self.num_layers} layers, got '
                     f'{list(self.dw_layers)}'
                 )
+        self.pruner = TokenPruner.build(
+            prune_cfg,
+            self.num_layers,
+            paper_schedule=s.get('prune'),
+            dense_layers=self.dw_layers,
+        )
         if out_type not in self.OUT_TYPES:
             raise ValueError(
                 f'out_type must be one of {self.OUT_TYPES}, got {out_type!r}'
@@ -874,7 +922,7 @@ class PlainMamba(BaseModule):
         """Run layer ``i`` (checkpointed if ``with_cp``).
 
         ``kwargs`` go to :meth:`PlainMambaLayer.forward` (``token_index``,
-        ``gap_mode``, ``align``).
+        ``gap_mode``, ``align``, ``return_ssm_out``).
         """
         layer = self.layers[i]
         if self.with_cp and self.training and x.requires_grad:
@@ -888,9 +936,16 @@ class PlainMamba(BaseModule):
         tokens, hw = self.embed(x)
         return TokenState(tokens, hw)
 
-    def run_layers(self, state: TokenState, start: int,
-                   end: int) -> TokenState:
+    def run_layers(
+        self, state: TokenState, start: int, end: int
+    ) -> TokenState:
         """Run layers ``start`` .. ``end - 1`` on the state.
+
+        A state with ``index`` runs the layers on its kept tokens only
+        (aligned or naive, by the pruner's ``align`` and ``gap_mode``; the
+        aligned defaults without a pruner). The pruning steps scheduled
+        after these layers run here, so any grouping of the layers prunes
+        the same way.
 
         Args:
             state (TokenState): From :meth:`init_tokens` or an earlier call.
@@ -898,12 +953,21 @@ class PlainMamba(BaseModule):
             end (int): One past the last layer.
 
         Returns:
-            TokenState: The state after layer ``end - 1``.
+            TokenState: The state after layer ``end - 1`` (and its pruning
+            step, if one is scheduled there).
         """
-        tokens = state.tokens
-        for i in range(start, end):
-            tokens = self.forward_layer(i, tokens, state.hw)
-        return TokenState(tokens, state.hw, state.index, state.frozen)
+        return run_layers(state, start, end, self.pruner, self._run_layer)
+
+    def _run_layer(
+        self, i: int, state: TokenState, return_ssm_out: bool
+    ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+        """Layer ``i`` on the state's tokens (see :func:`run_layers`)."""
+        kwargs = {}
+        if state.index is not None:
+            kwargs = dict(token_index=state.index, **scan_options(self.pruner))
+        return self.forward_layer(
+            i, state.tokens, state.hw, return_ssm_out=return_ssm_out, **kwargs
+        )
 
     def output(self, state: TokenState, i: int) -> Tensor:
         """The output of layer ``i`` on the full grid.

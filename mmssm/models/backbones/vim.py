@@ -30,11 +30,33 @@ from mmengine.model import BaseModule
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from mmssm.models.layers import TokenState, resize_pos_embed
+from mmssm.models.layers import (
+    TokenPruner,
+    TokenState,
+    resize_pos_embed,
+    run_layers,
+    scan_options,
+)
 from mmssm.ops import selective_scan
 from mmssm.registry import MODELS
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+# Keep ratio of the paper's schedules (``arch_zoo[arch]['prune']``: after
+# the 10th and 20th layer for Vim-T, the 5th, 10th, 15th and 20th for
+# Vim-S), one ratio of the patch tokens repeated at every step. The paper
+# gives the layers, not the ratios; each ratio is the two-decimal value
+# whose FLOPs come closest to the paper's Table 1 (Vim-T 1.29 G, Vim-S
+# 3.60 G), measured with mmssm.utils.count_flops (MACs of what runs, scan
+# convention 'vim') on an SSMClassifier with a 1000-class head at 224 x 224:
+#   T 0.83: 1.290 G (+0.0%; the official code's 0.8: 1.258 G, -2.5%),
+#     dense 1.467 G;
+#   S 0.81: 3.620 G (+0.6%; the official 0.8: 3.564 G, -1.0%),
+#     dense 5.200 G.
+# The naive schedule (align=False) counts 0.1-0.3% less: its causal conv
+# runs on the kept tokens only.
+_KEEP_T = 0.83
+_KEEP_S = 0.81
 
 
 def _upcast(t: Tensor) -> Tensor:
@@ -561,6 +583,19 @@ class Vim(BaseModule):
             has none; kept for the common interface). Defaults to False.
         scan_impl (str): ``impl`` of :func:`mmssm.ops.selective_scan`.
             Defaults to 'auto'.
+        prune_cfg (None | str | dict): Token pruning (see
+            :class:`~mmssm.models.layers.TokenPruner`). None: dense.
+            'paper': the arch's schedule (``arch_zoo[arch]['prune']``).
+            A dict: ``layers`` (1-based: prune after the k-th layer),
+            ``keep_ratios`` (of the patch tokens entering each step),
+            ``metric`` ('clip', 'l1', 'l2' or 'raw'), ``align`` (False: the
+            naive compact scan and causal conv) and ``gap_mode``, or
+            ``schedule='paper'`` with the other keys. The class token is
+            never pruned and stays in the middle of the kept sequence at its
+            original position (half of the kept patch tokens are chosen
+            before it, half after). Pruning runs in training and inference;
+            the maps keep the full grid, a pruned token frozen at its value
+            when it was pruned. Defaults to None.
         init_cfg (dict | list[dict], optional): Defaults to None, the
             released initialisation (done at construction).
     """
@@ -577,6 +612,7 @@ class Vim(BaseModule):
                 'expand': 2,
                 'd_conv': 4,
                 'cls_token': 'middle',
+                'prune': dict(layers=(10, 20), keep_ratios=_KEEP_T),
             },
         ),
         **dict.fromkeys(
@@ -590,6 +626,7 @@ class Vim(BaseModule):
                 'expand': 2,
                 'd_conv': 4,
                 'cls_token': 'middle',
+                'prune': dict(layers=(5, 10, 15, 20), keep_ratios=_KEEP_S),
             },
         ),
         **dict.fromkeys(
@@ -635,6 +672,7 @@ class Vim(BaseModule):
         frozen_stages: int = -1,
         norm_eval: bool = False,
         scan_impl: str = 'auto',
+        prune_cfg: Union[None, str, dict] = None,
         init_cfg: Optional[Union[dict, List[dict]]] = None,
     ) -> None:
         super().__init__(init_cfg=init_cfg)
@@ -659,6 +697,9 @@ class Vim(BaseModule):
             raise ValueError("out_type='cls_token' needs cls_token='middle'")
         self.out_type = out_type
         self.out_indices = self._parse_out_indices(out_indices)
+        self.pruner = TokenPruner.build(
+            prune_cfg, self.num_layers, paper_schedule=s.get('prune')
+        )
         if not 0 <= drop_path_rate < 1:
             raise ValueError(
                 f'drop_path_rate must be in [0, 1), got {drop_path_rate}'
@@ -886,9 +927,27 @@ class Vim(BaseModule):
         tokens, grid, cls_index = self.embed(x)
         return TokenState(_upcast(tokens), grid, cls_index=cls_index)
 
-    def run_layers(self, state: TokenState, start: int,
-                   end: int) -> TokenState:
+    def forward_layer(self, i: int, x: Tensor, **kwargs) -> Tensor:
+        """Run layer ``i`` (checkpointed if ``with_cp``).
+
+        ``kwargs`` go to :meth:`VimBlock.forward` (``positions``,
+        ``seq_len``, ``gap_mode``, ``align``, ``return_ssm_out``).
+        """
+        layer = self.layers[i]
+        if self.with_cp and self.training and x.requires_grad:
+            return cp.checkpoint(layer, x, use_reentrant=False, **kwargs)
+        return layer(x, **kwargs)
+
+    def run_layers(
+        self, state: TokenState, start: int, end: int
+    ) -> TokenState:
         """Run layers ``start`` .. ``end - 1`` on the state.
+
+        A state with ``index`` runs the layers on its kept tokens only, at
+        their positions in the full sequence (aligned or naive, by the
+        pruner's ``align`` and ``gap_mode``; the aligned defaults without a
+        pruner). The pruning steps scheduled after these layers run here,
+        so any grouping of the layers prunes the same way.
 
         Args:
             state (TokenState): From :meth:`init_tokens` or an earlier call.
@@ -896,16 +955,25 @@ class Vim(BaseModule):
             end (int): One past the last layer.
 
         Returns:
-            TokenState: The state after layer ``end - 1``.
+            TokenState: The state after layer ``end - 1`` (and its pruning
+            step, if one is scheduled there).
         """
-        x = state.tokens
-        for layer in self.layers[start:end]:
-            if self.with_cp and self.training and x.requires_grad:
-                x = cp.checkpoint(layer, x, use_reentrant=False)
-            else:
-                x = layer(x)
-        return TokenState(x, state.hw, state.index, state.frozen,
-                          state.cls_index)
+        return run_layers(state, start, end, self.pruner, self._run_layer)
+
+    def _run_layer(
+        self, i: int, state: TokenState, return_ssm_out: bool
+    ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+        """Layer ``i`` on the state's tokens (see :func:`run_layers`)."""
+        kwargs = {}
+        if state.index is not None:
+            kwargs = dict(
+                positions=state.index,
+                seq_len=state.seq_len,
+                **scan_options(self.pruner),
+            )
+        return self.forward_layer(
+            i, state.tokens, return_ssm_out=return_ssm_out, **kwargs
+        )
 
     def output(self, state: TokenState, i: int) -> Tensor:
         """The output of layer ``i``: a map on the full grid or the class
@@ -917,7 +985,7 @@ class Vim(BaseModule):
         if self.out_type == 'cls_token':
             return x[:, cls_index]
         if cls_index is not None:
-            x = torch.cat([x[:, :cls_index], x[:, cls_index + 1:]], 1)
+            x = torch.cat([x[:, :cls_index], x[:, cls_index + 1 :]], 1)
         B, _, C = x.shape
         return x.transpose(1, 2).reshape(B, C, *state.hw).contiguous()
 
