@@ -28,11 +28,11 @@ What is counted, and how:
   scanned (the kept tokens of a pruned scan; the state advance across the
   pruned gaps is not counted). ``coef`` is the *scan convention*:
 
-  - ``'plainmamba'``: 9, the selective-scan formula of VMamba's code
-    (``flops_selective_scan_ref``: the discretisation, the state update and
-    the output contraction, with ``D`` and ``z``). With it, PlainMamba's
-    published figures (3.0 / 8.1 / 14.4 G for L1 / L2 / L3) are reproduced
-    to within 0.5%.
+  - ``'plainmamba'``: 9, the count of VMamba's ``flops_selective_scan_fn``
+    (``9 * B * L * D * N``, after state-spaces/mamba issue #110; its extra
+    ``B * D * L`` for the ``D`` skip is element-wise and not counted here).
+    With it, PlainMamba's published figures (3.0 / 8.1 / 14.4 G for L1 /
+    L2 / L3) are reproduced to within 0.5%.
   - ``'vim'``: 3, a lighter count (one multiply-accumulate each for the
     decay, the input and the output per state). Vim's published figures
     (1.50 / 5.10 G for Vim-T / Vim-S, taken from another paper's table)

@@ -1,0 +1,246 @@
+"""The FLOPs counter counts what runs, with hand-computed numbers."""
+
+import importlib.util
+import os.path as osp
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from mmengine.registry import DefaultScope
+
+from mmssm.ops import scan_listener, selective_scan
+from mmssm.registry import MODELS
+from mmssm.utils import count_flops, infer_scan_convention
+
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+TINY_PM = dict(
+    embed_dims=16,
+    num_layers=2,
+    num_convs=1,
+    dw_layers=[0],
+    d_state=4,
+    expand=2,
+    conv_size=7,
+)
+TINY_VIM = dict(
+    embed_dims=16,
+    num_layers=2,
+    patch_size=16,
+    stride=16,
+    d_state=4,
+    expand=2,
+    d_conv=4,
+    cls_token='middle',
+)
+
+
+class Toy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.grouped = nn.Conv2d(4, 8, 3, padding=1, groups=2, bias=False)
+        self.dw1d = nn.Conv1d(8, 8, 4, groups=8)
+        self.lin = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.grouped(self.conv(x))  # (B, 8, 4, 4)
+        y = self.dw1d(x.flatten(2))  # (B, 8, 13)
+        tokens = x.flatten(2).transpose(1, 2)  # (B, 16, 8)
+        keep = tokens[:, :6]  # 'pruned': 6 of 16 tokens
+        # a module's weight used functionally, as the backbones' dt_proj
+        return self.lin(keep), F.linear(tokens, self.lin.weight), y
+
+
+def test_toy_model_hand_computed():
+    model = Toy()
+    report = count_flops(model, torch.randn(2, 3, 8, 8), 'plainmamba')
+    conv = 2 * 4 * 4 * 4 * (3 * 3 * 3)  # out numel * (C_in / groups) * k*k
+    grouped = 2 * 8 * 4 * 4 * (2 * 3 * 3)
+    dw1d = 2 * 8 * 13 * (1 * 4)
+    assert report.conv == conv + grouped + dw1d == 3456 + 4608 + 832
+    linear = 2 * 6 * 8 * 5 + 2 * 16 * 8 * 5  # rows actually fed
+    assert report.linear == linear == 1760
+    assert report.scan_elements == report.scan == 0
+    assert report.total == conv + grouped + dw1d + linear
+    params = (4 * 27 + 4) + 8 * 2 * 9 + (8 * 4 + 8) + (8 * 5 + 5)
+    assert report.params == params
+    # attribution to the innermost running module
+    assert report.by_module['lin'] == dict(linear=2 * 6 * 8 * 5)
+    assert report.by_module['']['linear'] == 2 * 16 * 8 * 5
+    assert report.by_module['grouped'] == dict(conv=grouped)
+    assert sum(g['total'] for g in report.by_prefix(1).values()) == (
+        report.total
+    )
+
+
+def test_transposed_conv_and_mode_restored():
+    model = nn.ConvTranspose2d(4, 6, 2, stride=2, groups=2)
+    model.train()
+    report = count_flops(model, torch.randn(1, 4, 3, 3), 'vim')
+    assert report.conv == 4 * 3 * 3 * (3 * 2 * 2)  # in numel * C_out/g * k
+    assert model.training
+
+
+def _scan_inputs(batch=2, dim=3, K=5, N=4):
+    return dict(
+        u=torch.randn(batch, dim, K),
+        delta=torch.randn(batch, dim, K),
+        A=-torch.rand(dim, N),
+        B=torch.randn(batch, N, K),
+        C=torch.randn(batch, N, K),
+        D=torch.randn(dim),
+    )
+
+
+@pytest.mark.parametrize('impl', ['ref', 'chunked'])
+def test_scan_conventions(impl):
+    inputs = _scan_inputs()
+
+    def forward(model, x):
+        selective_scan(**x, delta_softplus=True, impl=impl)
+        # a pruned scan: 3 kept tokens of 8
+        pruned = _scan_inputs(K=3)
+        selective_scan(**pruned, positions=torch.tensor([0, 4, 7]), impl=impl)
+
+    report = count_flops(nn.Identity(), inputs, 'plainmamba', forward)
+    elements = 2 * 5 * 3 * 4 + 2 * 3 * 3 * 4
+    assert report.scan_calls == 2
+    assert report.scan_elements == elements
+    assert report.scan == 9 * elements
+    assert report.scan_for('vim') == 3 * elements
+    assert report.total_for('vim') == 3 * elements
+    assert report.linear == report.conv == 0  # the scan's einsums are not
+    report = count_flops(nn.Identity(), inputs, 'vim', forward)
+    assert report.total == 3 * elements
+    assert 'vim: 3*K*dim*N' in report.table()
+    assert 'plainmamba: scan 9*K*dim*N' in report.table()
+    with pytest.raises(ValueError, match='scan_convention'):
+        report.total_for('mamba')
+
+
+def test_scan_listener_nests_and_is_removed():
+    calls = []
+    with scan_listener(calls.append):
+        with pytest.raises(RuntimeError):
+            with scan_listener(lambda c: calls.append(c.length)):
+                selective_scan(**_scan_inputs(K=2), impl='ref')
+                raise RuntimeError
+        selective_scan(**_scan_inputs(K=3), impl='ref')
+    selective_scan(**_scan_inputs(K=4), impl='ref')  # nobody listens
+    assert [c if isinstance(c, int) else c.length for c in calls] == [2, 2, 3]
+    assert calls[0] == (2, 3, 2, 4, None, 'prev')
+
+
+def _classifier(backbone_type, arch):
+    return MODELS.build(
+        dict(
+            type='mmssm.SSMClassifier',
+            backbone=dict(type=backbone_type, arch=arch),
+            num_classes=10,
+        )
+    )
+
+
+def test_tiny_plainmamba_counted():
+    model = _classifier('mmssm.PlainMamba', TINY_PM)
+    assert infer_scan_convention(model) == 'plainmamba'
+    report = count_flops(model, torch.randn(2, 3, 32, 32))
+    assert report.scan_convention == 'plainmamba'
+    d, E, R, N, L = 16, 32, 1, 4, 4  # 32x32 -> 2x2 tokens
+    stem = 16 * 16 * 64 * 3 * 49 + 16 * 16 * 64 * 64 * 9 + L * d * 64 * 64
+    per_token = d * 2 * E + E * (R + 2 * N) + R * E + E * d  # dt_proj too
+    assert report.linear == 2 * (2 * L * per_token + d * 10)
+    assert report.conv == 2 * (stem + 2 * E * 49 * L + d * 9 * L)
+    assert report.scan_calls == 2  # the 4 directions in one call
+    assert report.scan_elements == 2 * 2 * 4 * L * E * N
+
+
+def test_tiny_vim_counted():
+    model = _classifier('mmssm.Vim', TINY_VIM)
+    assert infer_scan_convention(model) == 'vim'
+    report = count_flops(model, torch.randn(1, 3, 32, 32))
+    assert report.scan_convention == 'vim'
+    d, E, R, N, L = 16, 32, 1, 4, 5  # 4 patches + the class token
+    per_token = d * 2 * E + 2 * E * (R + 2 * N) + 2 * R * E + E * d
+    assert report.linear == 2 * L * per_token + d * 10
+    conv1d = 2 * E * 4 * L  # forward and backward causal convs
+    assert report.conv == 4 * d * 3 * 256 + 2 * conv1d
+    assert report.scan_calls == 4
+    assert report.scan_elements == 2 * 2 * L * E * N
+    assert report.scan == 3 * report.scan_elements
+
+
+def test_auto_needs_a_known_family():
+    with pytest.raises(ValueError, match='scan convention'):
+        count_flops(nn.Linear(2, 2), torch.randn(1, 2))
+    assert count_flops(nn.Linear(2, 2), torch.randn(1, 2), 'vim').total == 4
+
+
+def _load_tool():
+    path = osp.join(ROOT, 'tools', 'analysis_tools', 'get_flops.py')
+    spec = importlib.util.spec_from_file_location('get_flops', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_get_flops_tool(tmp_path, monkeypatch, capsys):
+    cfg = tmp_path / 'tiny.py'
+    cfg.write_text(
+        'model = dict(type="mmssm.SSMClassifier", num_classes=10, '
+        f'backbone=dict(type="mmssm.PlainMamba", arch={TINY_PM!r}))\n'
+    )
+    tool = _load_tool()
+    monkeypatch.setattr(
+        'sys.argv', ['get_flops.py', str(cfg), '--shape', '32', '--depth', '2']
+    )
+    tool.main()
+    out = capsys.readouterr().out.strip().splitlines()
+    assert re.fullmatch(r'Params: \d+\.\d\d M', out[-2])
+    assert re.fullmatch(r'FLOPs: \d+\.\d\d G', out[-1])
+    assert any(line.startswith('| total (vim') for line in out)
+    assert any(line.startswith('| backbone.layers |') for line in out)
+
+    monkeypatch.setattr('sys.argv', ['get_flops.py', 'nowhere/missing.py'])
+    with pytest.raises(SystemExit):
+        tool.main()
+    assert 'nowhere/missing.py' in capsys.readouterr().err
+
+
+def test_get_flops_tool_scoped_model(tmp_path, monkeypatch, capsys):
+    """A config with a default_scope: FLOPs of extract_feat only."""
+    pytest.importorskip('mmseg')
+    cfg = tmp_path / 'seg.py'
+    cfg.write_text(
+        'default_scope = "mmseg"\n'
+        'model = dict(type="EncoderDecoder", '
+        f'backbone=dict(type="mmssm.PlainMamba", arch={TINY_PM!r}), '
+        'decode_head=dict(type="FCNHead", in_channels=16, channels=64, '
+        'num_convs=1, num_classes=3, in_index=0))\n'
+    )
+    tool = _load_tool()
+    monkeypatch.setattr(
+        'sys.argv', ['get_flops.py', str(cfg), '--shape', '32', '--depth', '1']
+    )
+    # the tool sets mmseg as the default scope: restore it afterwards
+    with DefaultScope.overwrite_default_scope('mmssm'):
+        tool.main()
+    out = capsys.readouterr().out
+    assert 'extract_feat' in out
+    # FLOPs: the backbone only (the decode head does not run) ...
+    modules = [
+        line.split(' | ')[0] for line in out.splitlines() if line[:2] == '| '
+    ]
+    assert '| backbone' in modules
+    assert not any('decode_head' in m for m in modules)
+    backbone = MODELS.build(dict(type='mmssm.PlainMamba', arch=TINY_PM))
+    flops = count_flops(backbone, torch.randn(1, 3, 32, 32)).total
+    assert f'FLOPs: {flops / 1e9:.2f} G' in out
+    # ... params: the whole model (the head's convs, BN and classifier)
+    params = float(re.search(r'Params: (\S+) M', out).group(1))
+    assert params > round(
+        sum(p.numel() for p in backbone.parameters()) / 1e6, 2
+    )

@@ -1,0 +1,404 @@
+"""Backbone throughput and peak memory on the CPU, all rows side by side.
+
+Each row is a small declarative spec (:class:`Row`): a config whose
+``model.backbone`` is built (with optional overrides, e.g. pruning), an
+input size, a batch and the scan implementation (``scan_impl``: 'cpu' is
+the compiled kernel ``mmssm._ext``, 'ref' the reference loop). Rows run one
+after the other, each in a fresh Python process, so that the memory of one
+row cannot hide or inflate another's; the results are printed as one
+markdown table, with the machine.
+
+Timing: the backbone in eval mode under ``torch.no_grad()``, ``--warmup``
+untimed forwards, then ``--iters`` timed ones; images/s = batch * iters /
+(their total time). The reference loop ('ref' rows) takes minutes per
+forward, so those rows run ``--ref-warmup`` (default 0) and ``--ref-iters``
+(default 1) instead. The load average of the machine is printed with the
+table: on a shared machine, other processes slow the rows down.
+
+Peak memory: the resident set size (RSS) is what the CPU really holds
+(``tracemalloc`` does not see torch's allocations). In the row's process,
+after the model and the input are built, the kernel's RSS high-water mark
+is reset to the current RSS (``/proc/self/clear_refs`` = 5, Linux >= 4.0);
+after the forwards, ``peak fwd`` = high-water mark (``VmHWM``) - RSS before
+the forwards: the largest extra memory a forward needed (activations,
+scratch buffers, thread pools), above the weights and the input. ``peak
+RSS`` is the high-water mark of the whole process (Python, torch, weights,
+input and the forward). Where ``clear_refs`` is not writable, the
+high-water mark is not reset and ``peak fwd`` falls back to
+``ru_maxrss`` after - before, a lower bound (marked ``>=``).
+
+Add rows to :data:`ROWS` (pruned vs dense, aligned vs naive: the same
+config with ``backbone`` overrides; a ``baseline`` row gives the speed-up
+column). ``kind`` selects what runs: only 'backbone' so far; a full
+detector would be another entry of :data:`BUILDERS`.
+
+Example::
+
+    python tools/analysis_tools/benchmark.py --threads 2 --iters 3
+    python tools/analysis_tools/benchmark.py --rows pm-l1-224 --impls cpu
+"""
+
+import argparse
+import copy
+import dataclasses
+import gc
+import json
+import os
+import os.path as osp
+import platform
+import resource
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One measurement.
+
+    Attributes:
+        key (str): Unique id, e.g. 'pm-l1-224-cpu'.
+        label (str): Model name shown in the table.
+        config (str): Config file, relative to the repository root.
+        shape (tuple[int, int]): Input (H, W).
+        batch (int): Images per forward.
+        scan_impl (str): ``scan_impl`` of the backbone ('cpu', 'ref', ...).
+        backbone (dict): Overrides merged into ``model.backbone``.
+        kind (str): What runs, a key of :data:`BUILDERS`.
+        baseline (str, optional): Key of the row the speed-up is relative
+            to.
+    """
+
+    key: str
+    label: str
+    config: str
+    shape: Tuple[int, int]
+    batch: int
+    scan_impl: str = 'cpu'
+    backbone: Dict = dataclasses.field(default_factory=dict)
+    kind: str = 'backbone'
+    baseline: Optional[str] = None
+
+
+def _rows(
+    key: str, label: str, config: str, shape: Tuple[int, int], batch: int
+) -> List[Row]:
+    """The 'cpu' row (speed-up relative to 'ref') and the 'ref' row."""
+    return [
+        Row(f'{key}-cpu', label, config, shape, batch, 'cpu',
+            baseline=f'{key}-ref'),
+        Row(f'{key}-ref', label, config, shape, batch, 'ref'),
+    ]  # fmt: skip
+
+
+PM = 'configs/plainmamba/plainmamba-{}_in1k.py'
+ROWS: List[Row] = [
+    *_rows('pm-l1-224', 'PlainMamba-L1', PM.format('l1'), (224, 224), 8),
+    *_rows('pm-l3-224', 'PlainMamba-L3', PM.format('l3'), (224, 224), 8),
+    *_rows('vim-s-224', 'Vim-S', 'configs/vim/vim-s_in1k.py', (224, 224), 8),
+    *_rows('pm-l1-det', 'PlainMamba-L1', PM.format('l1'), (800, 1333), 1),
+]
+
+
+def build_backbone(row: Row):
+    """The config's backbone, with the row's overrides and ``scan_impl``."""
+    from mmengine.config import Config
+
+    import mmssm.models  # noqa: F401
+    from mmssm.registry import MODELS
+
+    cfg = Config.fromfile(osp.join(ROOT, row.config))
+    backbone = copy.deepcopy(cfg.model.get('backbone', cfg.model))
+    backbone.update(row.backbone)
+    backbone['scan_impl'] = row.scan_impl
+    return MODELS.build(backbone)
+
+
+#: kind -> function building the module that a row runs on its input.
+BUILDERS: Dict[str, Callable] = {'backbone': build_backbone}
+
+
+# --------------------------------------------------------------------------
+# The worker: one row, in its own process.
+# --------------------------------------------------------------------------
+def _status_kb(field: str) -> int:
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith(field + ':'):
+                return int(line.split()[1])
+    raise RuntimeError(f'{field} is not in /proc/self/status')
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+        return True
+    except OSError:
+        return False
+
+
+def run_row(row: Row, iters: int, warmup: int, threads: int) -> dict:
+    """Build and time one row; memory in MiB."""
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = BUILDERS[row.kind](row).eval()
+    x = torch.randn(row.batch, 3, *row.shape)
+    gc.collect()
+    rss_before = _status_kb('VmRSS')
+    maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    exact = _reset_peak_rss()
+    times = []
+    with torch.no_grad():
+        for i in range(warmup + iters):
+            start = time.perf_counter()
+            model(x)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    if exact:
+        peak_fwd = _status_kb('VmHWM') - rss_before
+    else:
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak_fwd = maxrss - maxrss_before
+    return dict(
+        key=row.key,
+        seconds=sum(times),
+        iters=len(times),
+        warmup=warmup,
+        ms_per_iter=1e3 * sum(times) / len(times),
+        images_per_s=row.batch * len(times) / sum(times),
+        peak_fwd_mib=peak_fwd / 1024,
+        peak_rss_mib=_status_kb('VmHWM') / 1024,
+        exact_peak=exact,
+        params_m=sum(p.numel() for p in model.parameters()) / 1e6,
+    )
+
+
+# --------------------------------------------------------------------------
+# The driver.
+# --------------------------------------------------------------------------
+def machine_line(threads: int) -> str:
+    """CPU, threads, torch version and whether mmssm._ext is built."""
+    import torch
+
+    from mmssm.ops import ext_status
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    cpu = line.split(':', 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return (
+        f'machine: {cpu} ({os.cpu_count()} logical CPUs visible), '
+        f'{threads} threads, torch {torch.__version__}, '
+        f'Python {platform.python_version()}, mmssm._ext {ext_status()}'
+    )
+
+
+def parse_args() -> argparse.Namespace:
+    keys = sorted({r.key.rsplit('-', 1)[0] for r in ROWS})
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        '--rows',
+        nargs='+',
+        default=None,
+        help=f'rows to run: row keys or their prefixes ({", ".join(keys)}; '
+        'with the impl suffix, e.g. pm-l1-224-cpu, one row). '
+        'Defaults to all.',
+    )
+    parser.add_argument(
+        '--impls',
+        nargs='+',
+        default=None,
+        help="keep only rows with these scan_impl (e.g. 'cpu'). "
+        'Defaults to all.',
+    )
+    parser.add_argument(
+        '--iters', type=int, default=3, help='timed forwards. Defaults to 3.'
+    )
+    parser.add_argument(
+        '--warmup',
+        type=int,
+        default=1,
+        help='untimed forwards first. Defaults to 1.',
+    )
+    parser.add_argument(
+        '--ref-iters',
+        type=int,
+        default=1,
+        help="timed forwards of 'ref' rows. Defaults to 1.",
+    )
+    parser.add_argument(
+        '--ref-warmup',
+        type=int,
+        default=0,
+        help="untimed forwards of 'ref' rows. Defaults to 0.",
+    )
+    parser.add_argument(
+        '--threads',
+        type=int,
+        default=2,
+        help='torch/OpenMP threads per row. Defaults to 2.',
+    )
+    parser.add_argument(
+        '--timeout',
+        type=float,
+        default=3600,
+        help='seconds allowed per row. Defaults to 3600.',
+    )
+    parser.add_argument(
+        '--json', help='also write the raw results to this JSON file'
+    )
+    parser.add_argument('--worker', help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if min(args.iters, args.ref_iters, args.threads) < 1:
+        parser.error('--iters, --ref-iters and --threads must be >= 1')
+    if min(args.warmup, args.ref_warmup) < 0:
+        parser.error('--warmup and --ref-warmup must be >= 0')
+    return args
+
+
+def select_rows(
+    names: Optional[List[str]], impls: Optional[List[str]]
+) -> List[Row]:
+    rows = ROWS
+    if names:
+        unknown = [
+            n for n in names if not any(r.key.startswith(n) for r in ROWS)
+        ]
+        if unknown:
+            raise SystemExit(
+                f'unknown rows {unknown}; rows are {[r.key for r in ROWS]}'
+            )
+        rows = [r for r in rows if any(r.key.startswith(n) for n in names)]
+    if impls:
+        rows = [r for r in rows if r.scan_impl in impls]
+    if not rows:
+        raise SystemExit('no row selected')
+    return rows
+
+
+def measure(row: Row, args: argparse.Namespace) -> dict:
+    """Run one row in a fresh process."""
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS=str(args.threads),
+        MKL_NUM_THREADS=str(args.threads),
+        PYTHONPATH=os.pathsep.join(
+            p for p in (ROOT, env.get('PYTHONPATH')) if p
+        ),
+    )
+    ref = row.scan_impl == 'ref'
+    job = dict(
+        row=dataclasses.asdict(row),
+        iters=args.ref_iters if ref else args.iters,
+        warmup=args.ref_warmup if ref else args.warmup,
+        threads=args.threads,
+    )
+    cmd = [sys.executable, osp.abspath(__file__), '--worker', json.dumps(job)]
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, env=env, timeout=args.timeout
+        )
+    except subprocess.TimeoutExpired:
+        return dict(key=row.key, error=f'timed out after {args.timeout} s')
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines() or ['(no output)']
+        return dict(key=row.key, error=lines[-1], wall_s=wall)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result['wall_s'] = wall
+    return result
+
+
+def format_table(rows: List[Row], results: Dict[str, dict]) -> str:
+    lines = [
+        '| model | input | batch | scan | ms / iter | images/s | speed-up '
+        '| peak fwd (MiB) | peak RSS (MiB) | row time (s) |',
+        '|---|---|---:|---|---:|---:|---:|---:|---:|---:|',
+    ]
+    for row in rows:
+        res = results[row.key]
+        head = (
+            f'| {row.label} | {row.shape[0]}x{row.shape[1]} | {row.batch} '
+            f'| {row.scan_impl} |'
+        )
+        if 'error' in res:
+            lines.append(f'{head} failed: {res["error"]} | | | | | |')
+            continue
+        base = results.get(row.baseline or '', {})
+        speedup = (
+            f'{res["images_per_s"] / base["images_per_s"]:.1f}x '
+            f'vs {base["key"].rsplit("-", 1)[-1]}'
+            if 'images_per_s' in base
+            else ''
+        )
+        bound = '' if res['exact_peak'] else '>= '
+        lines.append(
+            f'{head} {res["ms_per_iter"]:.0f} | {res["images_per_s"]:.3g} | '
+            f'{speedup} | {bound}{res["peak_fwd_mib"]:.0f} | '
+            f'{res["peak_rss_mib"]:.0f} | {res["wall_s"]:.0f} |'
+        )
+    return '\n'.join(lines)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.worker:
+        job = json.loads(args.worker)
+        row = dict(job.pop('row'))
+        row['shape'] = tuple(row['shape'])
+        print(json.dumps(run_row(Row(**row), **job)))
+        return
+    rows = select_rows(args.rows, args.impls)
+    load_before = os.getloadavg()
+    start = time.perf_counter()
+    results = {}
+    for row in rows:
+        print(f'[benchmark] {row.key} ...', file=sys.stderr, flush=True)
+        results[row.key] = measure(row, args)
+        res = results[row.key]
+        print(
+            f'[benchmark] {row.key}: '
+            + (res['error'] if 'error' in res else f'{res["wall_s"]:.0f} s'),
+            file=sys.stderr,
+            flush=True,
+        )
+    total = time.perf_counter() - start
+    sys.path.insert(0, ROOT)
+    print(machine_line(args.threads))
+    load = ', '.join(f'{x:.1f}' for x in load_before + os.getloadavg())
+    print(
+        f'warm-up {args.warmup}, timed iterations {args.iters} (ref rows: '
+        f'{args.ref_warmup}, {args.ref_iters}); total benchmark time '
+        f'{total:.0f} s; load average (1, 5, 15 min) before, after: {load}'
+    )
+    print()
+    print(format_table(rows, results))
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(
+                dict(
+                    machine=machine_line(args.threads),
+                    load_average=load_before + os.getloadavg(),
+                    total_s=total,
+                    rows=[dataclasses.asdict(r) for r in rows],
+                    results=results,
+                ),
+                f,
+                indent=1,
+            )
+
+
+if __name__ == '__main__':
+    main()
