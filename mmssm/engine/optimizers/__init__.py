@@ -1,0 +1,3 @@
+from .ssm_constructor import SSMOptimWrapperConstructor
+
+__all__ = ['SSMOptimWrapperConstructor']

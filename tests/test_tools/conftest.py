@@ -1,0 +1,147 @@
+"""Shared settings of the tool tests: the mini COCO config, shrunk."""
+
+import os
+import os.path as osp
+import subprocess
+import sys
+from types import SimpleNamespace
+from typing import Dict, List
+
+import pytest
+
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+MINI_CFG = osp.join(
+    'configs',
+    'mask_rcnn',
+    'mask-rcnn_plainmamba-l1-prune_adapter-fpn_1xb2-mini_coco-persons.py',
+)
+MINI_ANN = osp.join(
+    ROOT, 'data', 'coco_persons_mini', 'annotations', 'test_coco.json'
+)
+
+# A CPU-sized run of the mini config: a 4-layer PlainMamba of 64 channels
+# (pruned after its 2nd layer: the config's prune_cfg='paper' takes the
+# arch's 'prune' entry), two adapter interactions, 32-channel heads, fewer
+# proposals and smaller images. Keys are --cfg-options keys.
+BB = 'model.backbone.backbone'
+SHRINK: Dict[str, object] = {
+    f'{BB}.arch._delete_': True,
+    f'{BB}.arch.embed_dims': 64,
+    f'{BB}.arch.num_layers': 4,
+    f'{BB}.arch.num_convs': 1,
+    f'{BB}.arch.dw_layers': [0],
+    f'{BB}.arch.d_state': 8,
+    f'{BB}.arch.expand': 1,
+    f'{BB}.arch.conv_size': 3,
+    f'{BB}.arch.prune.layers': [2],
+    f'{BB}.arch.prune.keep_ratios': 0.5,
+    'model.backbone.interaction_indexes': [[0, 1], [2, 3]],
+    'model.backbone.deform_num_heads': 4,
+    'model.backbone.conv_inplane': 16,
+    'model.neck.in_channels': [64, 64, 64, 64],
+    'model.neck.out_channels': 32,
+    'model.rpn_head.in_channels': 32,
+    'model.rpn_head.feat_channels': 32,
+    'model.roi_head.bbox_roi_extractor.out_channels': 32,
+    'model.roi_head.bbox_head.in_channels': 32,
+    'model.roi_head.bbox_head.conv_out_channels': 32,
+    'model.roi_head.bbox_head.fc_out_channels': 64,
+    'model.roi_head.mask_roi_extractor.out_channels': 32,
+    'model.roi_head.mask_head.in_channels': 32,
+    'model.roi_head.mask_head.conv_out_channels': 32,
+    'model.train_cfg.rpn_proposal.nms_pre': 200,
+    'model.train_cfg.rpn_proposal.max_per_img': 100,
+    'model.train_cfg.rcnn.sampler.num': 64,
+    'model.test_cfg.rpn.nms_pre': 200,
+    'model.test_cfg.rpn.max_per_img': 50,
+    'model.test_cfg.rcnn.max_per_img': 20,
+    # images resized to fit 192x192 (the Resize steps of the mini config)
+    'train_dataloader.dataset.pipeline.2.scale': (192, 192),
+    'val_dataloader.dataset.pipeline.1.scale': (192, 192),
+    'test_dataloader.dataset.pipeline.1.scale': (192, 192),
+}
+
+
+def _format(value) -> str:
+    if isinstance(value, (list, tuple)):
+        items = ','.join(_format(v) for v in value)
+        if isinstance(value, tuple):
+            return f'({items},)' if len(value) == 1 else f'({items})'
+        return f'[{items}]'
+    return str(value)
+
+
+def cfg_options(options: Dict[str, object]) -> List[str]:
+    """``--cfg-options`` arguments: ``key=value`` strings."""
+    return ['--cfg-options'] + [
+        f'{k}={_format(v)}' for k, v in options.items()
+    ]
+
+
+def run_tool(
+    args: List[str], timeout: float = 600, env: Dict[str, str] = None
+) -> subprocess.CompletedProcess:
+    """Run ``args`` (a tool and its arguments) from the repository root.
+
+    ``env`` is added to the environment; its ``PYTHONPATH`` entries come
+    before the repository root.
+    """
+    env = dict(env or {})
+    paths = [env.pop('PYTHONPATH', ''), ROOT, os.environ.get('PYTHONPATH')]
+    # one thread per process: tiny models on a shared CPU run faster
+    full_env = dict(os.environ, **{'OMP_NUM_THREADS': '1', **env})
+    full_env['PYTHONPATH'] = os.pathsep.join(p for p in paths if p)
+    if args[0].endswith('.py'):
+        args = [sys.executable] + args
+    return subprocess.run(
+        args,
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def check_ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, (
+        f'exit code {result.returncode}\n--- stdout (tail)\n'
+        f'{result.stdout[-4000:]}\n--- stderr (tail)\n{result.stderr[-6000:]}'
+    )
+
+
+@pytest.fixture(scope='session')
+def tools():
+    """The helpers above, for the tests of this folder."""
+    return SimpleNamespace(
+        root=ROOT,
+        mini_cfg=MINI_CFG,
+        mini_ann=MINI_ANN,
+        shrink=dict(SHRINK),
+        cfg_options=cfg_options,
+        run=run_tool,
+        check_ok=check_ok,
+    )
+
+
+@pytest.fixture(scope='session')
+def trained(tmp_path_factory):
+    """tools/train.py on the mini config: 1 epoch (2 iterations)."""
+    work_dir = tmp_path_factory.mktemp('mini_train')
+    result = run_tool(
+        [
+            'tools/train.py',
+            MINI_CFG,
+            '--work-dir',
+            str(work_dir),
+            *cfg_options(
+                {
+                    **SHRINK,
+                    'train_cfg.max_epochs': 1,
+                    'train_cfg.val_interval': 10,
+                }
+            ),
+        ]
+    )
+    check_ok(result)
+    return work_dir, result
