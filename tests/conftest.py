@@ -6,8 +6,15 @@ from mmengine.registry import DefaultScope
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_threads():
+    """Seeded, and one thread: the suite's tensors are small, and on a
+    shared 2-core machine OpenMP teams of 2 mostly wait for each other.
+    Tests of threading set their own count."""
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

@@ -277,6 +277,16 @@ def test_optional_arguments(impl, with_D, with_z, with_bias, softplus):
 
 
 @needs_ext
+@pytest.mark.parametrize('threads', [2, 3])
+def test_threads(threads):
+    """Rows split over threads; dB and dC summed from per-thread parts."""
+    inputs = make_inputs(3, 9, 40, 16, dtype=torch.float64)
+    pos = random_positions(3, 40, 90)
+    torch.set_num_threads(threads)
+    compare('cpu', inputs, 1e-10, delta_softplus=True, positions=pos)
+
+
+@needs_ext
 def test_shared_positions_and_non_contiguous_inputs():
     batch, dim, K, N = 2, 6, 19, 16
     inputs = make_inputs(batch, dim, K, N)
