@@ -27,15 +27,19 @@ input and the forward). Where ``clear_refs`` is not writable, the
 high-water mark is not reset and ``peak fwd`` falls back to
 ``ru_maxrss`` after - before, a lower bound (marked ``>=``).
 
-Add rows to :data:`ROWS` (pruned vs dense, aligned vs naive: the same
-config with ``backbone`` overrides; a ``baseline`` row gives the speed-up
-column). ``kind`` selects what runs: only 'backbone' so far; a full
-detector would be another entry of :data:`BUILDERS`.
+Rows (:data:`ROWS`): the scan kernel against the reference loop (the
+backbones), the paper's pruning against the dense model, aligned and naive
+(the same config with ``backbone`` overrides), and whole Mask R-CNN
+inference with the adapter, dense against aligned-pruned (``kind`` =
+'detector': ``predict`` on one image, boxes and masks included; the
+overrides then go to the adapter's inner backbone). A row's ``baseline``
+gives the speed-up column.
 
 Example::
 
     python tools/analysis_tools/benchmark.py --threads 2 --iters 3
     python tools/analysis_tools/benchmark.py --rows pm-l1-224 --impls cpu
+    python tools/analysis_tools/benchmark.py --rows prune- maskrcnn-
 """
 
 import argparse
@@ -94,13 +98,52 @@ def _rows(
     ]  # fmt: skip
 
 
+def _pruning_rows(
+    key: str,
+    label: str,
+    config: str,
+    shape: Tuple[int, int],
+    batch: int,
+    kind: str = 'backbone',
+) -> List[Row]:
+    """Dense, the paper's schedule aligned, and the same schedule naive."""
+    dense = f'{key}-dense'
+    return [
+        Row(dense, f'{label} dense', config, shape, batch, kind=kind),
+        Row(f'{key}-aligned', f'{label} paper aligned', config, shape,
+            batch, backbone=dict(prune_cfg='paper'), kind=kind,
+            baseline=dense),
+        Row(f'{key}-naive', f'{label} paper naive', config, shape, batch,
+            backbone=dict(prune_cfg=dict(schedule='paper', align=False)),
+            kind=kind, baseline=dense),
+    ]  # fmt: skip
+
+
 PM = 'configs/plainmamba/plainmamba-{}_in1k.py'
+VIM_S = 'configs/vim/vim-s_in1k.py'
+MASK_RCNN = (
+    'configs/mask_rcnn/mask-rcnn_plainmamba-{}_adapter-fpn_8xb2-1x_coco.py'
+)
 ROWS: List[Row] = [
+    # the compiled scan kernel against the reference loop
     *_rows('pm-l1-224', 'PlainMamba-L1', PM.format('l1'), (224, 224), 8),
     *_rows('pm-l3-224', 'PlainMamba-L3', PM.format('l3'), (224, 224), 8),
-    *_rows('vim-s-224', 'Vim-S', 'configs/vim/vim-s_in1k.py', (224, 224), 8),
+    *_rows('vim-s-224', 'Vim-S', VIM_S, (224, 224), 8),
     *_rows('pm-l1-det', 'PlainMamba-L1', PM.format('l1'), (800, 1333), 1),
-]
+    # token pruning: dense, aligned, naive
+    *_pruning_rows('prune-vim-s-224', 'Vim-S', VIM_S, (224, 224), 8),
+    *_pruning_rows('prune-pm-l3-224', 'PlainMamba-L3', PM.format('l3'),
+                   (224, 224), 8),
+    *_pruning_rows('prune-pm-l1-det', 'PlainMamba-L1', PM.format('l1'),
+                   (800, 1333), 1),
+    # whole Mask R-CNN inference with the adapter
+    *_pruning_rows('maskrcnn-pm-l1', 'Mask R-CNN PlainMamba-L1',
+                   MASK_RCNN.format('l1'), (800, 1333), 1,
+                   'detector')[:2],
+    *_pruning_rows('maskrcnn-pm-l3', 'Mask R-CNN PlainMamba-L3',
+                   MASK_RCNN.format('l3'), (800, 1333), 1,
+                   'detector')[:2],
+]  # fmt: skip
 
 
 def build_backbone(row: Row):
@@ -117,8 +160,48 @@ def build_backbone(row: Row):
     return MODELS.build(backbone)
 
 
+def build_detector(row: Row):
+    """A whole mmdet detector (random weights, SyncBN as BN) whose forward
+    takes an image batch and runs ``predict``."""
+    import torch
+    from mmdet.registry import MODELS as DET_MODELS
+    from mmdet.structures import DetDataSample
+    from mmengine.config import Config
+    from mmengine.model import revert_sync_batchnorm
+    from mmengine.registry import init_default_scope
+
+    import mmssm.models  # noqa: F401
+
+    cfg = Config.fromfile(osp.join(ROOT, row.config))
+    init_default_scope(cfg.get('default_scope', 'mmdet'))
+    inner = cfg.model.backbone.backbone
+    inner.update(row.backbone, scan_impl=row.scan_impl, init_cfg=None)
+    detector = revert_sync_batchnorm(DET_MODELS.build(cfg.model))
+
+    class Predict(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.detector = detector
+
+        def forward(self, x):
+            h, w = x.shape[-2:]
+            meta = dict(
+                img_shape=(h, w),
+                ori_shape=(h, w),
+                pad_shape=(h, w),
+                scale_factor=(1.0, 1.0),
+            )
+            samples = [DetDataSample(metainfo=meta) for _ in range(len(x))]
+            return self.detector.predict(x, samples)
+
+    return Predict()
+
+
 #: kind -> function building the module that a row runs on its input.
-BUILDERS: Dict[str, Callable] = {'backbone': build_backbone}
+BUILDERS: Dict[str, Callable] = {
+    'backbone': build_backbone,
+    'detector': build_detector,
+}
 
 
 # --------------------------------------------------------------------------
@@ -338,7 +421,7 @@ def format_table(rows: List[Row], results: Dict[str, dict]) -> str:
             continue
         base = results.get(row.baseline or '', {})
         speedup = (
-            f'{res["images_per_s"] / base["images_per_s"]:.1f}x '
+            f'{res["images_per_s"] / base["images_per_s"]:.2f}x '
             f'vs {base["key"].rsplit("-", 1)[-1]}'
             if 'images_per_s' in base
             else ''
