@@ -4,10 +4,12 @@ Configs of mmdet or mmseg keep their default scope and name our modules with
 the scope prefix, e.g. ``type='mmssm.PlainMamba'``.
 """
 
+from mmengine.registry import HOOKS as MMENGINE_HOOKS
 from mmengine.registry import MODELS as MMENGINE_MODELS
 from mmengine.registry import (
     OPTIM_WRAPPER_CONSTRUCTORS as MMENGINE_OPTIM_WRAPPER_CONSTRUCTORS,
 )
+from mmengine.registry import TRANSFORMS as MMENGINE_TRANSFORMS
 from mmengine.registry import Registry
 
 MODELS = Registry(
@@ -18,4 +20,13 @@ OPTIM_WRAPPER_CONSTRUCTORS = Registry(
     parent=MMENGINE_OPTIM_WRAPPER_CONSTRUCTORS,
     scope='mmssm',
     locations=['mmssm.engine'],
+)
+TRANSFORMS = Registry(
+    'transform',
+    parent=MMENGINE_TRANSFORMS,
+    scope='mmssm',
+    locations=['mmssm.datasets.transforms'],
+)
+HOOKS = Registry(
+    'hook', parent=MMENGINE_HOOKS, scope='mmssm', locations=['mmssm.engine']
 )

@@ -25,6 +25,8 @@ _base_ = [
 custom_imports = dict(
     imports=['mmssm.models', 'mmssm.engine'], allow_failed_imports=False
 )
+# Checkpoints record the backbone's pruning schedule in meta['pruning'].
+custom_hooks = [dict(type='mmssm.PruningMetaHook')]
 
 ckpt = 'checkpoints/plainmamba-l1_in1k.pth'  # noqa
 norm_cfg = dict(type='SyncBN', requires_grad=True)

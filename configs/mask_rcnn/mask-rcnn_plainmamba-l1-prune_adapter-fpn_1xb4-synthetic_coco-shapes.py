@@ -1,0 +1,147 @@
+"""The main job: the L1-prune detector trained on synthetic shapes (CPU).
+
+The model of ``mask-rcnn_plainmamba-l1-prune_adapter-fpn_8xb2-1x_coco.py``
+(PlainMamba-L1, the paper's pruning schedule with alignment, ViT-Adapter,
+FPN, Mask R-CNN), trained from scratch for a few minutes on 2 CPU cores on
+the synthetic COCO-format set of ``mmssm.datasets.synthetic_coco``
+(circles, squares and triangles on a textured background, 256x256). Made
+by ``tools/main_job.sh``, or::
+
+    python tools/misc/make_synthetic_coco.py data/synthetic/shapes-256 \\
+        --num-train 400 --num-val 50 --size 256 --seed 0
+    python tools/train.py <this config>
+    python tools/test.py <this config> work_dirs/<this config>/iter_600.pth
+
+It shows that the whole pipeline learns, not the accuracy of the method.
+Changes to the L1-prune config:
+
+* no ImageNet initialisation: the converted PlainMamba checkpoint is not
+  available offline, so the backbone starts from random weights;
+* 3 classes; images 256x256 (no resize), flip; BN instead of SyncBN (one
+  process); drop path 0 (a short run from scratch);
+* fewer RPN proposals and sampled RoIs (a few objects per image);
+* 1 process (CPU or 1 GPU) x 4 images, AdamW lr 3e-4 with a linear
+  warm-up, iteration-based (600 iterations, 6 passes over the 400 training
+  images), lr x0.1 for the last sixth; validation (COCO bbox + segm) once,
+  at the end, on the 50 validation images.
+"""
+
+_base_ = './mask-rcnn_plainmamba-l1-prune_adapter-fpn_8xb2-1x_coco.py'
+
+data_root = 'data/synthetic/shapes-256/'
+metainfo = dict(
+    classes=('circle', 'square', 'triangle'),
+    palette=[(220, 20, 60), (0, 130, 255), (255, 190, 0)],
+)
+num_classes = len(metainfo['classes'])
+img_scale = (256, 256)
+norm_cfg = dict(type='BN', requires_grad=True)
+
+model = dict(
+    backbone=dict(
+        backbone=dict(
+            drop_path_rate=0.0,
+            norm_cfg=norm_cfg,
+            # no pretrained weights (no checkpoint offline): from scratch
+            init_cfg=None,
+        ),
+        norm_cfg=norm_cfg,
+    ),
+    neck=dict(norm_cfg=norm_cfg),
+    roi_head=dict(
+        bbox_head=dict(num_classes=num_classes, norm_cfg=norm_cfg),
+        mask_head=dict(num_classes=num_classes),
+    ),
+    train_cfg=dict(
+        rpn_proposal=dict(nms_pre=1000, max_per_img=300),
+        rcnn=dict(sampler=dict(num=128)),
+    ),
+    test_cfg=dict(rpn=dict(nms_pre=1000, max_per_img=300)),
+)
+
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+    dict(type='Resize', scale=img_scale, keep_ratio=True),
+    dict(type='RandomFlip', prob=0.5),
+    dict(type='PackDetInputs'),
+]
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=img_scale, keep_ratio=True),
+    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+    dict(
+        type='PackDetInputs',
+        meta_keys=(
+            'img_id',
+            'img_path',
+            'ori_shape',
+            'img_shape',
+            'scale_factor',
+        ),
+    ),
+]
+train_dataloader = dict(
+    batch_size=4,
+    num_workers=0,
+    persistent_workers=False,
+    sampler=dict(type='InfiniteSampler', shuffle=True),
+    batch_sampler=None,
+    dataset=dict(
+        _delete_=True,
+        type='CocoDataset',
+        data_root=data_root,
+        ann_file='annotations/instances_train.json',
+        data_prefix=dict(img='train/'),
+        metainfo=metainfo,
+        filter_cfg=dict(filter_empty_gt=True, min_size=8),
+        pipeline=train_pipeline,
+    ),
+)
+val_dataloader = dict(
+    batch_size=1,
+    num_workers=0,
+    persistent_workers=False,
+    dataset=dict(
+        _delete_=True,
+        type='CocoDataset',
+        data_root=data_root,
+        ann_file='annotations/instances_val.json',
+        data_prefix=dict(img='val/'),
+        metainfo=metainfo,
+        test_mode=True,
+        pipeline=test_pipeline,
+    ),
+)
+test_dataloader = val_dataloader
+val_evaluator = dict(
+    ann_file=data_root + 'annotations/instances_val.json',
+    metric=['bbox', 'segm'],
+)
+test_evaluator = val_evaluator
+
+max_iters = 600
+train_cfg = dict(
+    _delete_=True,
+    type='IterBasedTrainLoop',
+    max_iters=max_iters,
+    val_interval=max_iters,
+)
+param_scheduler = [
+    dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=50),
+    dict(
+        type='MultiStepLR',
+        begin=0,
+        end=max_iters,
+        by_epoch=False,
+        milestones=[500],
+        gamma=0.1,
+    ),
+]
+optim_wrapper = dict(optimizer=dict(lr=3e-4))
+default_hooks = dict(
+    logger=dict(interval=10),
+    checkpoint=dict(by_epoch=False, interval=200, max_keep_ckpts=2),
+)
+log_processor = dict(by_epoch=False, window_size=10)
+auto_scale_lr = dict(enable=False, base_batch_size=4)

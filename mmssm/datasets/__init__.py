@@ -1,0 +1,13 @@
+"""Datasets: a synthetic COCO-format set of shapes for demos and tests."""
+
+from .loading import ImageLoadError, LoadImageFromFile, LoadSegAnnotations
+from .synthetic_coco import CLASSES, make_synthetic_coco, read_meta
+
+__all__ = [
+    'CLASSES',
+    'ImageLoadError',
+    'LoadImageFromFile',
+    'LoadSegAnnotations',
+    'make_synthetic_coco',
+    'read_meta',
+]
