@@ -90,6 +90,7 @@ def build_cfg(args) -> Config:
                 '--show-dir needs default_hooks.visualization in the config'
             )
         hook['draw'] = True
+        hook['interval'] = 1  # every image, not every 50th
         if task == 'mmdet':
             hook['test_out_dir'] = args.show_dir
         else:

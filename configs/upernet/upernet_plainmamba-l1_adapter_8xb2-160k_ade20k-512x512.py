@@ -1,0 +1,160 @@
+"""UperNet 160k on ADE20K with a PlainMamba-L1 + ViT-Adapter backbone.
+
+The primitive config of this folder: every other UperNet config inherits
+it and changes the backbone (or only its ``prune_cfg``). The ViT-Adapter
+gives 4 maps of ``embed_dims`` channels at strides 4, 8, 16 and 32, all
+four used by the UperNet head; the auxiliary FCN head reads the stride-32
+map (index 3, loss weight 0.4), as PlainMamba's segmentation configs. The
+settings are those of the released PlainMamba segmentor: AdamW lr 6e-5,
+weight decay 0.01 (none on norms, embeddings and the SSM parameters),
+linear warm-up for 1500 iterations then poly (power 1) to 0, 160k
+iterations, 512x512 crops, SyncBN, single-scale ``whole`` inference. Label
+values that are not one of the 150 classes are ignored (255) like the
+unlabelled pixels (``mmssm.IgnoreOutOfRangeLabels``).
+
+Results assume 16 images per step: 8 GPUs x 2 images (``8xb2``); with
+another setup pass ``--auto-scale-lr`` (``auto_scale_lr.base_batch_size``
+is 16).
+
+``ckpt`` is the converted ImageNet checkpoint; make it with
+``python tools/model_converters/plainmamba2mmssm.py l1.pth <ckpt>``
+(the official ``l1.pth`` of ChenhongyiYang/PlainMamba). Its keys are
+``backbone.*``, hence ``prefix='backbone.'``; its 224x224 ``pos_embed`` is
+resized to the 512x512 grid when it is loaded.
+"""
+
+_base_ = [
+    '../_base_/models/upernet_r50.py',
+    '../_base_/datasets/ade20k.py',
+    '../_base_/schedules/schedule_160k.py',
+    '../_base_/default_runtime_seg.py',
+]
+custom_imports = dict(
+    imports=['mmssm.models', 'mmssm.engine', 'mmssm.datasets.transforms'],
+    allow_failed_imports=False,
+)
+
+ckpt = 'checkpoints/plainmamba-l1_in1k.pth'  # noqa
+norm_cfg = dict(type='SyncBN', requires_grad=True)
+embed_dims = 192
+num_classes = 150
+crop_size = (512, 512)
+
+data_preprocessor = dict(size=crop_size)
+model = dict(
+    data_preprocessor=data_preprocessor,
+    pretrained=None,
+    backbone=dict(
+        _delete_=True,
+        type='mmssm.ViTAdapter',
+        backbone=dict(
+            type='mmssm.PlainMamba',
+            arch='l1',
+            img_size=crop_size,
+            drop_path_rate=0.1,
+            final_norm=False,
+            norm_cfg=norm_cfg,
+            prune_cfg=None,  # dense; see the -prune / -naive configs
+            init_cfg=dict(
+                type='Pretrained', checkpoint=ckpt, prefix='backbone.'
+            ),
+        ),
+        conv_inplane=64,
+        n_points=4,
+        deform_num_heads=6,
+        cffn_ratio=0.25,
+        deform_ratio=1.0,
+        init_values=0.0,
+        interaction_indexes=[[0, 5], [6, 11], [12, 17], [18, 23]],
+        add_vit_feature=True,
+        norm_cfg=norm_cfg,
+    ),
+    # 4 adapter maps of embed_dims channels at strides 4, 8, 16, 32
+    decode_head=dict(
+        in_channels=[embed_dims] * 4,
+        in_index=[0, 1, 2, 3],
+        channels=512,
+        num_classes=num_classes,
+        norm_cfg=norm_cfg,
+    ),
+    auxiliary_head=dict(
+        in_channels=embed_dims,
+        in_index=3,
+        num_classes=num_classes,
+        norm_cfg=norm_cfg,
+    ),
+    test_cfg=dict(mode='whole'),
+)
+
+# the base pipelines with IgnoreOutOfRangeLabels after LoadAnnotations
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations', reduce_zero_label=True),
+    dict(type='mmssm.IgnoreOutOfRangeLabels', num_classes=num_classes),
+    dict(
+        type='RandomResize',
+        scale=(2048, 512),
+        ratio_range=(0.5, 2.0),
+        keep_ratio=True,
+    ),
+    dict(type='RandomCrop', crop_size=crop_size, cat_max_ratio=0.75),
+    dict(type='RandomFlip', prob=0.5),
+    dict(type='PhotoMetricDistortion'),
+    dict(type='PackSegInputs'),
+]
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=(2048, 512), keep_ratio=True),
+    # the labels are loaded after Resize: evaluated at the original size
+    dict(type='LoadAnnotations', reduce_zero_label=True),
+    dict(type='mmssm.IgnoreOutOfRangeLabels', num_classes=num_classes),
+    dict(type='PackSegInputs'),
+]
+train_dataloader = dict(
+    batch_size=2,  # x 8 GPUs = 16 images per step
+    dataset=dict(pipeline=train_pipeline),
+)
+val_dataloader = dict(batch_size=1, dataset=dict(pipeline=test_pipeline))
+test_dataloader = val_dataloader
+
+optim_wrapper = dict(
+    _delete_=True,
+    type='OptimWrapper',
+    # honours the backbones' `_no_weight_decay` flags (A_log, D, ...) and
+    # matches no_decay_names exactly (substring custom_keys would not)
+    constructor='mmssm.SSMOptimWrapperConstructor',
+    optimizer=dict(
+        type='AdamW', lr=6e-5, betas=(0.9, 0.999), weight_decay=0.01
+    ),
+    paramwise_cfg=dict(
+        norm_decay_mult=0.0,
+        no_decay_names=(
+            'pos_embed',
+            'level_embed',
+            'cls_token',
+            'A_log',
+            'A_b_log',
+            'D',
+            'D_b',
+            'direction_Bs',
+        ),
+    ),
+)
+# linear warm-up for 1500 iterations, then poly (power 1) to 0 at 160k
+param_scheduler = [
+    dict(
+        type='LinearLR', start_factor=1e-6, by_epoch=False, begin=0, end=1500
+    ),
+    dict(
+        type='PolyLR',
+        eta_min=0.0,
+        power=1.0,
+        begin=1500,
+        end=160000,
+        by_epoch=False,
+    ),
+]
+# schedule_160k: 160k iterations, validation and checkpoints every 16k
+auto_scale_lr = dict(enable=False, base_batch_size=16)
+# Checkpoints record the backbone's pruning schedule in meta['pruning'].
+custom_hooks = [dict(type='mmssm.PruningMetaHook')]

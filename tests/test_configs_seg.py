@@ -1,0 +1,405 @@
+"""The segmentation configs (configs/upernet) load, build and run.
+
+UperNet + ViT-Adapter on ADE20K for PlainMamba-L1/L2/L3 and Vim-T/S, each
+dense, pruned with the paper's schedule (aligned) and naively pruned, plus
+the mini config of ``data/ade20k_mini``: their settings (DESIGN.md sections
+4 and 6, STYLE.md section 5), and every one of them built with a shrunk
+backbone and run through loss, backward, predict and tensor on the CPU.
+"""
+
+import ast
+import glob
+import os.path as osp
+
+import pytest
+import torch
+from mmengine.config import Config
+
+from mmssm.registry import MODELS
+from mmssm.utils.setup_env import config_task
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+SEG_CONFIGS = sorted(glob.glob(osp.join(ROOT, 'configs', 'upernet', '*.py')))
+SEG_FULL = [
+    p for p in SEG_CONFIGS if p.endswith('8xb2-160k_ade20k-512x512.py')
+]
+SEG_MINI = osp.join(
+    ROOT,
+    'configs',
+    'upernet',
+    'upernet_plainmamba-l1-prune_adapter_1xb2-mini_ade20k-256x256.py',
+)
+BACKBONES = (
+    'plainmamba-l1',
+    'plainmamba-l2',
+    'plainmamba-l3',
+    'vim-t',
+    'vim-s',
+)
+# the config name's pruning field -> the backbone's prune_cfg
+PRUNING = {
+    '': None,
+    '-prune': 'paper',
+    '-naive': dict(schedule='paper', align=False),
+}
+NUM_CLASSES = 150
+# Each backbone's arch shrunk to 4 layers of 64 channels; 'prune' is the
+# schedule that prune_cfg='paper' takes from the arch.
+TINY_PRUNE = dict(layers=(2,), keep_ratios=0.5)
+TINY_ARCH = {
+    'mmssm.PlainMamba': dict(
+        embed_dims=64,
+        num_layers=4,
+        num_convs=1,
+        dw_layers=[0],
+        d_state=8,
+        expand=1,
+        conv_size=3,
+        prune=TINY_PRUNE,
+    ),
+    'mmssm.Vim': dict(
+        embed_dims=64,
+        num_layers=4,
+        patch_size=16,
+        stride=16,
+        d_state=8,
+        expand=1,
+        d_conv=4,
+        cls_token=None,
+        prune=TINY_PRUNE,
+    ),
+}
+
+
+def _name(path: str) -> str:
+    return osp.splitext(osp.basename(path))[0]
+
+
+def _base_depth(path: str) -> int:
+    """The longest chain of ``_base_`` files above a config."""
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    bases = []
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == '_base_' for t in node.targets
+        ):
+            value = ast.literal_eval(node.value)
+            bases = [value] if isinstance(value, str) else list(value)
+    folder = osp.dirname(path)
+    return max(
+        (1 + _base_depth(osp.normpath(osp.join(folder, b))) for b in bases),
+        default=0,
+    )
+
+
+def _seg_shrink(cfg: Config) -> Config:
+    """A CPU-sized copy of a segmentation config's model."""
+    adapter = cfg.model.backbone
+    backbone = adapter.backbone
+    backbone.arch = dict(TINY_ARCH[backbone.type])
+    backbone.init_cfg = None
+    adapter.update(
+        interaction_indexes=[[0, 1], [2, 3]],
+        deform_num_heads=4,
+        conv_inplane=16,
+    )
+    cfg.model.decode_head.update(in_channels=[64] * 4, channels=32)
+    cfg.model.auxiliary_head.update(in_channels=64, channels=16)
+    cfg.model.data_preprocessor.size = (64, 64)
+    return cfg
+
+
+def _pipeline_types(pipeline) -> list:
+    return [t['type'] for t in pipeline]
+
+
+def test_seg_configs_are_all_there():
+    names = {_name(p) for p in SEG_FULL}
+    expected = {
+        f'upernet_{backbone}{pruning}_adapter_8xb2-160k_ade20k-512x512'
+        for backbone in BACKBONES
+        for pruning in PRUNING
+    }
+    assert names == expected
+    assert len(SEG_FULL) == 15
+    assert set(SEG_CONFIGS) == set(SEG_FULL) | {SEG_MINI}
+
+
+@pytest.mark.parametrize('path', SEG_CONFIGS, ids=_name)
+def test_seg_config_is_an_mmseg_config(path):
+    """The tools run it with mmseg (they read the default scope)."""
+    cfg = Config.fromfile(path)
+    assert config_task(cfg) == 'mmseg'
+    assert _base_depth(path) <= 3
+    assert cfg.custom_imports == dict(
+        imports=['mmssm.models', 'mmssm.engine', 'mmssm.datasets.transforms'],
+        allow_failed_imports=False,
+    )
+
+
+@pytest.mark.parametrize('path', SEG_FULL, ids=_name)
+def test_seg_config_settings(path):
+    """The settings of DESIGN.md sections 4 and 6 and STYLE.md section 5."""
+    backbone_field = _name(path).split('_')[1]
+    family, size = backbone_field.split('-')[:2]
+    pruning = backbone_field[len(f'{family}-{size}') :]
+    cfg = Config.fromfile(path)
+    model = cfg.model
+    assert model.type == 'EncoderDecoder'
+    assert model.get('pretrained') is None
+    # backbone: the adapter around the SSM backbone
+    adapter = model.backbone
+    backbone = adapter.backbone
+    assert adapter.type == 'mmssm.ViTAdapter'
+    assert (
+        backbone.type
+        == {'plainmamba': 'mmssm.PlainMamba', 'vim': 'mmssm.Vim'}[family]
+    )
+    assert backbone.arch == {'t': 'tiny', 's': 'small'}.get(size, size)
+    assert backbone.prune_cfg == PRUNING[pruning]
+    assert backbone.final_norm is False
+    assert tuple(backbone.img_size) == (512, 512)
+    if family == 'vim':
+        assert backbone.cls_token is None
+    else:
+        assert backbone.norm_cfg == dict(type='SyncBN', requires_grad=True)
+    drop_path = {'l1': 0.1, 'l2': 0.2, 'l3': 0.3, 't': 0.1, 's': 0.2}
+    assert backbone.drop_path_rate == drop_path[size]
+    # weights: a converted checkpoint named at the top, prefix backbone.
+    assert backbone.init_cfg == dict(
+        type='Pretrained', checkpoint=cfg.ckpt, prefix='backbone.'
+    )
+    assert cfg.ckpt.startswith('checkpoints/') and size in cfg.ckpt
+    heads, indexes = (
+        (8, [[0, 8], [9, 17], [18, 26], [27, 35]])
+        if size == 'l3'
+        else (6, [[0, 5], [6, 11], [12, 17], [18, 23]])
+    )
+    assert adapter.deform_num_heads == heads
+    assert adapter.interaction_indexes == indexes
+    assert (adapter.conv_inplane, adapter.n_points) == (64, 4)
+    assert (adapter.cffn_ratio, adapter.deform_ratio) == (0.25, 1.0)
+    assert adapter.init_values == 0 and adapter.add_vit_feature
+    assert adapter.norm_cfg == dict(type='SyncBN', requires_grad=True)
+    # heads: UperNet on the 4 adapter maps, auxiliary FCN on index 3
+    embed = MODELS.get(backbone.type).arch_zoo[backbone.arch]['embed_dims']
+    head = model.decode_head
+    assert head.type == 'UPerHead'
+    assert head.in_channels == [embed] * 4
+    assert head.in_index == [0, 1, 2, 3]
+    assert head.channels == 512 and tuple(head.pool_scales) == (1, 2, 3, 6)
+    assert head.num_classes == NUM_CLASSES
+    assert head.loss_decode.loss_weight == 1.0
+    aux = model.auxiliary_head
+    assert aux.type == 'FCNHead'
+    assert (aux.in_channels, aux.in_index) == (embed, 3)
+    assert aux.num_classes == NUM_CLASSES
+    assert aux.loss_decode.loss_weight == 0.4
+    for module in (head, aux):
+        assert module.norm_cfg == dict(type='SyncBN', requires_grad=True)
+    assert model.test_cfg.mode == 'whole'
+    # data: 512x512 crops, the ADE20K 2048x512 scale, labels outside the
+    # classes ignored (IgnoreOutOfRangeLabels after LoadAnnotations)
+    assert cfg.default_scope == 'mmseg'
+    assert tuple(model.data_preprocessor.size) == (512, 512)
+    assert model.data_preprocessor.seg_pad_val == 255
+    train = cfg.train_dataloader.dataset.pipeline
+    test = cfg.test_dataloader.dataset.pipeline
+    assert cfg.train_dataloader.dataset.type == 'ADE20KDataset'
+    crop = [t for t in train if t.type == 'RandomCrop']
+    assert tuple(crop[0].crop_size) == (512, 512)
+    assert [t.scale for t in train if t.type == 'RandomResize'] == [
+        (2048, 512)
+    ]
+    assert [t.scale for t in test if t.type == 'Resize'] == [(2048, 512)]
+    for pipeline in (train, test):
+        types = _pipeline_types(pipeline)
+        i = types.index('LoadAnnotations')
+        assert pipeline[i].reduce_zero_label is True
+        assert types[i + 1] == 'mmssm.IgnoreOutOfRangeLabels'
+        assert pipeline[i + 1].num_classes == NUM_CLASSES
+    assert cfg.val_dataloader.dataset.pipeline == test
+    assert cfg.test_evaluator.type == 'IoUMetric'
+    # optimizer and schedule: AdamW 6e-5 / 0.01, warm-up 1500, poly, 160k
+    optim = cfg.optim_wrapper
+    assert optim.constructor == 'mmssm.SSMOptimWrapperConstructor'
+    assert optim.optimizer == dict(
+        type='AdamW', lr=6e-5, betas=(0.9, 0.999), weight_decay=0.01
+    )
+    assert optim.paramwise_cfg.norm_decay_mult == 0
+    assert set(optim.paramwise_cfg.no_decay_names) >= {
+        'pos_embed',
+        'level_embed',
+        'A_log',
+        'D',
+        'direction_Bs',
+    }
+    assert optim.get('clip_grad') is None
+    warmup, poly = cfg.param_scheduler
+    assert warmup.type == 'LinearLR' and not warmup.by_epoch
+    assert (warmup.begin, warmup.end) == (0, 1500)
+    assert poly.type == 'PolyLR' and not poly.by_epoch
+    assert (poly.begin, poly.end) == (1500, 160000)
+    assert (poly.power, poly.eta_min) == (1.0, 0.0)
+    assert cfg.train_cfg.type == 'IterBasedTrainLoop'
+    assert cfg.train_cfg.max_iters == 160000
+    # 8 GPUs x 2 images = 16 images per step
+    assert cfg.train_dataloader.batch_size == 2
+    assert cfg.auto_scale_lr.base_batch_size == 16
+    assert cfg.custom_hooks == [dict(type='mmssm.PruningMetaHook')]
+
+
+def _inputs(sizes, ori_sizes=None, seed=0):
+    """Images and data samples (with random labels) as a dataloader's."""
+    from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
+
+    gen = torch.Generator().manual_seed(seed)
+    ori_sizes = ori_sizes or sizes
+    inputs, samples = [], []
+    for (h, w), (oh, ow) in zip(sizes, ori_sizes):
+        inputs.append(torch.randint(0, 256, (3, h, w), generator=gen))
+        sample = SegDataSample()
+        label = torch.randint(0, NUM_CLASSES, (1, h, w), generator=gen)
+        label[:, : h // 4] = 255  # some ignored pixels
+        sample.gt_sem_seg = PixelData(data=label)
+        sample.set_metainfo(dict(img_shape=(h, w), ori_shape=(oh, ow)))
+        samples.append(sample)
+    return dict(
+        inputs=[x.to(torch.uint8) for x in inputs], data_samples=samples
+    )
+
+
+@pytest.mark.parametrize('path', SEG_CONFIGS, ids=_name)
+def test_seg_config_builds_and_runs(path):
+    """Build (shrunk, no pretrained weights), loss/backward/predict/tensor."""
+    from mmseg.registry import MODELS as SEG_MODELS
+    from mmseg.utils import register_all_modules
+
+    import mmssm.engine  # noqa: F401
+
+    register_all_modules()
+
+    cfg = _seg_shrink(Config.fromfile(path))
+    model = SEG_MODELS.build(cfg.model)
+    model.init_weights()
+    pruning = cfg.model.backbone.backbone.prune_cfg
+    pruner = model.backbone.backbone.pruner
+    if pruning is None:
+        assert pruner is None
+    else:
+        assert pruner.layers == TINY_PRUNE['layers']
+        assert pruner.align is (pruning == 'paper')
+    # training: two crops, padded to the data preprocessor's 64x64
+    data = model.data_preprocessor(_inputs([(64, 64), (48, 64)]), True)
+    assert data['inputs'].shape == (2, 3, 64, 64)
+    model.train()
+    losses = model(**data, mode='loss')
+    assert set(losses) == {
+        'decode.loss_ce',
+        'decode.acc_seg',
+        'aux.loss_ce',
+        'aux.acc_seg',
+    }
+    total = losses['decode.loss_ce'] + losses['aux.loss_ce']
+    assert torch.isfinite(total)
+    total.backward()
+    no_grad = [
+        name
+        for name, p in model.named_parameters()
+        if p.requires_grad and p.grad is None
+    ]
+    assert not no_grad, no_grad[:10]
+    # inference: an odd-sized image, predicted at its original size
+    model.eval()
+    data = model.data_preprocessor(_inputs([(50, 70)], [(75, 105)]), False)
+    with torch.no_grad():
+        results = model(**data, mode='predict')
+        logits = model(**data, mode='tensor')
+    assert len(results) == 1
+    assert results[0].pred_sem_seg.shape == (75, 105)
+    assert results[0].seg_logits.data.shape == (NUM_CLASSES, 75, 105)
+    pred = results[0].pred_sem_seg.data
+    assert pred.min() >= 0 and pred.max() < NUM_CLASSES
+    assert logits.shape[:2] == (1, NUM_CLASSES)
+
+
+@pytest.mark.parametrize(
+    'name',
+    [
+        'upernet_plainmamba-l1-prune_adapter_8xb2-160k_ade20k-512x512',
+        'upernet_vim-t-naive_adapter_8xb2-160k_ade20k-512x512',
+    ],
+)
+def test_seg_optimizer_spares_the_ssm_parameters(name):
+    """No weight decay on norms, embeddings, A_log, D, direction_Bs."""
+    from mmengine.optim import build_optim_wrapper
+    from mmseg.registry import MODELS as SEG_MODELS
+    from mmseg.utils import register_all_modules
+
+    import mmssm.engine  # noqa: F401
+
+    register_all_modules()
+    path = osp.join(ROOT, 'configs', 'upernet', f'{name}.py')
+    cfg = _seg_shrink(Config.fromfile(path))
+    model = SEG_MODELS.build(cfg.model)
+    wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
+    decay = {}
+    for group in wrapper.optimizer.param_groups:
+        assert group['lr'] == 6e-5
+        for p in group['params']:
+            decay[id(p)] = group['weight_decay']
+    names = dict(model.named_parameters())
+    spared = [
+        n
+        for n in names
+        if n.split('.')[-1]
+        in ('A_log', 'A_b_log', 'D', 'D_b', 'direction_Bs', 'pos_embed')
+        or n.endswith('level_embed')
+        or '.bn.' in n
+    ]
+    assert any(n.endswith('.A_log') for n in spared)
+    assert any(n.endswith('level_embed') for n in spared)
+    for n in spared:
+        assert decay[id(names[n])] == 0, n
+    for n in (
+        'decode_head.conv_seg.weight',
+        'decode_head.fpn_bottleneck.conv.weight',
+        'backbone.spm.fc1.weight',
+    ):
+        if n in names:
+            assert decay[id(names[n])] == 0.01, n
+    assert decay[id(names['decode_head.conv_seg.weight'])] == 0.01
+
+
+def test_seg_mini_config(monkeypatch):
+    """The smoke-test config: the project's own mini ADE20K set."""
+    assert _base_depth(SEG_MINI) <= 3
+    cfg = Config.fromfile(SEG_MINI)
+    assert 'SyncBN' not in str(cfg.model)  # one process: plain BN
+    backbone = cfg.model.backbone.backbone
+    assert backbone.init_cfg is None and backbone.prune_cfg == 'paper'
+    assert cfg.model.decode_head.num_classes == NUM_CLASSES
+    assert tuple(cfg.model.data_preprocessor.size) == (256, 256)
+    assert cfg.train_cfg.max_iters == cfg.train_cfg.val_interval == 8
+    monkeypatch.chdir(ROOT)  # paths are relative to the repository
+    for part in ('train', 'val', 'test'):
+        loader = cfg[f'{part}_dataloader']
+        assert loader.num_workers == 0
+        dataset = loader.dataset
+        assert dataset.type == 'ADE20KDataset'
+        for prefix in dataset.data_prefix.values():
+            folder = osp.join(dataset.data_root, prefix)
+            assert len(glob.glob(osp.join(folder, 'ADE_val_*'))) == 3
+        types = _pipeline_types(dataset.pipeline)
+        i = types.index('LoadAnnotations')
+        assert types[i + 1] == 'mmssm.IgnoreOutOfRangeLabels'
+    crop = [
+        t
+        for t in cfg.train_dataloader.dataset.pipeline
+        if t.type == 'RandomCrop'
+    ]
+    assert tuple(crop[0].crop_size) == (256, 256)
+    assert cfg.test_evaluator.type == 'IoUMetric'
+    assert osp.isfile(osp.join(ROOT, 'data', 'ade20k_mini', 'SOURCE.txt'))
