@@ -196,7 +196,9 @@ def make_synthetic_cls(
             f'got {image_size!r}'
         )
     if split not in SPLITS:
-        raise ValueError(f'split must be one of {tuple(SPLITS)}, got {split!r}')
+        raise ValueError(
+            f'split must be one of {tuple(SPLITS)}, got {split!r}'
+        )
     if int(num_images) < 0 or int(seed) < 0:
         raise ValueError(
             f'num_images and seed must be >= 0, got {num_images}, {seed}'
