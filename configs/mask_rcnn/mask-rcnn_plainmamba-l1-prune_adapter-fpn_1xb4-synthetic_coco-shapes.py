@@ -28,14 +28,15 @@ Changes to the L1-prune config:
 
 _base_ = './mask-rcnn_plainmamba-l1-prune_adapter-fpn_8xb2-1x_coco.py'
 
-data_root = 'data/synthetic/shapes-256/'
+data_root = 'data/synthetic/shapes-128/'
 metainfo = dict(
     classes=('circle', 'square', 'triangle'),
     palette=[(220, 20, 60), (0, 130, 255), (255, 190, 0)],
 )
 num_classes = len(metainfo['classes'])
-img_scale = (256, 256)
+img_scale = (128, 128)
 norm_cfg = dict(type='BN', requires_grad=True)
+head_channels = 128  # 256 in the COCO config
 
 model = dict(
     backbone=dict(
@@ -47,16 +48,28 @@ model = dict(
         ),
         norm_cfg=norm_cfg,
     ),
-    neck=dict(norm_cfg=norm_cfg),
+    neck=dict(out_channels=head_channels, norm_cfg=norm_cfg),
+    rpn_head=dict(in_channels=head_channels, feat_channels=head_channels),
     roi_head=dict(
-        bbox_head=dict(num_classes=num_classes, norm_cfg=norm_cfg),
-        mask_head=dict(num_classes=num_classes),
+        bbox_roi_extractor=dict(out_channels=head_channels),
+        bbox_head=dict(
+            in_channels=head_channels,
+            conv_out_channels=head_channels,
+            num_classes=num_classes,
+            norm_cfg=norm_cfg,
+        ),
+        mask_roi_extractor=dict(out_channels=head_channels),
+        mask_head=dict(
+            in_channels=head_channels,
+            conv_out_channels=head_channels,
+            num_classes=num_classes,
+        ),
     ),
     train_cfg=dict(
-        rpn_proposal=dict(nms_pre=1000, max_per_img=300),
-        rcnn=dict(sampler=dict(num=128)),
+        rpn_proposal=dict(nms_pre=1000, max_per_img=200),
+        rcnn=dict(sampler=dict(num=32)),
     ),
-    test_cfg=dict(rpn=dict(nms_pre=1000, max_per_img=300)),
+    test_cfg=dict(rpn=dict(nms_pre=500, max_per_img=100)),
 )
 
 train_pipeline = [

@@ -1,6 +1,7 @@
 """Datasets: a synthetic COCO-format set of shapes for demos and tests."""
 
 from .loading import ImageLoadError, LoadImageFromFile, LoadSegAnnotations
+from .synthetic_cls import CLS_CLASSES, make_synthetic_cls  # noqa: F401
 from .synthetic_coco import CLASSES, make_synthetic_coco, read_meta
 
 __all__ = [

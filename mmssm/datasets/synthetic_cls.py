@@ -1,22 +1,25 @@
-"""A synthetic image-classification set: one shape on textured clutter.
+"""A synthetic image-classification set: one glyph on textured clutter.
 
-Each image holds one object of one of six classes (:data:`CLS_CLASSES`),
-told apart by their structure only (not by colour or size): a disc, a
-square, a triangle, a plus, a ring and a pair of parallel bars, each of
-random colour, size, rotation and position, drawn with anti-aliased edges
-on a cluttered background (a smooth colour field, an oriented grating,
-random line segments and dots in random colours, pixel noise). The object
-covers a small part of the image (its circumscribed diameter is 28% to 52%
-of the image side), so most tokens of a vision model are background: the
-set is made for token pruning, whose importance score should keep the
-object's tokens.
+Each image holds one dark object of one of six classes
+(:data:`CLS_CLASSES`), told apart by their structure only: a glyph of
+filled cells on a 3 x 3 grid (:data:`GLYPHS`: a plus, a diagonal cross, a
+ring, an L, a T and two parallel bars). Its cell size (13 to 20 pixels at
+128 x 128, about one 16 x 16 patch), position, rotation (a multiple of 90
+degrees plus a tilt of up to 15 degrees) and colour (any hue, dark) are
+random, so no single patch tells the class: a model has to relate the
+patches of the glyph. It is drawn with anti-aliased edges on light
+clutter: a smooth colour field, an oriented grating, random line segments
+and dots in random (lighter) colours, and pixel noise. The glyph covers
+about a tenth of the image, so most tokens of a vision model are
+background: the set is made for token pruning, whose importance score
+should keep the glyph's tokens.
 
 Same arguments, same tensors: image ``i`` of a split is drawn from its own
 ``numpy.random.RandomState((seed, split, i))`` (so the test images do not
 depend on how many training images there are), and its class is
 ``i % len(CLS_CLASSES)`` (balanced splits). The images are rendered with
 PyTorch on the CPU in float32 and returned as uint8 tensors, held in
-memory (about 50 KB per 128 x 128 image); nothing is written to disk.
+memory (48 KB per 128 x 128 image); nothing is written to disk.
 
 numpy is imported when a set is made; only torch at module level.
 """

@@ -43,9 +43,9 @@ SPLITS = ('train', 'val')
 
 #: Object size (the shape's circumscribed diameter) as a fraction of the
 #: shorter image side.
-MIN_SIZE, MAX_SIZE = 0.15, 0.42
+MIN_SIZE, MAX_SIZE = 0.2, 0.5
 MAX_OBJECTS = 4
-BACKGROUND_NOISE = 14.0  # std of the per-pixel noise, grey levels
+BACKGROUND_NOISE = 10.0  # std of the per-pixel noise, grey levels
 OBJECT_NOISE = 6.0
 MIN_CONTRAST = 90.0  # least RGB distance of a shape from the background
 
@@ -99,9 +99,9 @@ def _background(rng, h: int, w: int):
     import cv2
     import numpy as np
 
-    coarse = rng.uniform(40, 215, size=(4, 4, 3)).astype(np.float32)
+    coarse = rng.uniform(50, 205, size=(4, 4, 3)).astype(np.float32)
     field = cv2.resize(coarse, (w, h), interpolation=cv2.INTER_CUBIC)
-    stripes = rng.uniform(0, 20) * np.sin(
+    stripes = rng.uniform(0, 12) * np.sin(
         np.arange(w, dtype=np.float32)[None, :] * rng.uniform(0.1, 0.6)
         + np.arange(h, dtype=np.float32)[:, None] * rng.uniform(0.1, 0.6)
     )

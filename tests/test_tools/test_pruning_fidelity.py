@@ -1,0 +1,87 @@
+"""tools/analysis_tools/pruning_fidelity.py: a tiny run and its parts."""
+
+import importlib.util
+import json
+import os.path as osp
+
+import pytest
+import torch
+
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+TOOL = osp.join(ROOT, 'tools', 'analysis_tools', 'pruning_fidelity.py')
+
+# Tiny settings: 16 tokens, 3 layers of 16 channels, one step of training.
+TINY = [
+    '--image-size', '64',
+    '--num-train', '16',
+    '--num-test', '8',
+    '--epochs', '1',
+    '--depth', '3',
+    '--embed-dims', '16',
+    '--batch-size', '16',
+    '--threads', '1',
+]  # fmt: skip
+
+
+@pytest.fixture(scope='module')
+def tool():
+    spec = importlib.util.spec_from_file_location('pruning_fidelity', TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_schedule(tool):
+    sched = tool.schedule(6, 0.6)
+    assert sched['layers'] == (2, 4)
+    assert sched['keep_ratios'] == pytest.approx((0.6**0.5,) * 2)
+    assert tool.schedule(24, 0.6)['layers'] == (8, 16)
+    assert tool.schedule(3, 0.5)['layers'] == (1, 2)
+    with pytest.raises(ValueError):
+        tool.schedule(2, 0.6)
+
+
+@pytest.mark.parametrize('model', ['plainmamba', 'vim'])
+def test_tokens_kept(tool, model):
+    """64 patch tokens -> 49 -> 37 at 0.6 (Vim's class token not counted),
+    and the pruned model loads the dense weights strictly."""
+    cfg = tool.backbone_cfg(model, 16, 6, 128)
+    dense = tool.SSMClassifier(backbone=cfg, num_classes=6)
+    pruned = tool.SSMClassifier(
+        backbone=dict(cfg, prune_cfg=tool.schedule(6, 0.6)), num_classes=6
+    )
+    pruned.load_state_dict(dense.state_dict(), strict=True)
+    images = torch.zeros(1, 3, 128, 128, dtype=torch.uint8)
+    assert tool.tokens_kept(pruned, images) == (37, 64)
+
+
+def test_bad_arguments(tool):
+    for argv in (['--depth', '2'], ['--keep', '0'], ['--epochs', '0']):
+        with pytest.raises(SystemExit):
+            tool.parse_args(argv)
+
+
+def test_tiny_run(tools, tmp_path):
+    out = tmp_path / 'fidelity.json'
+    result = tools.run([TOOL, *TINY, '--out', str(out)], timeout=120)
+    tools.check_ok(result)
+    header = (
+        "| model | metric | dense top-1 | naive | aligned 'prev' "
+        "| aligned 'null' | tokens kept |"
+    )
+    assert header in result.stdout
+    assert '| plainmamba | clip |' in result.stdout
+    assert '| vim | clip |' in result.stdout
+    assert 'trained in' in result.stdout
+    report = json.loads(out.read_text())
+    assert report['settings']['epochs'] == 1
+    for model in ('plainmamba', 'vim'):
+        res = report['results'][model]
+        assert res['train_time_s'] >= 0 and len(res['train_losses']) == 1
+        assert 0 <= res['dense'] <= 100
+        (entry,) = res['pruned']
+        assert entry['layers'] == [1, 2] and entry['metric'] == 'clip'
+        # 4 x 4 grid at 0.6: 16 -> 12 -> 9 patch tokens
+        assert (entry['tokens_kept'], entry['tokens']) == (9, 16)
+        for name in ('naive', 'prev', 'null'):
+            assert 0 <= entry[name] <= 100

@@ -1,0 +1,491 @@
+"""Zero-shot token pruning of small SSM classifiers, trained on the CPU.
+
+The central claim of "Exploring Token Pruning in Vision State Space Models"
+(NeurIPS 2024), at a small scale: a vision SSM trained dense loses much of
+its accuracy when its tokens are pruned naively (the kept tokens scanned as
+a shorter sequence), and keeps most of it when the scan keeps their
+original positions (the pruning-aware hidden-state alignment).
+
+For each model (a small PlainMamba and a small Vim) the tool
+
+1. makes the synthetic classification set of
+   :mod:`mmssm.datasets.synthetic_cls` (one of six shapes on textured
+   clutter; a train and a test split of a fixed seed, in memory);
+2. trains the dense classifier (``mmssm.SSMClassifier``) from scratch with
+   AdamW and a cosine schedule;
+3. evaluates the same weights, without fine-tuning, dense and with pruning
+   after about 1/3 and 2/3 of the depth: naive (``align=False``), aligned
+   with ``gap_mode='prev'`` and aligned with ``gap_mode='null'``. Each
+   pruned model is a new classifier built with its ``prune_cfg`` that loads
+   the dense state dict strictly (pruning adds no parameter).
+
+``--keep`` is the fraction of the tokens kept after the last step; each of
+the two steps keeps ``keep ** (1 / 2)`` of the tokens entering it (0.6:
+0.775 per step, 64 -> 49 -> 37 tokens of an 8 x 8 grid), and the table
+shows the tokens that are actually kept (floor at each step; Vim's class
+token is never pruned and not counted). Several values (and several
+importance metrics, ``--metrics``) are evaluated on the one trained model.
+
+It prints one markdown table (model | metric | dense | naive | 'prev' |
+'null' | tokens kept) and the training times, and writes everything to
+``--out`` as JSON. Seeds are fixed and the run is deterministic as far as
+torch allows (``torch.use_deterministic_algorithms(warn_only=True)``).
+
+Example (about 10 minutes on a quiet 2-core machine)::
+
+    python tools/analysis_tools/pruning_fidelity.py --out fidelity.json
+    python tools/analysis_tools/pruning_fidelity.py --models vim \\
+        --keep 0.6 0.4 --metrics clip l1 --epochs 10
+"""
+
+import argparse
+import json
+import math
+import os
+import os.path as osp
+import platform
+import sys
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mmssm.datasets.synthetic_cls import CLS_CLASSES, make_synthetic_cls
+from mmssm.models.classifiers import SSMClassifier
+from mmssm.models.layers import METRICS
+
+MODELS = ('plainmamba', 'vim')
+
+#: The zero-shot variants: the name in the table and the prune_cfg keys
+#: added to the schedule (None: dense).
+VARIANTS = {
+    'dense': None,
+    'naive': dict(align=False),
+    'prev': dict(align=True, gap_mode='prev'),
+    'null': dict(align=True, gap_mode='null'),
+}
+
+# Per-channel normalisation of the uint8 images.
+MEAN, STD = 127.5, 64.0
+
+
+def backbone_cfg(
+    model: str, embed_dims: int, depth: int, image_size: int
+) -> dict:
+    """The dense backbone config of a small model.
+
+    Both models see a grid of ``image_size / 16`` x ``image_size / 16``
+    patch tokens (8 x 8 at 128): PlainMamba through its stride-16 stem
+    (without its 3x3 convs, with a 3x3 depthwise conv in the mixer, as the
+    grid is small), Vim through a 16 x 16 patch convolution, with its
+    middle class token.
+
+    Args:
+        model (str): 'plainmamba' or 'vim'.
+        embed_dims (int): Token channels.
+        depth (int): Layers.
+        image_size (int): Input side.
+
+    Returns:
+        dict: The config (``type`` and arguments) of the backbone.
+    """
+    if model == 'plainmamba':
+        arch = dict(
+            embed_dims=embed_dims,
+            num_layers=depth,
+            num_convs=0,
+            dw_layers=[],
+            d_state=8,
+            expand=2,
+            conv_size=3,
+        )
+        return dict(type='PlainMamba', arch=arch, img_size=image_size)
+    if model == 'vim':
+        arch = dict(
+            embed_dims=embed_dims,
+            num_layers=depth,
+            patch_size=16,
+            stride=16,
+            d_state=8,
+            expand=2,
+            d_conv=4,
+            cls_token='middle',
+        )
+        return dict(type='Vim', arch=arch, img_size=image_size)
+    raise ValueError(f'model must be one of {MODELS}, got {model!r}')
+
+
+def schedule(depth: int, keep: float) -> dict:
+    """Two pruning steps, after about 1/3 and 2/3 of the layers.
+
+    Args:
+        depth (int): Layers (>= 3).
+        keep (float): Fraction of the tokens kept after the last step.
+
+    Returns:
+        dict: ``layers`` (1-based) and ``keep_ratios`` of a ``prune_cfg``.
+    """
+    layers = (max(1, round(depth / 3)), max(2, round(2 * depth / 3)))
+    if not layers[0] < layers[1] <= depth - 1:
+        raise ValueError(f'depth must be >= 3 to prune twice, got {depth}')
+    ratio = round(keep ** (1 / len(layers)), 6)
+    return dict(layers=layers, keep_ratios=(ratio,) * len(layers))
+
+
+def tokens_kept(model: SSMClassifier, images: Tensor) -> Tuple[int, int]:
+    """Patch tokens kept after the last pruning step, and all of them.
+
+    Args:
+        model (SSMClassifier): A classifier whose backbone prunes.
+        images (Tensor): A batch to take the grid size from.
+
+    Returns:
+        tuple[int, int]: (kept, total); Vim's class token is not counted.
+    """
+    backbone = model.backbone
+    with torch.no_grad():
+        state = backbone.init_tokens(normalise(images[:1]))
+    total = state.tokens.shape[1]
+    has_cls = state.cls_index is not None
+    kept = total - int(has_cls)
+    pruner = backbone.pruner
+    for step in range(len(pruner.layers)):
+        kept = pruner.num_keep(step, kept)
+    return kept, total - int(has_cls)
+
+
+def normalise(images: Tensor) -> Tensor:
+    """uint8 (B, 3, H, W) -> float32, about zero mean and unit std."""
+    return (images.float() - MEAN) / STD
+
+
+def train(
+    model: SSMClassifier,
+    images: Tensor,
+    labels: Tensor,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    log_every: int = 0,
+) -> List[float]:
+    """Train a classifier with AdamW, linear warm-up and cosine decay.
+
+    Augmentation: a random horizontal flip (every class is symmetric
+    under it up to rotation, which the set already varies).
+
+    Args:
+        model (SSMClassifier): The classifier, trained in place.
+        images (Tensor): uint8 (N, 3, H, W).
+        labels (Tensor): int64 (N, ).
+        epochs (int): Passes over the set.
+        batch_size (int): Images per step (the last partial batch of an
+            epoch is dropped unless it is the only one).
+        lr (float): Peak learning rate.
+        seed (int): Seed of the shuffling and the flips.
+        log_every (int): Print the loss every this many steps (0: never).
+            Defaults to 0.
+
+    Returns:
+        list[float]: The mean training loss of each epoch.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    num = images.shape[0]
+    steps_per_epoch = max(1, num // batch_size)
+    total = epochs * steps_per_epoch
+    warmup = max(1, min(total // 10, 2 * steps_per_epoch))
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if (
+            param.ndim <= 1
+            or getattr(param, '_no_weight_decay', False)
+            or name.endswith('pos_embed')
+            or name.endswith('cls_token')
+        ):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    optimizer = torch.optim.AdamW(
+        [
+            dict(params=decay, weight_decay=0.05),
+            dict(params=no_decay, weight_decay=0.0),
+        ],
+        lr=lr,
+        betas=(0.9, 0.999),
+    )
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        t = (step - warmup) / max(1, total - warmup)
+        return lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t)))
+
+    model.train()
+    losses = []
+    step = 0
+    for epoch in range(epochs):
+        order = torch.randperm(num, generator=gen)
+        running, count = 0.0, 0
+        for b in range(steps_per_epoch):
+            idx = order[b * batch_size : (b + 1) * batch_size]
+            x = normalise(images[idx])
+            flip = torch.rand(len(idx), generator=gen) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            for group in optimizer.param_groups:
+                group['lr'] = lr_at(step)
+            loss = F.cross_entropy(model(x), labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            running += float(loss.detach()) * len(idx)
+            count += len(idx)
+            step += 1
+            if log_every and step % log_every == 0:
+                print(
+                    f'  epoch {epoch + 1} step {step}/{total} '
+                    f'loss {float(loss.detach()):.3f}',
+                    flush=True,
+                )
+        losses.append(running / max(count, 1))
+    return losses
+
+
+@torch.no_grad()
+def evaluate(
+    model: SSMClassifier, images: Tensor, labels: Tensor, batch_size: int
+) -> float:
+    """Top-1 accuracy (%) of a classifier in eval mode."""
+    model.eval()
+    correct = 0
+    for b in range(0, images.shape[0], batch_size):
+        logits = model(normalise(images[b : b + batch_size]))
+        correct += int((logits.argmax(1) == labels[b : b + batch_size]).sum())
+    return 100.0 * correct / max(images.shape[0], 1)
+
+
+def run_model(
+    model_name: str,
+    args: argparse.Namespace,
+    data: Dict[str, Tuple[Tensor, Tensor]],
+) -> dict:
+    """Train one dense model and evaluate its zero-shot pruned variants.
+
+    Returns:
+        dict: ``train_time_s``, ``train_losses``, ``dense`` (top-1 %) and
+        ``pruned``: one entry per (keep, metric) with the top-1 of each
+        pruned variant and the tokens kept.
+    """
+    torch.manual_seed(args.seed)
+    cfg = backbone_cfg(
+        model_name, args.embed_dims, args.depth, args.image_size
+    )
+    num_classes = len(CLS_CLASSES)
+    dense = SSMClassifier(backbone=cfg, num_classes=num_classes)
+    params = sum(p.numel() for p in dense.parameters())
+    print(
+        f'{model_name}: {params / 1e3:.0f}k parameters, '
+        f'training {args.epochs} epochs on {len(data["train"][1])} images',
+        flush=True,
+    )
+    start = time.perf_counter()
+    losses = train(
+        dense,
+        *data['train'],
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        log_every=args.log_every,
+    )
+    train_time = time.perf_counter() - start
+    state_dict = dense.state_dict()
+    test_images, test_labels = data['test']
+    start = time.perf_counter()
+    dense_top1 = evaluate(dense, test_images, test_labels, args.batch_size)
+    result = dict(
+        params=params,
+        train_time_s=round(train_time, 1),
+        train_losses=[round(v, 4) for v in losses],
+        dense=dense_top1,
+        pruned=[],
+    )
+    print(
+        f'  trained in {train_time:.0f} s (final loss {losses[-1]:.3f}); '
+        f'dense top-1 {dense_top1:.1f}',
+        flush=True,
+    )
+    for keep in args.keep:
+        sched = schedule(args.depth, keep)
+        for metric in args.metrics:
+            entry = dict(keep=keep, metric=metric, **sched)
+            for name, extra in VARIANTS.items():
+                if extra is None:
+                    continue
+                prune_cfg = dict(sched, metric=metric, **extra)
+                model = SSMClassifier(
+                    backbone=dict(cfg, prune_cfg=prune_cfg),
+                    num_classes=num_classes,
+                )
+                model.load_state_dict(state_dict, strict=True)
+                entry[name] = evaluate(
+                    model, test_images, test_labels, args.batch_size
+                )
+                kept, total = tokens_kept(model, test_images)
+            entry.update(tokens_kept=kept, tokens=total)
+            result['pruned'].append(entry)
+    result['eval_time_s'] = round(time.perf_counter() - start, 1)
+    return result
+
+
+def table(results: Dict[str, dict]) -> str:
+    """The markdown table of the results."""
+    lines = [
+        "| model | metric | dense top-1 | naive | aligned 'prev' "
+        "| aligned 'null' | tokens kept |",
+        '|---|---|---|---|---|---|---|',
+    ]
+    for model_name, res in results.items():
+        for e in res['pruned']:
+            lines.append(
+                f'| {model_name} | {e["metric"]} | {res["dense"]:.1f} '
+                f'| {e["naive"]:.1f} | {e["prev"]:.1f} | {e["null"]:.1f} '
+                f'| {e["tokens_kept"]}/{e["tokens"]} '
+                f'({100 * e["tokens_kept"] / e["tokens"]:.0f}%) |'
+            )
+    return '\n'.join(lines)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        '--models',
+        nargs='+',
+        choices=MODELS,
+        default=list(MODELS),
+        help='models to train. Defaults to both.',
+    )
+    parser.add_argument(
+        '--epochs', type=int, default=8, help='training epochs (8)'
+    )
+    parser.add_argument('--seed', type=int, default=0, help='seed (0)')
+    parser.add_argument(
+        '--keep',
+        type=float,
+        nargs='+',
+        default=[0.6],
+        help='fraction of the tokens kept after the last of the two '
+        'pruning steps; several values are evaluated on the same '
+        'trained model (0.6)',
+    )
+    parser.add_argument(
+        '--metrics',
+        nargs='+',
+        choices=METRICS,
+        default=['clip'],
+        help="importance scores to evaluate ('clip', the paper's)",
+    )
+    parser.add_argument(
+        '--num-train', type=int, default=3000, help='training images (3000)'
+    )
+    parser.add_argument(
+        '--num-test', type=int, default=1200, help='test images (1200)'
+    )
+    parser.add_argument(
+        '--image-size',
+        type=int,
+        default=128,
+        help='image side; the models see (side / 16)^2 tokens (128)',
+    )
+    parser.add_argument(
+        '--embed-dims', type=int, default=64, help='token channels (64)'
+    )
+    parser.add_argument('--depth', type=int, default=6, help='layers (6)')
+    parser.add_argument(
+        '--batch-size', type=int, default=64, help='batch size (64)'
+    )
+    parser.add_argument(
+        '--lr', type=float, default=3e-3, help='peak learning rate (3e-3)'
+    )
+    parser.add_argument(
+        '--threads', type=int, default=2, help='torch threads (2)'
+    )
+    parser.add_argument(
+        '--log-every',
+        type=int,
+        default=0,
+        help='print the loss every this many steps (0: never)',
+    )
+    parser.add_argument('--out', help='write the results to this JSON file')
+    args = parser.parse_args(argv)
+    for name in ('epochs', 'num_train', 'num_test', 'batch_size', 'threads'):
+        if getattr(args, name) < 1:
+            parser.error(f'--{name.replace("_", "-")} must be >= 1')
+    if args.depth < 3:
+        parser.error('--depth must be >= 3 (two pruning steps)')
+    if args.image_size < 32:
+        parser.error('--image-size must be >= 32')
+    for keep in args.keep:
+        if not 0 < keep <= 1:
+            parser.error(f'--keep must be in (0, 1], got {keep}')
+    if args.seed < 0:
+        parser.error('--seed must be >= 0')
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    start = time.perf_counter()
+    data = {
+        'train': make_synthetic_cls(
+            args.num_train, args.image_size, args.seed, 'train'
+        ),
+        'test': make_synthetic_cls(
+            args.num_test, args.image_size, args.seed, 'test'
+        ),
+    }
+    data_time = time.perf_counter() - start
+    print(
+        f'synthetic set: {args.num_train} + {args.num_test} images of '
+        f'{args.image_size}x{args.image_size}, {len(CLS_CLASSES)} classes, '
+        f'made in {data_time:.0f} s',
+        flush=True,
+    )
+    results = {m: run_model(m, args, data) for m in args.models}
+    total_time = time.perf_counter() - start
+    print()
+    print(table(results))
+    print()
+    for model_name, res in results.items():
+        print(
+            f'{model_name}: trained in {res["train_time_s"]:.0f} s, '
+            f'evaluated in {res["eval_time_s"]:.0f} s'
+        )
+    print(
+        f'total {total_time:.0f} s ({args.threads} threads; chance '
+        f'{100 / len(CLS_CLASSES):.1f}%)'
+    )
+    report = dict(
+        settings=vars(args),
+        classes=list(CLS_CLASSES),
+        data_time_s=round(data_time, 1),
+        total_time_s=round(total_time, 1),
+        torch=torch.__version__,
+        python=platform.python_version(),
+        results=results,
+    )
+    if args.out:
+        out_dir = osp.dirname(osp.abspath(args.out))
+        os.makedirs(out_dir, exist_ok=True)
+        with open(args.out, 'w') as f:
+            json.dump(report, f, indent=2)
+        print(f'wrote {args.out}')
+    return report
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
