@@ -52,7 +52,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmssm.datasets.synthetic_cls import CLS_CLASSES, make_synthetic_cls
+from mmssm.datasets.synthetic_cls import (
+    CLS_CLASSES,
+    GENERATOR_VERSION,
+    make_synthetic_cls,
+)
 from mmssm.models.classifiers import SSMClassifier
 from mmssm.models.layers import METRICS
 
@@ -101,7 +105,7 @@ def backbone_cfg(
             expand=2,
             conv_size=3,
         )
-        return dict(type='PlainMamba', arch=arch, img_size=image_size)
+        return dict(type='mmssm.PlainMamba', arch=arch, img_size=image_size)
     if model == 'vim':
         arch = dict(
             embed_dims=embed_dims,
@@ -113,7 +117,7 @@ def backbone_cfg(
             d_conv=4,
             cls_token='middle',
         )
-        return dict(type='Vim', arch=arch, img_size=image_size)
+        return dict(type='mmssm.Vim', arch=arch, img_size=image_size)
     raise ValueError(f'model must be one of {MODELS}, got {model!r}')
 
 
@@ -266,6 +270,37 @@ def evaluate(
     return 100.0 * correct / max(images.shape[0], 1)
 
 
+def train_settings(model_name: str, args: argparse.Namespace) -> dict:
+    """Everything that the trained dense weights depend on."""
+    keys = (
+        'seed',
+        'epochs',
+        'num_train',
+        'image_size',
+        'embed_dims',
+        'depth',
+        'batch_size',
+        'lr',
+        'threads',
+    )
+    return dict(
+        model=model_name,
+        generator_version=GENERATOR_VERSION,
+        **{k: getattr(args, k) for k in keys},
+    )
+
+
+def load_trained(path: str, settings: dict) -> Optional[dict]:
+    """A saved trained model, if ``path`` holds one of these settings."""
+    if not osp.isfile(path):
+        return None
+    saved = torch.load(path, map_location='cpu', weights_only=True)
+    if saved.get('settings') != settings:
+        print(f'{path} was trained with other settings: training again')
+        return None
+    return saved
+
+
 def run_model(
     model_name: str,
     args: argparse.Namespace,
@@ -285,28 +320,54 @@ def run_model(
     num_classes = len(CLS_CLASSES)
     dense = SSMClassifier(backbone=cfg, num_classes=num_classes)
     params = sum(p.numel() for p in dense.parameters())
-    print(
-        f'{model_name}: {params / 1e3:.0f}k parameters, '
-        f'training {args.epochs} epochs on {len(data["train"][1])} images',
-        flush=True,
-    )
-    start = time.perf_counter()
-    losses = train(
-        dense,
-        *data['train'],
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        log_every=args.log_every,
-    )
-    train_time = time.perf_counter() - start
+    key = train_settings(model_name, args)
+    ckpt = None
+    if args.work_dir:
+        ckpt = osp.join(args.work_dir, f'{model_name}_dense.pth')
+    saved = load_trained(ckpt, key) if ckpt else None
+    if saved is not None:
+        dense.load_state_dict(saved['state_dict'], strict=True)
+        losses, train_time = saved['train_losses'], saved['train_time_s']
+        print(
+            f'{model_name}: {params / 1e3:.0f}k parameters, loaded the '
+            f'trained model from {ckpt} (trained in {train_time:.0f} s)',
+            flush=True,
+        )
+    else:
+        print(
+            f'{model_name}: {params / 1e3:.0f}k parameters, training '
+            f'{args.epochs} epochs on {len(data["train"][1])} images',
+            flush=True,
+        )
+        start = time.perf_counter()
+        losses = train(
+            dense,
+            *data['train'],
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            log_every=args.log_every,
+        )
+        train_time = time.perf_counter() - start
+        if ckpt:
+            os.makedirs(args.work_dir, exist_ok=True)
+            torch.save(
+                dict(
+                    settings=key,
+                    state_dict=dense.state_dict(),
+                    train_losses=losses,
+                    train_time_s=train_time,
+                ),
+                ckpt,
+            )
     state_dict = dense.state_dict()
     test_images, test_labels = data['test']
     start = time.perf_counter()
     dense_top1 = evaluate(dense, test_images, test_labels, args.batch_size)
     result = dict(
         params=params,
+        loaded=saved is not None,
         train_time_s=round(train_time, 1),
         train_losses=[round(v, 4) for v in losses],
         dense=dense_top1,
@@ -417,6 +478,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         type=int,
         default=0,
         help='print the loss every this many steps (0: never)',
+    )
+    parser.add_argument(
+        '--work-dir',
+        help='save each trained dense model here (<model>_dense.pth) and '
+        'reuse it, instead of training again, when the training settings '
+        'are the same (to evaluate other --keep or --metrics)',
     )
     parser.add_argument('--out', help='write the results to this JSON file')
     args = parser.parse_args(argv)
