@@ -130,7 +130,9 @@ def _background(rng, h: int, w: int, ys: Tensor, xs: Tensor) -> Tensor:
     return image + torch.from_numpy(noise).float()
 
 
-def draw_image(rng, label: int, h: int, w: int) -> Tensor:
+def draw_image(
+    rng, label: int, h: int, w: int, return_mask: bool = False
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """One image of class ``label``.
 
     Args:
@@ -138,9 +140,13 @@ def draw_image(rng, label: int, h: int, w: int) -> Tensor:
         label (int): Class index into :data:`CLS_CLASSES`.
         h (int): Height.
         w (int): Width.
+        return_mask (bool): Also return the object's mask. Defaults to
+            False.
 
     Returns:
-        Tensor: (3, h, w) uint8 RGB.
+        Tensor | tuple[Tensor, Tensor]: (3, h, w) uint8 RGB, and the
+        (h, w) uint8 object coverage of each pixel (0 .. 255, its
+        anti-aliased alpha) if ``return_mask``.
     """
     ys = torch.arange(h, dtype=torch.float32)[:, None] + 0.5
     xs = torch.arange(w, dtype=torch.float32)[None, :] + 0.5
@@ -164,7 +170,10 @@ def draw_image(rng, label: int, h: int, w: int) -> Tensor:
     shade = torch.from_numpy(rng.normal(0, OBJECT_NOISE, size=(3, h, w)))
     fill = colour[:, None, None] + shade.float()
     image = image + alpha * (fill - image)
-    return image.round().clamp(0, 255).to(torch.uint8)
+    image = image.round().clamp(0, 255).to(torch.uint8)
+    if return_mask:
+        return image, (alpha * 255).round().to(torch.uint8)
+    return image
 
 
 def make_synthetic_cls(
@@ -172,7 +181,8 @@ def make_synthetic_cls(
     image_size: Union[int, Tuple[int, int]] = 128,
     seed: int = 0,
     split: str = 'train',
-) -> Tuple[Tensor, Tensor]:
+    return_masks: bool = False,
+) -> Tuple[Tensor, ...]:
     """Make a split of the synthetic classification set, in memory.
 
     Args:
@@ -182,10 +192,14 @@ def make_synthetic_cls(
         seed (int): Seed of the set (>= 0). Defaults to 0.
         split (str): 'train' or 'test': the two splits of one seed are
             drawn from different random states. Defaults to 'train'.
+        return_masks (bool): Also return the objects' masks (the images
+            are the same either way). Defaults to False.
 
     Returns:
-        tuple[Tensor, Tensor]: Images (num_images, 3, h, w) uint8 RGB and
-        labels (num_images, ) int64, ``labels[i] = i % len(CLS_CLASSES)``.
+        tuple[Tensor, ...]: Images (num_images, 3, h, w) uint8 RGB and
+        labels (num_images, ) int64, ``labels[i] = i % len(CLS_CLASSES)``;
+        with ``return_masks``, also the object coverage of each pixel
+        (num_images, h, w) uint8 (0 .. 255).
     """
     import numpy as np
 
@@ -209,6 +223,9 @@ def make_synthetic_cls(
     h, w = size
     images = torch.empty(int(num_images), 3, h, w, dtype=torch.uint8)
     labels = torch.arange(int(num_images)) % len(CLS_CLASSES)
+    masks = None
+    if return_masks:
+        masks = torch.empty(int(num_images), h, w, dtype=torch.uint8)
     # The ops are small: one thread is several times faster than many on a
     # busy machine (and the result does not depend on it).
     threads = torch.get_num_threads()
@@ -216,7 +233,13 @@ def make_synthetic_cls(
     try:
         for i in range(int(num_images)):
             rng = np.random.RandomState((int(seed), SPLITS[split], i))
-            images[i] = draw_image(rng, int(labels[i]), h, w)
+            images[i], mask = draw_image(
+                rng, int(labels[i]), h, w, return_mask=True
+            )
+            if masks is not None:
+                masks[i] = mask
     finally:
         torch.set_num_threads(threads)
+    if return_masks:
+        return images, labels, masks
     return images, labels

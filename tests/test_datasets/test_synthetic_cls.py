@@ -42,6 +42,20 @@ def test_seeds_and_splits_differ():
     assert not torch.equal(base, test)
 
 
+def test_masks():
+    images, labels = make_synthetic_cls(4, 48, seed=5)
+    images2, labels2, masks = make_synthetic_cls(
+        4, 48, seed=5, return_masks=True
+    )
+    assert torch.equal(images, images2) and torch.equal(labels, labels2)
+    assert masks.shape == (4, 48, 48) and masks.dtype == torch.uint8
+    # the object is where the mask is, and darker than the rest
+    brightness = images.float().mean(1)
+    inside, outside = masks == 255, masks == 0
+    assert inside.sum() > 0 and outside.sum() > inside.sum()
+    assert brightness[inside].mean() + 60 < brightness[outside].mean()
+
+
 def test_empty():
     images, labels = make_synthetic_cls(0, 32)
     assert images.shape == (0, 3, 32, 32) and labels.shape == (0,)

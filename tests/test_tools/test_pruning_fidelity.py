@@ -55,6 +55,45 @@ def test_tokens_kept(tool, model):
     assert tool.tokens_kept(pruned, images) == (37, 64)
 
 
+def test_patch_coverage(tool):
+    masks = torch.zeros(1, 40, 40, dtype=torch.uint8)
+    masks[0, :16, :16] = 255  # the first patch, whole
+    masks[0, 16:24, 32:40] = 255  # half of the last patch of row 1
+    cov = tool.patch_coverage(masks, (3, 3))  # padded to 48 x 48
+    expected = torch.zeros(1, 9)
+    expected[0, 0] = 1.0
+    expected[0, 5] = 0.5 * 0.5  # 8 x 8 of 16 x 16
+    assert torch.allclose(cov, expected)
+
+
+@pytest.mark.parametrize('model', ['plainmamba', 'vim'])
+def test_evaluate(tool, model):
+    """The evaluation path gives the classifier's logits, and the oracle
+    reference keeps the covered patches."""
+    cfg = tool.backbone_cfg(model, 16, 3, 64)  # 4 x 4 grid
+    sched = tool.schedule(3, 0.25)  # 16 -> 8 -> 4 tokens
+    clf = tool.SSMClassifier(
+        backbone=dict(cfg, prune_cfg=dict(sched, align=True)), num_classes=6
+    )
+    images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        labels = clf.eval()(tool.normalise(images)).argmax(1)
+    coverage = torch.zeros(3, 16)
+    coverage[:, [1, 6, 9, 14]] = 1.0  # 4 object patches per image
+    top1, kept = tool.evaluate(clf, images, labels, coverage, 2)
+    assert top1 == 100.0 and 0 <= kept <= 100
+    pruner = clf.backbone.pruner
+    _, kept = tool.evaluate(
+        clf, images, labels, coverage, 2, reference='oracle'
+    )
+    assert kept == 100.0
+    assert clf.backbone.pruner is pruner  # restored
+    _, kept = tool.evaluate(
+        clf, images, labels, coverage, 2, reference='random'
+    )
+    assert kept < 100.0
+
+
 def test_bad_arguments(tool):
     for argv in (['--depth', '2'], ['--keep', '0'], ['--epochs', '0']):
         with pytest.raises(SystemExit):
@@ -67,7 +106,7 @@ def test_tiny_run(tools, tmp_path):
     tools.check_ok(result)
     header = (
         "| model | metric | dense top-1 | naive | aligned 'prev' "
-        "| aligned 'null' | tokens kept |"
+        "| aligned 'null' | tokens kept | object tokens kept"
     )
     assert header in result.stdout
     assert '| plainmamba | clip |' in result.stdout
@@ -85,3 +124,4 @@ def test_tiny_run(tools, tmp_path):
         assert (entry['tokens_kept'], entry['tokens']) == (9, 16)
         for name in ('naive', 'prev', 'null'):
             assert 0 <= entry[name] <= 100
+            assert 0 <= entry[f'{name}_object_kept'] <= 100

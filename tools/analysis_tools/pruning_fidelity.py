@@ -9,7 +9,7 @@ original positions (the pruning-aware hidden-state alignment).
 For each model (a small PlainMamba and a small Vim) the tool
 
 1. makes the synthetic classification set of
-   :mod:`mmssm.datasets.synthetic_cls` (one of six shapes on textured
+   :mod:`mmssm.datasets.synthetic_cls` (one of six glyphs on textured
    clutter; a train and a test split of a fixed seed, in memory);
 2. trains the dense classifier (``mmssm.SSMClassifier``) from scratch with
    AdamW and a cosine schedule;
@@ -23,13 +23,21 @@ For each model (a small PlainMamba and a small Vim) the tool
 the two steps keeps ``keep ** (1 / 2)`` of the tokens entering it (0.6:
 0.775 per step, 64 -> 49 -> 37 tokens of an 8 x 8 grid), and the table
 shows the tokens that are actually kept (floor at each step; Vim's class
-token is never pruned and not counted). Several values (and several
-importance metrics, ``--metrics``) are evaluated on the one trained model.
+token is never pruned and not counted). Several values and several
+importance metrics (``--metrics``) are evaluated on the one trained model.
+Besides the SSM scores ('clip', the paper's, 'l1', 'l2', 'raw'), two
+reference selections separate *which* tokens are kept from *how* the scan
+runs on them: 'oracle' ranks the patches by how much of them the object
+covers, 'random' at random. The last column is the share of the object's
+patches (covered for at least a quarter) still kept after the last step.
 
 It prints one markdown table (model | metric | dense | naive | 'prev' |
-'null' | tokens kept) and the training times, and writes everything to
-``--out`` as JSON. Seeds are fixed and the run is deterministic as far as
-torch allows (``torch.use_deterministic_algorithms(warn_only=True)``).
+'null' | tokens kept | object tokens kept) and the training times, and
+writes everything to ``--out`` as JSON. ``--work-dir`` keeps the trained
+dense models, so that other ``--keep`` and ``--metrics`` are evaluated
+without training again. Seeds are fixed and the run is deterministic as
+far as torch allows (``torch.use_deterministic_algorithms(warn_only=True)``;
+the thread count changes the rounding, so it is part of the settings).
 
 Example (about 10 minutes on a quiet 2-core machine)::
 
@@ -58,7 +66,7 @@ from mmssm.datasets.synthetic_cls import (
     make_synthetic_cls,
 )
 from mmssm.models.classifiers import SSMClassifier
-from mmssm.models.layers import METRICS
+from mmssm.models.layers import METRICS, TokenPruner, TokenState
 
 MODELS = ('plainmamba', 'vim')
 
@@ -70,6 +78,17 @@ VARIANTS = {
     'prev': dict(align=True, gap_mode='prev'),
     'null': dict(align=True, gap_mode='null'),
 }
+
+#: Reference selections, ranked by other scores than the SSM output's:
+#: 'oracle' keeps the patches that the object covers most, 'random' keeps
+#: a random subset (same schedule, same variants).
+REFERENCES = ('oracle', 'random')
+
+#: A patch is an object token if the object covers this much of it.
+OBJECT_COVERAGE = 0.25
+
+# Patch size of both models (PlainMamba's stem has stride 16).
+PATCH = 16
 
 # Per-channel normalisation of the uint8 images.
 MEAN, STD = 127.5, 64.0
@@ -257,17 +276,156 @@ def train(
     return losses
 
 
+class ReferencePruner(TokenPruner):
+    """A pruner that ranks the tokens by given scores, for reference.
+
+    The schedule, ``align``, ``gap_mode`` and the class token are those of
+    ``base``; only the ranking differs: :attr:`scores` (B, L), one score per
+    token of the full sequence (Vim's class token included: it is never
+    pruned), set before each forward.
+
+    Args:
+        base (TokenPruner): The pruner to copy.
+    """
+
+    def __init__(self, base: TokenPruner) -> None:
+        super().__init__(
+            layers=base.layers,
+            keep_ratios=base.keep_ratios,
+            num_layers=base.num_layers,
+            metric='clip',
+            align=base.align,
+            gap_mode=base.gap_mode,
+        )
+        self.scores: Optional[Tensor] = None
+
+    def prune(
+        self, state: TokenState, ssm_out: Tensor, step: int
+    ) -> TokenState:
+        scores = self.scores
+        if state.index is not None:
+            scores = scores.gather(1, state.index)
+        # the 'clip' score of a non-negative (B, K, 1) tensor is the tensor
+        fake = scores.clamp(min=0)[..., None].to(ssm_out.dtype)
+        return super().prune(state, fake, step)
+
+
+def patch_coverage(masks: Tensor, grid: Tuple[int, int]) -> Tensor:
+    """The fraction of each 16 x 16 patch that the object covers.
+
+    Args:
+        masks (Tensor): (N, H, W) uint8 object coverage (0 .. 255).
+        grid (tuple[int, int]): The models' patch grid (h, w); the masks
+            are zero-padded at the bottom and right to it, as the models
+            pad the images.
+
+    Returns:
+        Tensor: (N, h * w) in [0, 1], patches in raster order.
+    """
+    m = masks.float()[:, None] / 255
+    pad_h = grid[0] * PATCH - m.shape[-2]
+    pad_w = grid[1] * PATCH - m.shape[-1]
+    m = F.pad(m, (0, max(pad_w, 0), 0, max(pad_h, 0)))
+    m = m[..., : grid[0] * PATCH, : grid[1] * PATCH]
+    return F.avg_pool2d(m, PATCH).flatten(1)
+
+
+def reference_scores(
+    kind: str,
+    coverage: Tensor,
+    cls_index: Optional[int],
+    generator: torch.Generator,
+) -> Tensor:
+    """Scores of the reference selections for a batch.
+
+    Args:
+        kind (str): 'oracle': the object's coverage of each patch (ties,
+            e.g. among background patches, broken at random); 'random':
+            uniform.
+        coverage (Tensor): (B, M) from :func:`patch_coverage`.
+        cls_index (int, optional): Where a class token sits in the full
+            sequence (it gets a score of 0; it is never pruned).
+        generator (torch.Generator): For the random part.
+
+    Returns:
+        Tensor: (B, L) scores of the full sequence.
+    """
+    noise = torch.rand(coverage.shape, generator=generator)
+    scores = coverage + 1e-3 * noise if kind == 'oracle' else noise
+    if cls_index is not None:
+        zero = scores.new_zeros(scores.shape[0], 1)
+        scores = torch.cat(
+            [scores[:, :cls_index], zero, scores[:, cls_index:]], 1
+        )
+    return scores
+
+
 @torch.no_grad()
 def evaluate(
-    model: SSMClassifier, images: Tensor, labels: Tensor, batch_size: int
-) -> float:
-    """Top-1 accuracy (%) of a classifier in eval mode."""
+    model: SSMClassifier,
+    images: Tensor,
+    labels: Tensor,
+    coverage: Tensor,
+    batch_size: int,
+    reference: Optional[str] = None,
+    seed: int = 0,
+) -> Tuple[float, float]:
+    """Top-1 accuracy and the object tokens kept, in eval mode.
+
+    The backbone's layers run as in its ``forward`` (its last output is
+    classified), keeping the final token state to see which patches were
+    kept.
+
+    Args:
+        model (SSMClassifier): A classifier (its backbone may prune).
+        images (Tensor): uint8 (N, 3, H, W).
+        labels (Tensor): (N, ).
+        coverage (Tensor): (N, M) object coverage of each patch, see
+            :func:`patch_coverage`.
+        batch_size (int): Images per forward.
+        reference (str, optional): Rank the tokens by a reference
+            selection of :data:`REFERENCES` instead of the backbone's
+            pruner metric (the backbone must prune). Defaults to None.
+        seed (int): Seed of the reference's random part. Defaults to 0.
+
+    Returns:
+        tuple[float, float]: Top-1 (%) and the object tokens kept: the
+        patches covered by the object for at least
+        :data:`OBJECT_COVERAGE` that are still computed after the last
+        pruning step (% of them, averaged over the images).
+    """
     model.eval()
-    correct = 0
-    for b in range(0, images.shape[0], batch_size):
-        logits = model(normalise(images[b : b + batch_size]))
-        correct += int((logits.argmax(1) == labels[b : b + batch_size]).sum())
-    return 100.0 * correct / max(images.shape[0], 1)
+    backbone = model.backbone
+    pruner = backbone.pruner
+    if reference is not None:
+        backbone.pruner = ReferencePruner(pruner)
+    generator = torch.Generator().manual_seed(seed)
+    last = backbone.num_layers - 1
+    correct, recall = 0, 0.0
+    try:
+        for b in range(0, images.shape[0], batch_size):
+            cov = coverage[b : b + batch_size]
+            state = backbone.init_tokens(normalise(images[b : b + batch_size]))
+            if reference is not None:
+                backbone.pruner.scores = reference_scores(
+                    reference, cov, state.cls_index, generator
+                )
+            state = backbone.run_layers(state, 0, backbone.num_layers)
+            logits = model.head(backbone.output(state, last))
+            correct += int(
+                (logits.argmax(1) == labels[b : b + batch_size]).sum()
+            )
+            kept = state.kept_mask()
+            if state.cls_index is not None:
+                i = state.cls_index
+                kept = torch.cat([kept[:, :i], kept[:, i + 1 :]], 1)
+            obj = cov >= OBJECT_COVERAGE
+            hits = (kept & obj).sum(1) / obj.sum(1).clamp(min=1)
+            recall += float(hits.sum())
+    finally:
+        backbone.pruner = pruner
+    num = max(images.shape[0], 1)
+    return 100.0 * correct / num, 100.0 * recall / num
 
 
 def train_settings(model_name: str, args: argparse.Namespace) -> dict:
@@ -295,7 +453,17 @@ def load_trained(path: str, settings: dict) -> Optional[dict]:
     if not osp.isfile(path):
         return None
     saved = torch.load(path, map_location='cpu', weights_only=True)
-    if saved.get('settings') != settings:
+    keys = (
+        'settings',
+        'state_dict',
+        'train_losses',
+        'train_time_s',
+        'train_cpu_s',
+    )
+    if any(k not in saved for k in keys):
+        print(f'{path} is incomplete: training again')
+        return None
+    if saved['settings'] != settings:
         print(f'{path} was trained with other settings: training again')
         return None
     return saved
@@ -328,6 +496,7 @@ def run_model(
     if saved is not None:
         dense.load_state_dict(saved['state_dict'], strict=True)
         losses, train_time = saved['train_losses'], saved['train_time_s']
+        train_cpu = saved['train_cpu_s']
         print(
             f'{model_name}: {params / 1e3:.0f}k parameters, loaded the '
             f'trained model from {ckpt} (trained in {train_time:.0f} s)',
@@ -339,7 +508,7 @@ def run_model(
             f'{args.epochs} epochs on {len(data["train"][1])} images',
             flush=True,
         )
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         losses = train(
             dense,
             *data['train'],
@@ -350,6 +519,7 @@ def run_model(
             log_every=args.log_every,
         )
         train_time = time.perf_counter() - start
+        train_cpu = time.process_time() - start_cpu
         if ckpt:
             os.makedirs(args.work_dir, exist_ok=True)
             torch.save(
@@ -358,42 +528,56 @@ def run_model(
                     state_dict=dense.state_dict(),
                     train_losses=losses,
                     train_time_s=train_time,
+                    train_cpu_s=train_cpu,
                 ),
                 ckpt,
             )
     state_dict = dense.state_dict()
-    test_images, test_labels = data['test']
+    test_images, test_labels, test_masks = data['test']
+    with torch.no_grad():
+        grid = dense.backbone.init_tokens(normalise(test_images[:1])).hw
+    coverage = patch_coverage(test_masks, grid)
+    test = (test_images, test_labels, coverage, args.batch_size)
     start = time.perf_counter()
-    dense_top1 = evaluate(dense, test_images, test_labels, args.batch_size)
+    dense_top1, _ = evaluate(dense, *test)
     result = dict(
         params=params,
         loaded=saved is not None,
         train_time_s=round(train_time, 1),
+        train_cpu_s=round(train_cpu, 1),
         train_losses=[round(v, 4) for v in losses],
         dense=dense_top1,
         pruned=[],
     )
+    trained = ''
+    if saved is None:
+        trained = f'trained in {train_time:.0f} s, {train_cpu:.0f} s CPU '
     print(
-        f'  trained in {train_time:.0f} s (final loss {losses[-1]:.3f}); '
-        f'dense top-1 {dense_top1:.1f}',
+        f'  {trained}(final loss {losses[-1]:.3f}); dense top-1 '
+        f'{dense_top1:.1f}',
         flush=True,
     )
     for keep in args.keep:
         sched = schedule(args.depth, keep)
         for metric in args.metrics:
             entry = dict(keep=keep, metric=metric, **sched)
+            reference = metric if metric in REFERENCES else None
             for name, extra in VARIANTS.items():
                 if extra is None:
                     continue
-                prune_cfg = dict(sched, metric=metric, **extra)
+                prune_cfg = dict(
+                    sched, metric='clip' if reference else metric, **extra
+                )
                 model = SSMClassifier(
                     backbone=dict(cfg, prune_cfg=prune_cfg),
                     num_classes=num_classes,
                 )
                 model.load_state_dict(state_dict, strict=True)
-                entry[name] = evaluate(
-                    model, test_images, test_labels, args.batch_size
+                top1, recall = evaluate(
+                    model, *test, reference=reference, seed=args.seed
                 )
+                entry[name] = top1
+                entry[f'{name}_object_kept'] = recall
                 kept, total = tokens_kept(model, test_images)
             entry.update(tokens_kept=kept, tokens=total)
             result['pruned'].append(entry)
@@ -405,8 +589,9 @@ def table(results: Dict[str, dict]) -> str:
     """The markdown table of the results."""
     lines = [
         "| model | metric | dense top-1 | naive | aligned 'prev' "
-        "| aligned 'null' | tokens kept |",
-        '|---|---|---|---|---|---|---|',
+        "| aligned 'null' | tokens kept | object tokens kept "
+        "(naive / 'prev' / 'null') |",
+        '|---|---|---|---|---|---|---|---|',
     ]
     for model_name, res in results.items():
         for e in res['pruned']:
@@ -414,7 +599,10 @@ def table(results: Dict[str, dict]) -> str:
                 f'| {model_name} | {e["metric"]} | {res["dense"]:.1f} '
                 f'| {e["naive"]:.1f} | {e["prev"]:.1f} | {e["null"]:.1f} '
                 f'| {e["tokens_kept"]}/{e["tokens"]} '
-                f'({100 * e["tokens_kept"] / e["tokens"]:.0f}%) |'
+                f'({100 * e["tokens_kept"] / e["tokens"]:.0f}%) '
+                f'| {e["naive_object_kept"]:.0f}% / '
+                f'{e["prev_object_kept"]:.0f}% / '
+                f'{e["null_object_kept"]:.0f}% |'
             )
     return '\n'.join(lines)
 
@@ -444,9 +632,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         '--metrics',
         nargs='+',
-        choices=METRICS,
+        choices=METRICS + REFERENCES,
         default=['clip'],
-        help="importance scores to evaluate ('clip', the paper's)",
+        help="importance scores to evaluate: 'clip' (the paper's), 'l1', "
+        "'l2', 'raw', or the reference selections 'oracle' (the patches "
+        "the object covers most) and 'random' ('clip')",
     )
     parser.add_argument(
         '--num-train', type=int, default=3000, help='training images (3000)'
@@ -512,7 +702,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             args.num_train, args.image_size, args.seed, 'train'
         ),
         'test': make_synthetic_cls(
-            args.num_test, args.image_size, args.seed, 'test'
+            args.num_test, args.image_size, args.seed, 'test', True
         ),
     }
     data_time = time.perf_counter() - start
@@ -529,8 +719,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     print()
     for model_name, res in results.items():
         print(
-            f'{model_name}: trained in {res["train_time_s"]:.0f} s, '
-            f'evaluated in {res["eval_time_s"]:.0f} s'
+            f'{model_name}: trained in {res["train_time_s"]:.0f} s '
+            f'({res["train_cpu_s"]:.0f} s CPU), evaluated in '
+            f'{res["eval_time_s"]:.0f} s'
         )
     print(
         f'total {total_time:.0f} s ({args.threads} threads; chance '
