@@ -1,7 +1,11 @@
+import ast
 import copy
+import os.path as osp
+from types import SimpleNamespace
 
 import pytest
 import torch
+from mmengine.config import Config
 from mmengine.registry import DefaultScope
 
 
@@ -23,3 +27,161 @@ def _restore_default_scope():
     saved = copy.copy(DefaultScope._instance_dict)
     yield
     DefaultScope._instance_dict = saved
+
+
+# --------------------------------------------------------------------------
+# The detection and segmentation configs (test_configs*.py)
+# --------------------------------------------------------------------------
+CONFIG_BACKBONES = (
+    'plainmamba-l1',
+    'plainmamba-l2',
+    'plainmamba-l3',
+    'vim-t',
+    'vim-s',
+)
+# the config name's pruning field -> the backbone's prune_cfg
+CONFIG_PRUNING = {
+    '': None,
+    '-prune': 'paper',
+    '-naive': dict(schedule='paper', align=False),
+}
+# The arch of each backbone shrunk to 4 layers of 64 channels; 'prune' is
+# the schedule that prune_cfg='paper' takes from the arch.
+TINY_PRUNE = dict(layers=(2,), keep_ratios=0.5)
+TINY_ARCH = {
+    'mmssm.PlainMamba': dict(
+        embed_dims=64,
+        num_layers=4,
+        num_convs=1,
+        dw_layers=[0],
+        d_state=8,
+        expand=1,
+        conv_size=3,
+        prune=TINY_PRUNE,
+    ),
+    'mmssm.Vim': dict(
+        embed_dims=64,
+        num_layers=4,
+        patch_size=16,
+        stride=16,
+        d_state=8,
+        expand=1,
+        d_conv=4,
+        cls_token=None,
+        prune=TINY_PRUNE,
+    ),
+}
+
+
+def base_depth(path: str) -> int:
+    """The longest chain of ``_base_`` files above a config."""
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    bases = []
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == '_base_' for t in node.targets
+        ):
+            value = ast.literal_eval(node.value)
+            bases = [value] if isinstance(value, str) else list(value)
+    folder = osp.dirname(path)
+    return max(
+        (1 + base_depth(osp.normpath(osp.join(folder, b))) for b in bases),
+        default=0,
+    )
+
+
+def shrink_adapter(cfg: Config) -> None:
+    """Shrink the adapter and its SSM backbone of a det/seg config in place:
+    ``TINY_ARCH``, no pretrained weights, two interactions."""
+    adapter = cfg.model.backbone
+    backbone = adapter.backbone
+    backbone.arch = dict(TINY_ARCH[backbone.type])
+    backbone.init_cfg = None
+    adapter.update(
+        interaction_indexes=[[0, 1], [2, 3]],
+        deform_num_heads=4,
+        conv_inplane=16,
+    )
+
+
+def check_pruner(cfg: Config, model) -> None:
+    """The pruner of a model built from a shrunk config: its prune_cfg's."""
+    pruning = cfg.model.backbone.backbone.prune_cfg
+    pruner = model.backbone.backbone.pruner
+    if pruning is None:
+        assert pruner is None
+    else:
+        assert pruner.layers == TINY_PRUNE['layers']
+        assert pruner.align is (pruning == 'paper')
+
+
+def check_adapter_settings(cfg: Config, backbone_field: str) -> None:
+    """The adapter and its SSM backbone of a full det or seg config.
+
+    The settings of DESIGN.md section 4 that the detection and segmentation
+    configs share; ``backbone_field`` is the config name's backbone field
+    (``plainmamba-l1-prune``, ``vim-t``...).
+    """
+    family, size = backbone_field.split('-')[:2]
+    pruning = backbone_field[len(f'{family}-{size}') :]
+    adapter = cfg.model.backbone
+    backbone = adapter.backbone
+    assert adapter.type == 'mmssm.ViTAdapter'
+    assert (
+        backbone.type
+        == {'plainmamba': 'mmssm.PlainMamba', 'vim': 'mmssm.Vim'}[family]
+    )
+    assert backbone.arch == {'t': 'tiny', 's': 'small'}.get(size, size)
+    assert backbone.prune_cfg == CONFIG_PRUNING[pruning]
+    assert backbone.final_norm is False
+    if family == 'vim':
+        assert backbone.cls_token is None
+    # weights: a converted checkpoint named at the top, prefix backbone.
+    assert backbone.init_cfg == dict(
+        type='Pretrained', checkpoint=cfg.ckpt, prefix='backbone.'
+    )
+    assert cfg.ckpt.startswith('checkpoints/') and size in cfg.ckpt
+    heads, indexes = (
+        (8, [[0, 8], [9, 17], [18, 26], [27, 35]])
+        if size == 'l3'
+        else (6, [[0, 5], [6, 11], [12, 17], [18, 23]])
+    )
+    assert adapter.deform_num_heads == heads
+    assert adapter.interaction_indexes == indexes
+    assert (adapter.conv_inplane, adapter.n_points) == (64, 4)
+    assert (adapter.cffn_ratio, adapter.deform_ratio) == (0.25, 1.0)
+    assert adapter.init_values == 0 and adapter.add_vit_feature
+    assert adapter.norm_cfg == dict(type='SyncBN', requires_grad=True)
+
+
+def check_optimizer_settings(
+    optim: Config, lr: float, weight_decay: float
+) -> None:
+    """AdamW by the SSM constructor, without decay on norms and SSM params."""
+    assert optim.constructor == 'mmssm.SSMOptimWrapperConstructor'
+    assert optim.optimizer == dict(
+        type='AdamW', lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay
+    )
+    assert optim.paramwise_cfg.norm_decay_mult == 0
+    assert set(optim.paramwise_cfg.no_decay_names) >= {
+        'pos_embed',
+        'level_embed',
+        'A_log',
+        'D',
+        'direction_Bs',
+    }
+
+
+@pytest.fixture(scope='session')
+def configs():
+    """The helpers above, for the det and seg config tests."""
+    return SimpleNamespace(
+        backbones=CONFIG_BACKBONES,
+        pruning=CONFIG_PRUNING,
+        base_depth=base_depth,
+        shrink_adapter=shrink_adapter,
+        check_pruner=check_pruner,
+        check_adapter_settings=check_adapter_settings,
+        check_optimizer_settings=check_optimizer_settings,
+    )

@@ -5,7 +5,6 @@ configs/plainmamba and configs/vim, and their FLOPs/params against the
 paper's Table 1.
 """
 
-import ast
 import glob
 import os.path as osp
 
@@ -82,76 +81,11 @@ DET_CONFIGS = sorted(
     for path in glob.glob(osp.join(ROOT, 'configs', folder, '*.py'))
 )
 DET_FULL = [p for p in DET_CONFIGS if p.endswith('8xb2-1x_coco.py')]
-DET_BACKBONES = (
-    'plainmamba-l1',
-    'plainmamba-l2',
-    'plainmamba-l3',
-    'vim-t',
-    'vim-s',
-)
-# the config name's pruning field -> the backbone's prune_cfg
-DET_PRUNING = {
-    '': None,
-    '-prune': 'paper',
-    '-naive': dict(schedule='paper', align=False),
-}
-# The arch of each backbone shrunk to 4 layers of 64 channels; 'prune' is
-# the schedule that prune_cfg='paper' takes from the arch.
-TINY_PRUNE = dict(layers=(2,), keep_ratios=0.5)
-TINY_ARCH = {
-    'mmssm.PlainMamba': dict(
-        embed_dims=64,
-        num_layers=4,
-        num_convs=1,
-        dw_layers=[0],
-        d_state=8,
-        expand=1,
-        conv_size=3,
-        prune=TINY_PRUNE,
-    ),
-    'mmssm.Vim': dict(
-        embed_dims=64,
-        num_layers=4,
-        patch_size=16,
-        stride=16,
-        d_state=8,
-        expand=1,
-        d_conv=4,
-        cls_token=None,
-        prune=TINY_PRUNE,
-    ),
-}
 
 
-def _base_depth(path: str) -> int:
-    """The longest chain of ``_base_`` files above a config."""
-    with open(path) as f:
-        tree = ast.parse(f.read())
-    bases = []
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(
-            isinstance(t, ast.Name) and t.id == '_base_' for t in node.targets
-        ):
-            value = ast.literal_eval(node.value)
-            bases = [value] if isinstance(value, str) else list(value)
-    folder = osp.dirname(path)
-    return max(
-        (1 + _base_depth(osp.normpath(osp.join(folder, b))) for b in bases),
-        default=0,
-    )
-
-
-def _det_shrink(cfg: Config) -> Config:
+def _det_shrink(cfg: Config, configs) -> Config:
     """A CPU-sized copy of a detection config's model."""
-    adapter = cfg.model.backbone
-    backbone = adapter.backbone
-    backbone.arch = dict(TINY_ARCH[backbone.type])
-    backbone.init_cfg = None
-    adapter.update(
-        interaction_indexes=[[0, 1], [2, 3]],
-        deform_num_heads=4,
-        conv_inplane=16,
-    )
+    configs.shrink_adapter(cfg)
     cfg.model.neck.update(in_channels=[64] * 4, out_channels=32)
     if cfg.model.type == 'MaskRCNN':
         cfg.merge_from_dict(
@@ -177,79 +111,38 @@ def _det_shrink(cfg: Config) -> Config:
     return cfg
 
 
-def test_det_configs_are_all_there():
+def test_det_configs_are_all_there(configs):
     names = {_name(p) for p in DET_FULL}
     expected = {
         f'{algo}_{backbone}{pruning}_adapter-fpn_8xb2-1x_coco'
         for algo in ('mask-rcnn', 'retinanet')
-        for backbone in DET_BACKBONES
-        for pruning in DET_PRUNING
+        for backbone in configs.backbones
+        for pruning in configs.pruning
     }
     assert names == expected
     assert len(DET_FULL) == 30
 
 
 @pytest.mark.parametrize('path', DET_FULL, ids=_name)
-def test_det_config_settings(path):
+def test_det_config_settings(path, configs):
     """The settings of DESIGN.md section 4 and the STYLE.md conventions."""
-    name = _name(path)
-    algo, backbone_field = name.split('_')[:2]
-    size = backbone_field.split('-')[1]
-    pruning = backbone_field[len('-'.join(backbone_field.split('-')[:2])) :]
+    algo, backbone_field = _name(path).split('_')[:2]
     cfg = Config.fromfile(path)
-    assert _base_depth(path) <= 3
+    assert configs.base_depth(path) <= 3
     assert cfg.default_scope == 'mmdet'
     assert cfg.custom_imports == dict(
         imports=['mmssm.models', 'mmssm.engine'], allow_failed_imports=False
     )
-    adapter = cfg.model.backbone
-    backbone = adapter.backbone
-    assert adapter.type == 'mmssm.ViTAdapter'
-    family = backbone_field.split('-')[0]
-    assert (
-        backbone.type
-        == {'plainmamba': 'mmssm.PlainMamba', 'vim': 'mmssm.Vim'}[family]
-    )
-    assert backbone.arch == {'t': 'tiny', 's': 'small'}.get(size, size)
-    assert backbone.prune_cfg == DET_PRUNING[pruning]
-    assert backbone.final_norm is False
-    if family == 'vim':
-        assert backbone.cls_token is None
-    # weights: a converted checkpoint named at the top, prefix backbone.
-    assert backbone.init_cfg == dict(
-        type='Pretrained', checkpoint=cfg.ckpt, prefix='backbone.'
-    )
-    assert cfg.ckpt.startswith('checkpoints/') and size in cfg.ckpt
+    configs.check_adapter_settings(cfg, backbone_field)
+    backbone = cfg.model.backbone.backbone
     embed = MODELS.get(backbone.type).arch_zoo[backbone.arch]['embed_dims']
     assert cfg.model.neck.in_channels == [embed] * 4
     assert cfg.model.neck.out_channels == 256
     assert cfg.model.neck.num_outs == 5
-    heads, indexes = (
-        (8, [[0, 8], [9, 17], [18, 26], [27, 35]])
-        if (size == 'l3')
-        else (6, [[0, 5], [6, 11], [12, 17], [18, 23]])
-    )
-    assert adapter.deform_num_heads == heads
-    assert adapter.interaction_indexes == indexes
-    assert (adapter.conv_inplane, adapter.n_points) == (64, 4)
-    assert (adapter.cffn_ratio, adapter.deform_ratio) == (0.25, 1.0)
-    assert adapter.init_values == 0 and adapter.add_vit_feature
-    assert adapter.norm_cfg == dict(type='SyncBN', requires_grad=True)
     # optimizer and schedule
     optim = cfg.optim_wrapper
-    assert optim.constructor == 'mmssm.SSMOptimWrapperConstructor'
-    assert optim.optimizer == dict(
-        type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05
-    )
-    assert optim.paramwise_cfg.norm_decay_mult == 0
+    configs.check_optimizer_settings(optim, lr=1e-4, weight_decay=0.05)
     assert optim.paramwise_cfg.bias_decay_mult == 0
-    assert set(optim.paramwise_cfg.no_decay_names) >= {
-        'pos_embed',
-        'level_embed',
-        'A_log',
-        'D',
-        'direction_Bs',
-    }
     assert cfg.train_cfg.max_epochs == 12
     warmup, steps = cfg.param_scheduler
     assert warmup.type == 'LinearLR' and not warmup.by_epoch
@@ -281,7 +174,7 @@ def one_thread():
 
 
 @pytest.mark.parametrize('path', DET_FULL, ids=_name)
-def test_det_config_builds_and_runs(path, one_thread):
+def test_det_config_builds_and_runs(path, one_thread, configs):
     """Build (shrunk, no pretrained weights) and run loss/predict/tensor."""
     from mmdet.registry import MODELS as DET_MODELS
     from mmdet.testing import demo_mm_inputs
@@ -291,16 +184,10 @@ def test_det_config_builds_and_runs(path, one_thread):
 
     register_all_modules()
 
-    cfg = _det_shrink(Config.fromfile(path))
+    cfg = _det_shrink(Config.fromfile(path), configs)
     model = DET_MODELS.build(cfg.model)
     model.init_weights()
-    pruning = cfg.model.backbone.backbone.prune_cfg
-    pruner = model.backbone.backbone.pruner
-    if pruning is None:
-        assert pruner is None
-    else:
-        assert pruner.layers == TINY_PRUNE['layers']
-        assert pruner.align is (pruning == 'paper')
+    configs.check_pruner(cfg, model)
     with_mask = cfg.model.type == 'MaskRCNN'
     data = demo_mm_inputs(
         2, [[3, 96, 96], [3, 64, 96]], num_classes=80, with_mask=with_mask
@@ -330,7 +217,7 @@ def test_det_config_builds_and_runs(path, one_thread):
     assert len(feats) > 0
 
 
-def test_det_mini_config(monkeypatch):
+def test_det_mini_config(monkeypatch, configs):
     """The smoke-test config: the project's own mini COCO set, CPU-sized."""
     path = osp.join(
         ROOT,
@@ -338,7 +225,7 @@ def test_det_mini_config(monkeypatch):
         'mask_rcnn',
         'mask-rcnn_plainmamba-l1-prune_adapter-fpn_1xb2-mini_coco-persons.py',
     )
-    assert _base_depth(path) <= 3
+    assert configs.base_depth(path) <= 3
     cfg = Config.fromfile(path)
     assert 'SyncBN' not in str(cfg.model)  # one process: plain BN
     backbone = cfg.model.backbone.backbone

@@ -7,7 +7,6 @@ the mini config of ``data/ade20k_mini``: their settings (DESIGN.md sections
 backbone and run through loss, backward, predict and tensor on the CPU.
 """
 
-import ast
 import glob
 import os.path as osp
 
@@ -29,81 +28,16 @@ SEG_MINI = osp.join(
     'upernet',
     'upernet_plainmamba-l1-prune_adapter_1xb2-mini_ade20k-256x256.py',
 )
-BACKBONES = (
-    'plainmamba-l1',
-    'plainmamba-l2',
-    'plainmamba-l3',
-    'vim-t',
-    'vim-s',
-)
-# the config name's pruning field -> the backbone's prune_cfg
-PRUNING = {
-    '': None,
-    '-prune': 'paper',
-    '-naive': dict(schedule='paper', align=False),
-}
 NUM_CLASSES = 150
-# Each backbone's arch shrunk to 4 layers of 64 channels; 'prune' is the
-# schedule that prune_cfg='paper' takes from the arch.
-TINY_PRUNE = dict(layers=(2,), keep_ratios=0.5)
-TINY_ARCH = {
-    'mmssm.PlainMamba': dict(
-        embed_dims=64,
-        num_layers=4,
-        num_convs=1,
-        dw_layers=[0],
-        d_state=8,
-        expand=1,
-        conv_size=3,
-        prune=TINY_PRUNE,
-    ),
-    'mmssm.Vim': dict(
-        embed_dims=64,
-        num_layers=4,
-        patch_size=16,
-        stride=16,
-        d_state=8,
-        expand=1,
-        d_conv=4,
-        cls_token=None,
-        prune=TINY_PRUNE,
-    ),
-}
 
 
 def _name(path: str) -> str:
     return osp.splitext(osp.basename(path))[0]
 
 
-def _base_depth(path: str) -> int:
-    """The longest chain of ``_base_`` files above a config."""
-    with open(path) as f:
-        tree = ast.parse(f.read())
-    bases = []
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(
-            isinstance(t, ast.Name) and t.id == '_base_' for t in node.targets
-        ):
-            value = ast.literal_eval(node.value)
-            bases = [value] if isinstance(value, str) else list(value)
-    folder = osp.dirname(path)
-    return max(
-        (1 + _base_depth(osp.normpath(osp.join(folder, b))) for b in bases),
-        default=0,
-    )
-
-
-def _seg_shrink(cfg: Config) -> Config:
+def _seg_shrink(cfg: Config, configs) -> Config:
     """A CPU-sized copy of a segmentation config's model."""
-    adapter = cfg.model.backbone
-    backbone = adapter.backbone
-    backbone.arch = dict(TINY_ARCH[backbone.type])
-    backbone.init_cfg = None
-    adapter.update(
-        interaction_indexes=[[0, 1], [2, 3]],
-        deform_num_heads=4,
-        conv_inplane=16,
-    )
+    configs.shrink_adapter(cfg)
     cfg.model.decode_head.update(in_channels=[64] * 4, channels=32)
     cfg.model.auxiliary_head.update(in_channels=64, channels=16)
     cfg.model.data_preprocessor.size = (64, 64)
@@ -114,12 +48,12 @@ def _pipeline_types(pipeline) -> list:
     return [t['type'] for t in pipeline]
 
 
-def test_seg_configs_are_all_there():
+def test_seg_configs_are_all_there(configs):
     names = {_name(p) for p in SEG_FULL}
     expected = {
         f'upernet_{backbone}{pruning}_adapter_8xb2-160k_ade20k-512x512'
-        for backbone in BACKBONES
-        for pruning in PRUNING
+        for backbone in configs.backbones
+        for pruning in configs.pruning
     }
     assert names == expected
     assert len(SEG_FULL) == 15
@@ -127,11 +61,11 @@ def test_seg_configs_are_all_there():
 
 
 @pytest.mark.parametrize('path', SEG_CONFIGS, ids=_name)
-def test_seg_config_is_an_mmseg_config(path):
+def test_seg_config_is_an_mmseg_config(path, configs):
     """The tools run it with mmseg (they read the default scope)."""
     cfg = Config.fromfile(path)
     assert config_task(cfg) == 'mmseg'
-    assert _base_depth(path) <= 3
+    assert configs.base_depth(path) <= 3
     assert cfg.custom_imports == dict(
         imports=['mmssm.models', 'mmssm.engine', 'mmssm.datasets.transforms'],
         allow_failed_imports=False,
@@ -139,49 +73,22 @@ def test_seg_config_is_an_mmseg_config(path):
 
 
 @pytest.mark.parametrize('path', SEG_FULL, ids=_name)
-def test_seg_config_settings(path):
+def test_seg_config_settings(path, configs):
     """The settings of DESIGN.md sections 4 and 6 and STYLE.md section 5."""
     backbone_field = _name(path).split('_')[1]
     family, size = backbone_field.split('-')[:2]
-    pruning = backbone_field[len(f'{family}-{size}') :]
     cfg = Config.fromfile(path)
     model = cfg.model
     assert model.type == 'EncoderDecoder'
     assert model.get('pretrained') is None
     # backbone: the adapter around the SSM backbone
-    adapter = model.backbone
-    backbone = adapter.backbone
-    assert adapter.type == 'mmssm.ViTAdapter'
-    assert (
-        backbone.type
-        == {'plainmamba': 'mmssm.PlainMamba', 'vim': 'mmssm.Vim'}[family]
-    )
-    assert backbone.arch == {'t': 'tiny', 's': 'small'}.get(size, size)
-    assert backbone.prune_cfg == PRUNING[pruning]
-    assert backbone.final_norm is False
+    configs.check_adapter_settings(cfg, backbone_field)
+    backbone = model.backbone.backbone
     assert tuple(backbone.img_size) == (512, 512)
-    if family == 'vim':
-        assert backbone.cls_token is None
-    else:
+    if family != 'vim':
         assert backbone.norm_cfg == dict(type='SyncBN', requires_grad=True)
     drop_path = {'l1': 0.1, 'l2': 0.2, 'l3': 0.3, 't': 0.1, 's': 0.2}
     assert backbone.drop_path_rate == drop_path[size]
-    # weights: a converted checkpoint named at the top, prefix backbone.
-    assert backbone.init_cfg == dict(
-        type='Pretrained', checkpoint=cfg.ckpt, prefix='backbone.'
-    )
-    assert cfg.ckpt.startswith('checkpoints/') and size in cfg.ckpt
-    heads, indexes = (
-        (8, [[0, 8], [9, 17], [18, 26], [27, 35]])
-        if size == 'l3'
-        else (6, [[0, 5], [6, 11], [12, 17], [18, 23]])
-    )
-    assert adapter.deform_num_heads == heads
-    assert adapter.interaction_indexes == indexes
-    assert (adapter.conv_inplane, adapter.n_points) == (64, 4)
-    assert (adapter.cffn_ratio, adapter.deform_ratio) == (0.25, 1.0)
-    assert adapter.init_values == 0 and adapter.add_vit_feature
-    assert adapter.norm_cfg == dict(type='SyncBN', requires_grad=True)
     # heads: UperNet on the 4 adapter maps, auxiliary FCN on index 3
     embed = MODELS.get(backbone.type).arch_zoo[backbone.arch]['embed_dims']
     head = model.decode_head
@@ -223,18 +130,7 @@ def test_seg_config_settings(path):
     assert cfg.test_evaluator.type == 'IoUMetric'
     # optimizer and schedule: AdamW 6e-5 / 0.01, warm-up 1500, poly, 160k
     optim = cfg.optim_wrapper
-    assert optim.constructor == 'mmssm.SSMOptimWrapperConstructor'
-    assert optim.optimizer == dict(
-        type='AdamW', lr=6e-5, betas=(0.9, 0.999), weight_decay=0.01
-    )
-    assert optim.paramwise_cfg.norm_decay_mult == 0
-    assert set(optim.paramwise_cfg.no_decay_names) >= {
-        'pos_embed',
-        'level_embed',
-        'A_log',
-        'D',
-        'direction_Bs',
-    }
+    configs.check_optimizer_settings(optim, lr=6e-5, weight_decay=0.01)
     assert optim.get('clip_grad') is None
     warmup, poly = cfg.param_scheduler
     assert warmup.type == 'LinearLR' and not warmup.by_epoch
@@ -272,7 +168,7 @@ def _inputs(sizes, ori_sizes=None, seed=0):
 
 
 @pytest.mark.parametrize('path', SEG_CONFIGS, ids=_name)
-def test_seg_config_builds_and_runs(path):
+def test_seg_config_builds_and_runs(path, configs):
     """Build (shrunk, no pretrained weights), loss/backward/predict/tensor."""
     from mmseg.registry import MODELS as SEG_MODELS
     from mmseg.utils import register_all_modules
@@ -281,16 +177,10 @@ def test_seg_config_builds_and_runs(path):
 
     register_all_modules()
 
-    cfg = _seg_shrink(Config.fromfile(path))
+    cfg = _seg_shrink(Config.fromfile(path), configs)
     model = SEG_MODELS.build(cfg.model)
     model.init_weights()
-    pruning = cfg.model.backbone.backbone.prune_cfg
-    pruner = model.backbone.backbone.pruner
-    if pruning is None:
-        assert pruner is None
-    else:
-        assert pruner.layers == TINY_PRUNE['layers']
-        assert pruner.align is (pruning == 'paper')
+    configs.check_pruner(cfg, model)
     # training: two crops, padded to the data preprocessor's 64x64
     data = model.data_preprocessor(_inputs([(64, 64), (48, 64)]), True)
     assert data['inputs'].shape == (2, 3, 64, 64)
@@ -332,7 +222,7 @@ def test_seg_config_builds_and_runs(path):
         'upernet_vim-t-naive_adapter_8xb2-160k_ade20k-512x512',
     ],
 )
-def test_seg_optimizer_spares_the_ssm_parameters(name):
+def test_seg_optimizer_spares_the_ssm_parameters(name, configs):
     """No weight decay on norms, embeddings, A_log, D, direction_Bs."""
     from mmengine.optim import build_optim_wrapper
     from mmseg.registry import MODELS as SEG_MODELS
@@ -342,7 +232,7 @@ def test_seg_optimizer_spares_the_ssm_parameters(name):
 
     register_all_modules()
     path = osp.join(ROOT, 'configs', 'upernet', f'{name}.py')
-    cfg = _seg_shrink(Config.fromfile(path))
+    cfg = _seg_shrink(Config.fromfile(path), configs)
     model = SEG_MODELS.build(cfg.model)
     wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
     decay = {}
@@ -373,9 +263,9 @@ def test_seg_optimizer_spares_the_ssm_parameters(name):
     assert decay[id(names['decode_head.conv_seg.weight'])] == 0.01
 
 
-def test_seg_mini_config(monkeypatch):
+def test_seg_mini_config(monkeypatch, configs):
     """The smoke-test config: the project's own mini ADE20K set."""
-    assert _base_depth(SEG_MINI) <= 3
+    assert configs.base_depth(SEG_MINI) <= 3
     cfg = Config.fromfile(SEG_MINI)
     assert 'SyncBN' not in str(cfg.model)  # one process: plain BN
     backbone = cfg.model.backbone.backbone

@@ -8,32 +8,17 @@ The config's ``default_scope`` decides which toolbox runs it. Examples::
     bash tools/dist_train.sh <config>.py 8                # 8 processes
 """
 
-import argparse
-import os
 import os.path as osp
-import sys
-import traceback
 
-from mmengine.config import Config, DictAction
+from mmengine.config import Config
 from mmengine.logging import print_log
-from mmengine.registry import RUNNERS
-from mmengine.runner import Runner
 
 import mmssm  # noqa: F401  (allow-lists mmengine checkpoint types)
-from mmssm.utils.setup_env import (
-    InputError,
-    check_data_paths,
-    check_pretrained,
-    config_task,
-    register_modules,
-    setup_cpu_distributed,
-)
+from mmssm.utils import cli
+from mmssm.utils.setup_env import InputError
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('config', help='train config file path')
-    parser.add_argument('--work-dir', help='where to save logs and models')
+def _add_arguments(parser) -> None:
     parser.add_argument(
         '--resume',
         nargs='?',
@@ -53,41 +38,25 @@ def parse_args(argv=None):
         help='scale the lr by the actual batch size / auto_scale_lr.'
         'base_batch_size',
     )
-    parser.add_argument(
-        '--cfg-options',
-        nargs='+',
-        action=DictAction,
-        help='override config settings, key=value (e.g. '
+
+
+def parse_args(argv=None):
+    return cli.parse_tool_args(
+        argv,
+        description=__doc__.splitlines()[0],
+        config_help='train config file path',
+        work_dir_help='where to save logs and models',
+        cfg_options_help='override config settings, key=value (e.g. '
         'train_cfg.max_epochs=1 model.backbone.backbone.arch=l2)',
+        add_arguments=_add_arguments,
     )
-    parser.add_argument(
-        '--launcher',
-        choices=['none', 'pytorch', 'slurm'],
-        default='none',
-        help='job launcher',
-    )
-    # torch.distributed.launch passes --local-rank (torchrun sets LOCAL_RANK)
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parser.parse_args(argv)
-    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
-    return args
 
 
 def build_cfg(args) -> Config:
     """The config after the command line; raises InputError on bad input."""
-    if not osp.isfile(args.config):
-        raise InputError(f'config file {args.config!r} does not exist')
-    cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
-    # work_dir: command line > config > ./work_dirs/<config name>
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir', None) is None:
-        cfg.work_dir = osp.join(
-            './work_dirs', osp.splitext(osp.basename(args.config))[0]
-        )
+    cfg = cli.load_config(
+        args.config, args.launcher, args.cfg_options, args.work_dir
+    )
     if args.amp:
         import torch
 
@@ -114,31 +83,12 @@ def build_cfg(args) -> Config:
     return cfg
 
 
-def build_runner(cfg: Config) -> Runner:
-    """The Runner of the config (``runner_type`` if it names one)."""
-    if 'runner_type' in cfg:
-        return RUNNERS.build(cfg)
-    return Runner.from_cfg(cfg)
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
-    try:
+    with cli.exit_on_input_error():
         cfg = build_cfg(args)
-        register_modules(config_task(cfg))
-        check_data_paths(cfg, 'train')
-        check_pretrained(cfg)
-        note = setup_cpu_distributed(cfg, args.launcher)
-    except InputError as e:
-        sys.exit(f'error: {e}')
-    try:
-        runner = build_runner(cfg)
-    except (ValueError, TypeError, KeyError) as e:  # mostly config errors
-        traceback.print_exc()
-        sys.exit(
-            f'error: the config {args.config!r} does not build: '
-            f'{type(e).__name__}: {e}'
-        )
+        _, note = cli.prepare_run(cfg, 'train', args.launcher)
+    runner = cli.build_runner(cfg, args.config)
     if note:
         print_log(note, logger='current')
     runner.train()

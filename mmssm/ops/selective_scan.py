@@ -275,19 +275,9 @@ def selective_scan_ref(
     Computes in float64 for float64 ``u`` and in float32 otherwise. See
     :func:`selective_scan` for the arguments.
     """
+    inputs = (u, delta, A, B, C, D, z, delta_bias)
     return _scan_in_pytorch(
-        _recurrence_loop,
-        u,
-        delta,
-        A,
-        B,
-        C,
-        D,
-        z,
-        delta_bias,
-        delta_softplus,
-        positions,
-        gap_mode,
+        _recurrence_loop, inputs, delta_softplus, positions, gap_mode
     )
 
 
@@ -312,16 +302,10 @@ def selective_scan_chunked(
     of decays <= 1, so it is stable in float32); the chunks' final states are
     then carried across sequentially. Materialises (batch, dim, K, N).
     """
+    inputs = (u, delta, A, B, C, D, z, delta_bias)
     return _scan_in_pytorch(
         partial(_recurrence_chunked, chunk_size=chunk_size),
-        u,
-        delta,
-        A,
-        B,
-        C,
-        D,
-        z,
-        delta_bias,
+        inputs,
         delta_softplus,
         positions,
         gap_mode,
@@ -329,25 +313,16 @@ def selective_scan_chunked(
 
 
 def _scan_in_pytorch(
-    recurrence,
-    u,
-    delta,
-    A,
-    B,
-    C,
-    D,
-    z,
-    delta_bias,
-    delta_softplus,
-    positions,
-    gap_mode,
+    recurrence, inputs, delta_softplus, positions, gap_mode
 ) -> Tensor:
     """Check and prepare the inputs, run ``recurrence``, add D and the gate.
 
+    ``inputs`` are ``(u, delta, A, B, C, D, z, delta_bias)``.
     ``recurrence(u, delta, decay_delta, A, B, C)`` returns ``C_k . h_k``
     (batch, dim, K) for the softplus'd steps ``delta`` and the exponents
     ``decay_delta`` of the steps' decays (gaps included).
     """
+    u, delta, A, B, C, D, z, delta_bias = inputs
     positions = _check_inputs(
         u, delta, A, B, C, D, z, delta_bias, positions, gap_mode
     )

@@ -5,8 +5,11 @@ containers and allow-listed globals are rebuilt, so a pickle that would call
 ``os.system`` is refused. mmengine's own training checkpoints also hold numpy
 arrays and scalars (in ``meta`` and the message hub's ``HistoryBuffer``s);
 we allow-list exactly those types and keep the safety on.
+
+Also :func:`sha256sum`, the digest that the tools write of checkpoint files.
 """
 
+import hashlib
 import pickle
 
 import numpy as np
@@ -77,3 +80,12 @@ def allow_mmengine_checkpoints() -> None:
     the global, and nothing in it runs.
     """
     torch.serialization.add_safe_globals(mmengine_safe_globals())
+
+
+def sha256sum(path: str) -> str:
+    """The SHA-256 hex digest of a file."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,13 +1,16 @@
-"""Shared settings of the tool tests: the mini COCO config, shrunk."""
+"""Shared settings of the tool tests: the mini COCO and ADE20K configs,
+shrunk, and how to run the tools (also on 2 processes)."""
 
 import os
 import os.path as osp
+import socket
 import subprocess
 import sys
 from types import SimpleNamespace
 from typing import Dict, List
 
 import pytest
+import torch
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 MINI_CFG = osp.join(
@@ -19,12 +22,18 @@ MINI_ANN = osp.join(
     ROOT, 'data', 'coco_persons_mini', 'annotations', 'test_coco.json'
 )
 
-# A CPU-sized run of the mini config: a 4-layer PlainMamba of 64 channels
-# (pruned after its 2nd layer: the config's prune_cfg='paper' takes the
-# arch's 'prune' entry), two adapter interactions, 32-channel heads, fewer
-# proposals and smaller images. Keys are --cfg-options keys.
+SEG_CFG = osp.join(
+    'configs',
+    'upernet',
+    'upernet_plainmamba-l1-prune_adapter_1xb2-mini_ade20k-256x256.py',
+)
+
+# The backbone of a CPU-sized run of the mini configs: a 4-layer PlainMamba
+# of 64 channels (pruned after its 2nd layer: the config's prune_cfg='paper'
+# takes the arch's 'prune' entry) in an adapter of two interactions. Keys
+# are --cfg-options keys.
 BB = 'model.backbone.backbone'
-SHRINK: Dict[str, object] = {
+BACKBONE_SHRINK: Dict[str, object] = {
     f'{BB}.arch._delete_': True,
     f'{BB}.arch.embed_dims': 64,
     f'{BB}.arch.num_layers': 4,
@@ -38,6 +47,11 @@ SHRINK: Dict[str, object] = {
     'model.backbone.interaction_indexes': [[0, 1], [2, 3]],
     'model.backbone.deform_num_heads': 4,
     'model.backbone.conv_inplane': 16,
+}
+# The mini COCO config: that backbone, 32-channel heads, fewer proposals
+# and smaller images.
+SHRINK: Dict[str, object] = {
+    **BACKBONE_SHRINK,
     'model.neck.in_channels': [64, 64, 64, 64],
     'model.neck.out_channels': 32,
     'model.rpn_head.in_channels': 32,
@@ -59,6 +73,28 @@ SHRINK: Dict[str, object] = {
     'train_dataloader.dataset.pipeline.2.scale': (192, 192),
     'val_dataloader.dataset.pipeline.1.scale': (192, 192),
     'test_dataloader.dataset.pipeline.1.scale': (192, 192),
+}
+# The mini ADE20K config: that backbone, 32-channel heads and 128x128 crops
+# of images resized to a short side of 128 (the pipeline indices are those
+# of the mini config).
+SEG_SHRINK: Dict[str, object] = {
+    **BACKBONE_SHRINK,
+    'model.decode_head.in_channels': [64, 64, 64, 64],
+    'model.decode_head.channels': 32,
+    'model.auxiliary_head.in_channels': 64,
+    'model.auxiliary_head.channels': 16,
+    'model.data_preprocessor.size': (128, 128),
+    'train_dataloader.dataset.pipeline.3.scale': (512, 128),
+    'train_dataloader.dataset.pipeline.4.crop_size': (128, 128),
+    'val_dataloader.dataset.pipeline.1.scale': (512, 128),
+    'test_dataloader.dataset.pipeline.1.scale': (512, 128),
+}
+# ... trained for 2 iterations, then validated and saved
+SEG_2_ITERS: Dict[str, object] = {
+    **SEG_SHRINK,
+    'train_cfg.max_iters': 2,
+    'train_cfg.val_interval': 2,
+    'default_hooks.checkpoint.interval': 2,
 }
 
 
@@ -110,6 +146,35 @@ def check_ok(result: subprocess.CompletedProcess) -> None:
     )
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def run_dist(args: List[str]) -> subprocess.CompletedProcess:
+    """Run ``bash args`` (a tools/dist_*.sh script) on a free port."""
+    env = dict(
+        PYTHON=sys.executable, OMP_NUM_THREADS='1', PORT=str(_free_port())
+    )
+    return run_tool(['bash', *args], env=env)
+
+
+def check_dist_log(log: str) -> None:
+    """The log of a 2-process run: distributed, gloo without CUDA."""
+    assert 'Distributed training: True' in log
+    assert 'GPU number: 2' in log  # mmengine's name for the world size
+    if not torch.cuda.is_available():
+        assert 'no CUDA: distributed backend gloo' in log
+
+
+def load_dist_checkpoint(path) -> dict:
+    """A checkpoint of a distributed run: no ``module.`` of the wrapper."""
+    checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    assert not any(k.startswith('module.') for k in checkpoint['state_dict'])
+    return checkpoint
+
+
 @pytest.fixture(scope='session')
 def tools():
     """The helpers above, for the tests of this folder."""
@@ -117,10 +182,29 @@ def tools():
         root=ROOT,
         mini_cfg=MINI_CFG,
         mini_ann=MINI_ANN,
+        backbone_shrink=dict(BACKBONE_SHRINK),
         shrink=dict(SHRINK),
+        seg_cfg=SEG_CFG,
+        seg_shrink=dict(SEG_SHRINK),
+        seg_2_iters=dict(SEG_2_ITERS),
         cfg_options=cfg_options,
         run=run_tool,
         check_ok=check_ok,
+    )
+
+
+@pytest.fixture
+def dist():
+    """Helpers of the 2-process runs; skips without gloo."""
+    if (
+        not torch.distributed.is_available()
+        or not torch.distributed.is_gloo_available()
+    ):
+        pytest.skip('torch.distributed with gloo is needed')
+    return SimpleNamespace(
+        run=run_dist,
+        check_log=check_dist_log,
+        load_checkpoint=load_dist_checkpoint,
     )
 
 

@@ -20,29 +20,11 @@ from mmengine.config import Config
 
 from mmssm.engine.hooks import pruning_meta
 
-BB = 'model.backbone.backbone'
 IMG = 'data/images/color.jpg'  # 400 x 300
-SEG_CFG = osp.join(
-    'configs',
-    'upernet',
-    'upernet_plainmamba-l1-prune_adapter_1xb2-mini_ade20k-256x256.py',
-)
-# the tiny PlainMamba of the detection tests (tests/test_tools/conftest.py)
-# under a tiny UperNet; the test images resized to fit 512 x 128
-SEG_SHRINK = {
-    f'{BB}.arch._delete_': True,
-    f'{BB}.arch.embed_dims': 64,
-    f'{BB}.arch.num_layers': 4,
-    f'{BB}.arch.num_convs': 1,
-    f'{BB}.arch.dw_layers': [0],
-    f'{BB}.arch.d_state': 8,
-    f'{BB}.arch.expand': 1,
-    f'{BB}.arch.conv_size': 3,
-    f'{BB}.arch.prune.layers': [2],
-    f'{BB}.arch.prune.keep_ratios': 0.5,
-    'model.backbone.interaction_indexes': [[0, 1], [2, 3]],
-    'model.backbone.deform_num_heads': 4,
-    'model.backbone.conv_inplane': 16,
+# the tiny PlainMamba of the tool tests (tools.backbone_shrink, see
+# tests/test_tools/conftest.py) under a tiny UperNet; the test images
+# resized to fit 512 x 128
+SEG_HEADS = {
     'model.decode_head.in_channels': [64] * 4,
     'model.decode_head.channels': 32,
     'model.auxiliary_head.in_channels': 64,
@@ -80,6 +62,10 @@ def publish_model(tools):
     return _load_script(
         tools.root, 'tools/model_converters/publish_model.py', 'publish_model'
     )
+
+
+def _seg_shrink(tools) -> dict:
+    return {**tools.backbone_shrink, **SEG_HEADS}
 
 
 def _det_cfg(tools) -> Config:
@@ -329,8 +315,8 @@ def seg_ckpt(tools, tmp_path_factory):
 
     from mmssm.utils.setup_env import register_modules
 
-    cfg = Config.fromfile(osp.join(tools.root, SEG_CFG))
-    cfg.merge_from_dict(SEG_SHRINK)
+    cfg = Config.fromfile(osp.join(tools.root, tools.seg_cfg))
+    cfg.merge_from_dict(_seg_shrink(tools))
     register_modules('mmseg')
     model = MODELS.build(cfg.model)
     model.init_weights()
@@ -347,8 +333,8 @@ def seg_ckpt(tools, tmp_path_factory):
 def test_init_model_and_inference_model(tools, seg_ckpt):
     from mmseg.apis import inference_model, init_model
 
-    cfg = Config.fromfile(osp.join(tools.root, SEG_CFG))
-    cfg.merge_from_dict(SEG_SHRINK)
+    cfg = Config.fromfile(osp.join(tools.root, tools.seg_cfg))
+    cfg.merge_from_dict(_seg_shrink(tools))
     model = init_model(cfg, str(seg_ckpt), device='cpu')
     assert len(model.dataset_meta['classes']) == 150  # ADE20K, from meta
     assert pruning_meta(model) == TINY_PRUNING
@@ -359,14 +345,16 @@ def test_init_model_and_inference_model(tools, seg_ckpt):
     # the same with mmssm's loaders (which name a bad file) in the pipeline
     # (from a fresh config: inference_model removed LoadAnnotations from
     # model.cfg.test_pipeline)
-    pipeline = Config.fromfile(osp.join(tools.root, SEG_CFG)).test_pipeline
+    pipeline = Config.fromfile(
+        osp.join(tools.root, tools.seg_cfg)
+    ).test_pipeline
     swap = {
         'LoadImageFromFile': 'mmssm.LoadImageFromFile',
         'LoadAnnotations': 'mmssm.LoadSegAnnotations',
     }
     assert {t['type'] for t in pipeline} >= set(swap)
     pipeline = [dict(t, type=swap.get(t['type'], t['type'])) for t in pipeline]
-    pipeline[1]['scale'] = SEG_SHRINK['test_pipeline.1.scale']
+    pipeline[1]['scale'] = SEG_HEADS['test_pipeline.1.scale']
     model.cfg.test_pipeline = pipeline
     again = inference_model(model, osp.join(tools.root, IMG))
     assert torch.equal(again.pred_sem_seg.data, seg)
@@ -380,13 +368,13 @@ def test_demo_draws_a_label_map(tools, demo, seg_ckpt, tmp_path, capsys):
         demo.main(
             [
                 IMG,
-                SEG_CFG,
+                tools.seg_cfg,
                 str(seg_ckpt),
                 '--out-file',
                 str(out_file),
                 '--device',
                 'cpu',
-                *tools.cfg_options(SEG_SHRINK),
+                *tools.cfg_options(_seg_shrink(tools)),
             ]
         )
     finally:
@@ -404,7 +392,9 @@ def test_demo_refuses_bad_input(tools, demo, seg_ckpt, tmp_path):
         (str(corrupt), 'the file is corrupt, truncated or not an image'),
     ):
         with pytest.raises(SystemExit) as e:
-            demo.main([img, osp.join(tools.root, SEG_CFG), str(seg_ckpt)])
+            demo.main(
+                [img, osp.join(tools.root, tools.seg_cfg), str(seg_ckpt)]
+            )
         assert str(e.value).startswith(f'error: image {img!r}') or (
             str(e.value).startswith(f'error: cannot read image {img!r}')
         )
@@ -417,7 +407,7 @@ def test_demo_refuses_bad_checkpoints(tools, demo, seg_ckpt, tmp_path):
     no_meta = tmp_path / 'no_meta.pth'
     state_dict = torch.load(seg_ckpt, weights_only=True)['state_dict']
     torch.save(dict(state_dict=state_dict), no_meta)
-    cfg = osp.join(tools.root, SEG_CFG)
+    cfg = osp.join(tools.root, tools.seg_cfg)
     for ckpt, text in (
         (bad, f'error: cannot load checkpoint {str(bad)!r}'),
         (no_meta, f"error: checkpoint {str(no_meta)!r} has no 'meta'"),

@@ -15,43 +15,8 @@ from PIL import Image
 
 import mmssm  # noqa: F401  (allow-lists mmengine checkpoint types)
 
-SEG_CFG = osp.join(
-    'configs',
-    'upernet',
-    'upernet_plainmamba-l1-prune_adapter_1xb2-mini_ade20k-256x256.py',
-)
 ORACLE_DIR = osp.dirname(osp.abspath(__file__))
-BB = 'model.backbone.backbone'
 IMAGES = ('ADE_val_00000001', 'ADE_val_00000002', 'ADE_val_00000003')
-# A CPU-sized run of the mini config: a 4-layer PlainMamba of 64 channels
-# (pruned after its 2nd layer: the config's prune_cfg='paper' takes the
-# arch's 'prune' entry), two adapter interactions, 32-channel heads and
-# 128x128 crops of images resized to a short side of 128. Keys are
-# --cfg-options keys; the pipeline indices are those of the mini config.
-SEG_SHRINK = {
-    f'{BB}.arch._delete_': True,
-    f'{BB}.arch.embed_dims': 64,
-    f'{BB}.arch.num_layers': 4,
-    f'{BB}.arch.num_convs': 1,
-    f'{BB}.arch.dw_layers': [0],
-    f'{BB}.arch.d_state': 8,
-    f'{BB}.arch.expand': 1,
-    f'{BB}.arch.conv_size': 3,
-    f'{BB}.arch.prune.layers': [2],
-    f'{BB}.arch.prune.keep_ratios': 0.5,
-    'model.backbone.interaction_indexes': [[0, 1], [2, 3]],
-    'model.backbone.deform_num_heads': 4,
-    'model.backbone.conv_inplane': 16,
-    'model.decode_head.in_channels': [64, 64, 64, 64],
-    'model.decode_head.channels': 32,
-    'model.auxiliary_head.in_channels': 64,
-    'model.auxiliary_head.channels': 16,
-    'model.data_preprocessor.size': (128, 128),
-    'train_dataloader.dataset.pipeline.3.scale': (512, 128),
-    'train_dataloader.dataset.pipeline.4.crop_size': (128, 128),
-    'val_dataloader.dataset.pipeline.1.scale': (512, 128),
-    'test_dataloader.dataset.pipeline.1.scale': (512, 128),
-}
 
 
 def _metrics(log: str, mode: str) -> dict:
@@ -76,24 +41,17 @@ def seg_trained(tmp_path_factory, tools):
     result = tools.run(
         [
             'tools/train.py',
-            SEG_CFG,
+            tools.seg_cfg,
             '--work-dir',
             str(work_dir),
-            *tools.cfg_options(
-                {
-                    **SEG_SHRINK,
-                    'train_cfg.max_iters': 2,
-                    'train_cfg.val_interval': 2,
-                    'default_hooks.checkpoint.interval': 2,
-                }
-            ),
+            *tools.cfg_options(tools.seg_2_iters),
         ]
     )
     tools.check_ok(result)
     return work_dir, result
 
 
-def test_train_py_trains_validates_and_saves(seg_trained):
+def test_train_py_trains_validates_and_saves(seg_trained, tools):
     work_dir, result = seg_trained
     log = result.stdout + result.stderr
     assert 'Iter(train) [2/2]' in log
@@ -120,7 +78,7 @@ def test_train_py_trains_validates_and_saves(seg_trained):
         'auxiliary_head.conv_seg.',
     ):
         assert any(k.startswith(prefix) for k in keys), prefix
-    assert (work_dir / osp.basename(SEG_CFG)).is_file()
+    assert (work_dir / osp.basename(tools.seg_cfg)).is_file()
 
 
 def test_test_py_evaluates_with_iou_metric(seg_trained, tools, tmp_path):
@@ -129,7 +87,7 @@ def test_test_py_evaluates_with_iou_metric(seg_trained, tools, tmp_path):
     result = tools.run(
         [
             'tools/test.py',
-            SEG_CFG,
+            tools.seg_cfg,
             str(work_dir / 'iter_2.pth'),
             '--work-dir',
             str(tmp_path / 'test'),
@@ -139,7 +97,7 @@ def test_test_py_evaluates_with_iou_metric(seg_trained, tools, tmp_path):
             str(tmp_path / 'vis'),
             # mmseg's hook draws every 50th image unless told otherwise
             *tools.cfg_options(
-                {**SEG_SHRINK, 'default_hooks.visualization.interval': 1}
+                {**tools.seg_shrink, 'default_hooks.visualization.interval': 1}
             ),
         ]
     )
@@ -170,7 +128,7 @@ def _oracle_config(tmp_path, tools, fill=None) -> str:
     """A config: the mini config with the ground-truth segmentor."""
     from mmengine.config import Config
 
-    base = osp.join(tools.root, SEG_CFG)
+    base = osp.join(tools.root, tools.seg_cfg)
     preprocessor = Config.fromfile(base).model.data_preprocessor.to_dict()
     path = tmp_path / 'oracle.py'
     path.write_text(

@@ -9,11 +9,13 @@ row cannot hide or inflate another's; the results are printed as one
 markdown table, with the machine.
 
 Timing: the backbone in eval mode under ``torch.no_grad()``, ``--warmup``
-untimed forwards, then ``--iters`` timed ones; images/s = batch * iters /
-(their total time). The reference loop ('ref' rows) takes minutes per
-forward, so those rows run ``--ref-warmup`` (default 0) and ``--ref-iters``
-(default 1) instead. The load average of the machine is printed with the
-table: on a shared machine, other processes slow the rows down.
+untimed forwards, then ``--iters`` timed ones; ms / iter is the median of
+the timed forwards and images/s = batch / that median (every forward's
+time is in the ``--json`` output). The reference loop ('ref' rows) takes
+minutes per forward, so those rows run ``--ref-warmup`` (default 0) and
+``--ref-iters`` (default 1) instead. The load average of the machine is
+printed with the table: on a shared machine, other processes slow the rows
+down.
 
 Peak memory: the resident set size (RSS) is what the CPU really holds
 (``tracemalloc`` does not see torch's allocations). In the row's process,
@@ -51,6 +53,7 @@ import os
 import os.path as osp
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -253,8 +256,11 @@ def run_row(row: Row, iters: int, warmup: int, threads: int) -> dict:
         seconds=sum(times),
         iters=len(times),
         warmup=warmup,
-        ms_per_iter=1e3 * sum(times) / len(times),
-        images_per_s=row.batch * len(times) / sum(times),
+        # the median forward: one slow forward (another process woke up)
+        # does not move it
+        ms_per_iter=1e3 * statistics.median(times),
+        images_per_s=row.batch / statistics.median(times),
+        ms_all=[round(1e3 * t, 1) for t in times],
         peak_fwd_mib=peak_fwd / 1024,
         peak_rss_mib=_status_kb('VmHWM') / 1024,
         exact_peak=exact,

@@ -458,7 +458,6 @@ def load_trained(path: str, settings: dict) -> Optional[dict]:
         'state_dict',
         'train_losses',
         'train_time_s',
-        'train_cpu_s',
     )
     if any(k not in saved for k in keys):
         print(f'{path} is incomplete: training again')
@@ -496,7 +495,8 @@ def run_model(
     if saved is not None:
         dense.load_state_dict(saved['state_dict'], strict=True)
         losses, train_time = saved['train_losses'], saved['train_time_s']
-        train_cpu = saved['train_cpu_s']
+        # files of older versions of this tool did not record it
+        train_cpu = saved.get('train_cpu_s')
         print(
             f'{model_name}: {params / 1e3:.0f}k parameters, loaded the '
             f'trained model from {ckpt} (trained in {train_time:.0f} s)',
@@ -534,7 +534,10 @@ def run_model(
             )
     state_dict = dense.state_dict()
     test_images, test_labels, test_masks = data['test']
+    # in eval mode: a forward in training mode would move the batch-norm
+    # statistics (of the dense model and of state_dict, which shares them)
     with torch.no_grad():
+        dense.eval()
         grid = dense.backbone.init_tokens(normalise(test_images[:1])).hw
     coverage = patch_coverage(test_masks, grid)
     test = (test_images, test_labels, coverage, args.batch_size)
@@ -544,7 +547,7 @@ def run_model(
         params=params,
         loaded=saved is not None,
         train_time_s=round(train_time, 1),
-        train_cpu_s=round(train_cpu, 1),
+        train_cpu_s=None if train_cpu is None else round(train_cpu, 1),
         train_losses=[round(v, 4) for v in losses],
         dense=dense_top1,
         pruned=[],
@@ -718,10 +721,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     print(table(results))
     print()
     for model_name, res in results.items():
+        cpu = res['train_cpu_s']
+        cpu = '' if cpu is None else f' ({cpu:.0f} s CPU)'
         print(
-            f'{model_name}: trained in {res["train_time_s"]:.0f} s '
-            f'({res["train_cpu_s"]:.0f} s CPU), evaluated in '
-            f'{res["eval_time_s"]:.0f} s'
+            f'{model_name}: trained in {res["train_time_s"]:.0f} s{cpu}, '
+            f'evaluated in {res["eval_time_s"]:.0f} s'
         )
     print(
         f'total {total_time:.0f} s ({args.threads} threads; chance '

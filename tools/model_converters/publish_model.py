@@ -19,7 +19,6 @@ Example::
 """
 
 import argparse
-import hashlib
 import os
 import os.path as osp
 import re
@@ -31,6 +30,7 @@ from typing import List, Optional, Tuple
 import torch
 
 import mmssm  # noqa: F401  (allow-lists the types of mmengine checkpoints)
+from mmssm.utils.checkpoint import sha256sum
 
 KEEP_KEYS = ('meta', 'state_dict')
 STAMP = re.compile(r'^(?P<name>.+)_(?P<stamp>\d{8}_\d{6})$')
@@ -60,15 +60,6 @@ def parse_args(argv=None):
         "meta['experiment_name'], else meta['time'], else now",
     )
     return parser.parse_args(argv)
-
-
-def sha256sum(path: str) -> str:
-    """The SHA-256 hex digest of a file."""
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def file_stem(

@@ -22,27 +22,29 @@ the pruning-aware hidden-state alignment of "Exploring Token Pruning in
 Vision State Space Models" (NeurIPS 2024); see :class:`PlainMambaMixer`.
 """
 
-import math
 from functools import lru_cache
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint as cp
-from mmengine.model import BaseModule, ModuleList
+from mmengine.model import ModuleList
 from torch import Tensor
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmssm.models.layers import (
+    DropPath,
     TokenPruner,
     TokenState,
-    resize_pos_embed,
-    run_layers,
+    build_norm,
+    dt_rank_of,
+    init_dt_proj,
+    s4d_real_log,
     scan_options,
 )
 from mmssm.ops import selective_scan
 from mmssm.registry import MODELS
+
+from .base_backbone import SSMBackbone
 
 # Rows of ``direction_Bs``: the move that arrived at a scan step.
 START, RIGHT, LEFT, UP, DOWN = range(5)
@@ -63,75 +65,6 @@ START, RIGHT, LEFT, UP, DOWN = range(5)
 _KEEP_L1 = 0.8
 _KEEP_L2 = 0.81
 _KEEP_L3 = 0.73
-
-_NORM_TYPES = {
-    'BN': nn.BatchNorm2d,
-    'BN2d': nn.BatchNorm2d,
-    'SyncBN': nn.SyncBatchNorm,
-    'LN': nn.LayerNorm,
-    'GN': nn.GroupNorm,
-}
-
-
-def build_norm(cfg: dict, num_features: int) -> nn.Module:
-    """Build a normalisation layer from a config, as mmcv does.
-
-    'BN', 'BN2d', 'SyncBN', 'LN' and 'GN' are built here (so that mmcv is not
-    needed); any other type goes to mmcv's ``build_norm_layer``.
-
-    Args:
-        cfg (dict): ``type`` plus the layer's keyword arguments, and
-            optionally ``requires_grad`` (default True).
-        num_features (int): Channels to normalise.
-
-    Returns:
-        nn.Module: The layer.
-    """
-    cfg = dict(cfg)
-    norm_type = cfg.pop('type')
-    requires_grad = cfg.pop('requires_grad', True)
-    if norm_type in _NORM_TYPES:
-        if norm_type == 'GN':
-            layer = nn.GroupNorm(num_channels=num_features, **cfg)
-        else:
-            layer = _NORM_TYPES[norm_type](num_features, **cfg)
-    else:
-        try:
-            from mmcv.cnn import build_norm_layer
-        except ImportError as e:
-            raise ValueError(
-                f'norm type {norm_type!r} needs mmcv, which '
-                f'cannot be imported ({e})'
-            ) from e
-        layer = build_norm_layer(
-            dict(cfg, type=norm_type, requires_grad=requires_grad),
-            num_features,
-        )[1]
-    for param in layer.parameters():
-        param.requires_grad = requires_grad
-    return layer
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch per sample.
-
-    Args:
-        drop_prob (float): Probability of dropping. Defaults to 0.
-    """
-
-    def __init__(self, drop_prob: float = 0.0) -> None:
-        super().__init__()
-        self.drop_prob = float(drop_prob)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1))
-        return x * mask.bernoulli_(keep) / keep
-
-    def extra_repr(self) -> str:
-        return f'drop_prob={self.drop_prob}'
 
 
 # --------------------------------------------------------------------------
@@ -351,9 +284,7 @@ class PlainMambaMixer(nn.Module):
         self.embed_dims = embed_dims
         self.d_state = d_state
         self.d_inner = E = int(expand * embed_dims)
-        self.dt_rank = (
-            math.ceil(embed_dims / 16) if dt_rank == 'auto' else int(dt_rank)
-        )
+        self.dt_rank = dt_rank_of(embed_dims, dt_rank)
         self.scan_impl = scan_impl
 
         self.in_proj = nn.Linear(embed_dims, 2 * E, bias=bias)
@@ -366,17 +297,9 @@ class PlainMambaMixer(nn.Module):
         self.out_proj = nn.Linear(E, embed_dims, bias=bias)
 
         # Mamba's initialisation, as the official code does it.
-        std = self.dt_rank**-0.5 * dt_scale
-        nn.init.uniform_(self.dt_proj.weight, -std, std)
-        dt = torch.exp(
-            torch.rand(E) * (math.log(dt_max) - math.log(dt_min))
-            + math.log(dt_min)
-        ).clamp(min=dt_init_floor)
-        with torch.no_grad():  # the inverse of softplus
-            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        init_dt_proj(self.dt_proj, dt_min, dt_max, dt_scale, dt_init_floor)
         self.dt_proj.bias._no_reinit = True
-        A = torch.arange(1, d_state + 1, dtype=torch.float32)
-        self.A_log = nn.Parameter(torch.log(A).repeat(E, 1))
+        self.A_log = nn.Parameter(s4d_real_log(E, d_state))
         self.D = nn.Parameter(torch.ones(E))
         self.direction_Bs = nn.Parameter(torch.zeros(5, d_state))
         nn.init.trunc_normal_(self.direction_Bs, std=0.02)
@@ -594,7 +517,7 @@ class PlainMambaLayer(nn.Module):
 
 
 @MODELS.register_module()
-class PlainMamba(BaseModule):
+class PlainMamba(SSMBackbone):
     """PlainMamba backbone (Yang et al., BMVC 2024).
 
     A convolutional stem to 1/16 (:class:`ConvPatchEmbed`), a learned
@@ -724,6 +647,7 @@ class PlainMamba(BaseModule):
     }
     OUT_TYPES = ('featmap', 'avg_featmap')
     pooled_out_type = 'avg_featmap'
+    _out_norm_prefixes = ('ln1', 'norm_layer')
 
     def __init__(
         self,
@@ -766,18 +690,9 @@ class PlainMamba(BaseModule):
             paper_schedule=s.get('prune'),
             dense_layers=self.dw_layers,
         )
-        if out_type not in self.OUT_TYPES:
-            raise ValueError(
-                f'out_type must be one of {self.OUT_TYPES}, got {out_type!r}'
-            )
-        self.out_type = out_type
+        self.out_type = self._check_out_type(out_type)
         self.out_indices = self._parse_out_indices(out_indices)
-        if not -1 <= frozen_stages <= self.num_layers:
-            raise ValueError(
-                f'frozen_stages must be in [-1, '
-                f'{self.num_layers}], got {frozen_stages}'
-            )
-        self.frozen_stages = frozen_stages
+        self.frozen_stages = self._check_frozen_stages(frozen_stages)
         self.final_norm = final_norm
         self.norm_eval = norm_eval
         self.with_cp = with_cp
@@ -792,14 +707,9 @@ class PlainMamba(BaseModule):
             num_convs=int(s['num_convs']),
             norm_cfg=norm_cfg,
         )
-        self.patch_resolution = ConvPatchEmbed.out_size(self.img_size)
-        num_patches = self.patch_resolution[0] * self.patch_resolution[1]
-        self.pos_embed = nn.Parameter(
-            torch.zeros(1, num_patches, self.embed_dims)
-        )
+        self.patch_grid = ConvPatchEmbed.out_size(self.img_size)
+        self._build_pos_embed()
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        self.pos_embed._no_weight_decay = True
-        self._register_load_state_dict_pre_hook(self._prepare_pos_embed)
 
         mixer_cfg = dict(
             d_state=int(s['d_state']),
@@ -831,76 +741,6 @@ class PlainMamba(BaseModule):
                 )
         self._freeze_stages()
 
-    # ----------------------------------------------------------- arguments
-    def _parse_arch(self, arch: Union[str, dict]) -> dict:
-        if isinstance(arch, str):
-            if arch not in self.arch_zoo:
-                raise ValueError(
-                    f'arch {arch!r} is not one of {sorted(self.arch_zoo)}'
-                )
-            return dict(self.arch_zoo[arch])
-        if not isinstance(arch, dict):
-            raise TypeError(
-                f'arch must be a str or a dict, got {type(arch).__name__}'
-            )
-        missing = [k for k in self._required_keys if k not in arch]
-        if missing:
-            raise ValueError(
-                f'arch dict is missing the key(s) {missing}; '
-                f'it needs {list(self._required_keys)}'
-            )
-        return dict(arch)
-
-    def _parse_out_indices(
-        self, out_indices: Union[int, Sequence[int]]
-    ) -> Tuple[int, ...]:
-        if isinstance(out_indices, int):
-            out_indices = [out_indices]
-        if not isinstance(out_indices, Sequence) or not out_indices:
-            raise ValueError(
-                f'out_indices must be an int or a non-empty '
-                f'sequence of ints, got {out_indices!r}'
-            )
-        result = []
-        for index in out_indices:
-            i = int(index) + (self.num_layers if int(index) < 0 else 0)
-            if not 0 <= i < self.num_layers:
-                raise ValueError(
-                    f'out_indices {list(out_indices)} has '
-                    f'{index}, out of range for '
-                    f'{self.num_layers} layers'
-                )
-            result.append(i)
-        return tuple(sorted(set(result)))
-
-    # ---------------------------------------------------------- checkpoint
-    def _prepare_pos_embed(
-        self, state_dict: dict, prefix: str, *args, **kwargs
-    ) -> None:
-        """Resize a checkpoint's (square) ``pos_embed`` to this model's."""
-        name = prefix + 'pos_embed'
-        if name not in state_dict:
-            return
-        ckpt = state_dict[name]
-        if ckpt.shape == self.pos_embed.shape:
-            return
-        n = ckpt.shape[1] if ckpt.dim() == 3 else -1
-        side = math.isqrt(n) if n > 0 else 0
-        if (
-            ckpt.dim() != 3
-            or side * side != n
-            or ckpt.shape[2] != self.embed_dims
-        ):
-            raise ValueError(
-                f"cannot resize the checkpoint's {name} of "
-                f'shape {tuple(ckpt.shape)} to '
-                f'{tuple(self.pos_embed.shape)}: it must be a '
-                f'square grid of {self.embed_dims} channels'
-            )
-        state_dict[name] = resize_pos_embed(
-            ckpt, (side, side), self.patch_resolution
-        )
-
     # ------------------------------------------------------------- forward
     def embed(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
         """Stem and position embedding.
@@ -913,50 +753,12 @@ class PlainMamba(BaseModule):
             order and the grid (h, w).
         """
         x, hw = self.patch_embed(x)
-        pos_embed = resize_pos_embed(self.pos_embed, self.patch_resolution, hw)
-        return x + pos_embed.to(x.dtype), hw
-
-    def forward_layer(
-        self, i: int, x: Tensor, hw_shape: Sequence[int], **kwargs
-    ) -> Tensor:
-        """Run layer ``i`` (checkpointed if ``with_cp``).
-
-        ``kwargs`` go to :meth:`PlainMambaLayer.forward` (``token_index``,
-        ``gap_mode``, ``align``, ``return_ssm_out``).
-        """
-        layer = self.layers[i]
-        if self.with_cp and self.training and x.requires_grad:
-            return cp.checkpoint(
-                layer, x, tuple(hw_shape), use_reentrant=False, **kwargs
-            )
-        return layer(x, tuple(hw_shape), **kwargs)
+        return x + self.get_pos_embed(hw).to(x.dtype), hw
 
     def init_tokens(self, x: Tensor) -> TokenState:
         """Embed images into the token state that the layers run on."""
         tokens, hw = self.embed(x)
         return TokenState(tokens, hw)
-
-    def run_layers(
-        self, state: TokenState, start: int, end: int
-    ) -> TokenState:
-        """Run layers ``start`` .. ``end - 1`` on the state.
-
-        A state with ``index`` runs the layers on its kept tokens only
-        (aligned or naive, by the pruner's ``align`` and ``gap_mode``; the
-        aligned defaults without a pruner). The pruning steps scheduled
-        after these layers run here, so any grouping of the layers prunes
-        the same way.
-
-        Args:
-            state (TokenState): From :meth:`init_tokens` or an earlier call.
-            start (int): First layer (0-based).
-            end (int): One past the last layer.
-
-        Returns:
-            TokenState: The state after layer ``end - 1`` (and its pruning
-            step, if one is scheduled there).
-        """
-        return run_layers(state, start, end, self.pruner, self._run_layer)
 
     def _run_layer(
         self, i: int, state: TokenState, return_ssm_out: bool
@@ -966,7 +768,11 @@ class PlainMamba(BaseModule):
         if state.index is not None:
             kwargs = dict(token_index=state.index, **scan_options(self.pruner))
         return self.forward_layer(
-            i, state.tokens, state.hw, return_ssm_out=return_ssm_out, **kwargs
+            i,
+            state.tokens,
+            tuple(state.hw),
+            return_ssm_out=return_ssm_out,
+            **kwargs,
         )
 
     def output(self, state: TokenState, i: int) -> Tensor:
@@ -988,80 +794,3 @@ class PlainMamba(BaseModule):
         if self.out_type == 'avg_featmap':
             return x.mean(dim=1)
         return x.transpose(1, 2).reshape(x.shape[0], -1, *state.hw)
-
-    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
-        """Extract features.
-
-        Args:
-            x (Tensor): Images (B, C, H, W), any H and W.
-
-        Returns:
-            tuple[Tensor]: One output per ``out_indices`` (see ``out_type``).
-        """
-        state = self.init_tokens(x)
-        outs = []
-        for i in range(self.num_layers):
-            state = self.run_layers(state, i, i + 1)
-            if i in self.out_indices:
-                outs.append(self.output(state, i))
-        return tuple(outs)
-
-    # ------------------------------------------------------------ training
-    def _freeze_stages(self) -> None:
-        if self.frozen_stages < 0:
-            return
-        self.pos_embed.requires_grad = False
-        modules = [self.patch_embed]
-        modules += list(self.layers[: self.frozen_stages])
-        if self.frozen_stages == self.num_layers:
-            modules += [
-                m
-                for name, m in self.named_children()
-                if name == 'ln1' or name.startswith('norm_layer')
-            ]
-        for m in modules:
-            m.eval()
-            for param in m.parameters():
-                param.requires_grad = False
-
-    def train(self, mode: bool = True) -> 'PlainMamba':
-        """Set the mode, keeping frozen stages and (if ``norm_eval``) the
-        batch norms in eval mode."""
-        super().train(mode)
-        self._freeze_stages()
-        if mode and self.norm_eval:
-            for m in self.modules():
-                if isinstance(m, _BatchNorm):
-                    m.eval()
-        return self
-
-    def get_layer_depth(
-        self, param_name: str, prefix: str = ''
-    ) -> Tuple[int, int]:
-        """The layer depth of a parameter, for layer-wise lr decay.
-
-        As mmpretrain's ViT: the stem and ``pos_embed`` are depth 0, layer
-        ``i`` is depth ``i + 1``, everything else (``ln1``, the output norms,
-        and parameters outside the backbone such as the head) is the last
-        depth ``num_layers + 1``.
-
-        Args:
-            param_name (str): The parameter's name.
-            prefix (str): The backbone's prefix in ``param_name``.
-                Defaults to ''.
-
-        Returns:
-            tuple[int, int]: The layer depth and the number of depths
-            (``num_layers + 2``).
-        """
-        num_depths = self.num_layers + 2
-        if not param_name.startswith(prefix):
-            return num_depths - 1, num_depths
-        name = param_name[len(prefix) :]
-        if name == 'pos_embed' or name.startswith('patch_embed.'):
-            depth = 0
-        elif name.startswith('layers.'):
-            depth = int(name.split('.')[1]) + 1
-        else:
-            depth = num_depths - 1
-        return depth, num_depths

@@ -25,22 +25,24 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint as cp
-from mmengine.model import BaseModule
 from torch import Tensor
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmssm.models.layers import (
+    DropPath,
+    RMSNorm,  # noqa: F401 (re-exported: tests import it from here)
     TokenPruner,
     TokenState,
-    resize_pos_embed,
-    run_layers,
+    build_token_norm,
+    dt_rank_of,
+    init_dt_proj,
+    s4d_real_log,
     scan_options,
+    upcast,
 )
 from mmssm.ops import selective_scan
 from mmssm.registry import MODELS
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
+from .base_backbone import SSMBackbone
 
 # Keep ratio of the paper's schedules (``arch_zoo[arch]['prune']``: after
 # the 10th and 20th layer for Vim-T, the 5th, 10th, 15th and 20th for
@@ -57,82 +59,6 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # runs on the kept tokens only.
 _KEEP_T = 0.83
 _KEEP_S = 0.81
-
-
-def _upcast(t: Tensor) -> Tensor:
-    """Half/bfloat16 to float32; float32 and float64 stay as they are."""
-    return t.float() if t.dtype in _LOW_PRECISION else t
-
-
-class RMSNorm(nn.Module):
-    """Root-mean-square norm, ``x / sqrt(mean(x^2) + eps) * weight``.
-
-    Computed in float32 (float64 for float64 inputs), as mamba-ssm's
-    ``rms_norm_fn``; the output has the dtype of the input.
-
-    Args:
-        num_features (int): Channels (the last dimension).
-        eps (float): Added to the mean square. Defaults to 1e-5.
-    """
-
-    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(num_features))
-
-    def forward(self, x: Tensor) -> Tensor:
-        xf = _upcast(x)
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * _upcast(self.weight)).to(x.dtype)
-
-    def extra_repr(self) -> str:
-        return f'{self.weight.shape[0]}, eps={self.eps}'
-
-
-def build_token_norm(norm_cfg: dict, num_features: int) -> nn.Module:
-    """Build the norm of a token sequence: ``'RMSNorm'`` or ``'LN'``.
-
-    Args:
-        norm_cfg (dict): ``type`` plus the norm's keyword arguments
-            (``eps``).
-        num_features (int): Channels.
-
-    Returns:
-        nn.Module: The norm.
-    """
-    cfg = dict(norm_cfg)
-    norm_type = cfg.pop('type', None)
-    if norm_type == 'RMSNorm':
-        return RMSNorm(num_features, **cfg)
-    if norm_type in ('LN', 'LayerNorm'):
-        return nn.LayerNorm(num_features, **cfg)
-    raise ValueError(
-        "norm_cfg['type'] must be 'RMSNorm' or 'LN' for a token "
-        f'sequence, got {norm_type!r}'
-    )
-
-
-class DropPath(nn.Module):
-    """Stochastic depth per sample, scaled by ``1 / keep``.
-
-    Args:
-        drop_prob (float): Probability to drop the path. Defaults to 0.
-    """
-
-    def __init__(self, drop_prob: float = 0.0) -> None:
-        super().__init__()
-        self.drop_prob = drop_prob
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.drop_prob
-        shape = (x.shape[0],) + (1,) * (x.dim() - 1)
-        mask = x.new_empty(shape).bernoulli_(keep)
-        return x * mask / keep
-
-    def extra_repr(self) -> str:
-        return f'drop_prob={self.drop_prob}'
 
 
 def _depthwise_causal(x: Tensor, conv: nn.Conv1d) -> Tensor:
@@ -250,9 +176,7 @@ class BiMambaV2(nn.Module):
         self.d_state = d_state
         self.d_conv = d_conv
         self.d_inner = int(expand * embed_dims)
-        self.dt_rank = (
-            math.ceil(embed_dims / 16) if dt_rank == 'auto' else int(dt_rank)
-        )
+        self.dt_rank = dt_rank_of(embed_dims, dt_rank)
         self.scan_impl = scan_impl
         E, N, R = self.d_inner, d_state, self.dt_rank
 
@@ -262,10 +186,8 @@ class BiMambaV2(nn.Module):
         )
         self.x_proj = nn.Linear(E, R + 2 * N, bias=False)
         self.dt_proj = nn.Linear(R, E, bias=True)
-        self._init_dt_proj(
-            self.dt_proj, dt_min, dt_max, dt_scale, dt_init_floor
-        )
-        self.A_log = nn.Parameter(self._s4d_real_log(E, N))
+        init_dt_proj(self.dt_proj, dt_min, dt_max, dt_scale, dt_init_floor)
+        self.A_log = nn.Parameter(s4d_real_log(E, N))
         self.D = nn.Parameter(torch.ones(E))
 
         self.conv1d_b = nn.Conv1d(
@@ -273,35 +195,12 @@ class BiMambaV2(nn.Module):
         )
         self.x_proj_b = nn.Linear(E, R + 2 * N, bias=False)
         self.dt_proj_b = nn.Linear(R, E, bias=True)
-        self.A_b_log = nn.Parameter(self._s4d_real_log(E, N))
+        self.A_b_log = nn.Parameter(s4d_real_log(E, N))
         self.D_b = nn.Parameter(torch.ones(E))
 
         self.out_proj = nn.Linear(E, embed_dims, bias=bias)
         for p in (self.A_log, self.A_b_log, self.D, self.D_b):
             p._no_weight_decay = True
-
-    @staticmethod
-    def _s4d_real_log(dim: int, d_state: int) -> Tensor:
-        A = torch.arange(1, d_state + 1, dtype=torch.float32)
-        return torch.log(A).repeat(dim, 1).contiguous()
-
-    @staticmethod
-    def _init_dt_proj(
-        dt_proj: nn.Linear,
-        dt_min: float,
-        dt_max: float,
-        dt_scale: float,
-        dt_init_floor: float,
-    ) -> None:
-        std = dt_proj.in_features**-0.5 * dt_scale
-        nn.init.uniform_(dt_proj.weight, -std, std)
-        dt = torch.exp(
-            torch.rand(dt_proj.out_features)
-            * (math.log(dt_max) - math.log(dt_min))
-            + math.log(dt_min)
-        ).clamp(min=dt_init_floor)
-        with torch.no_grad():  # softplus^-1(dt)
-            dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
     def _branch(
         self,
@@ -323,16 +222,16 @@ class BiMambaV2(nn.Module):
             x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1
         )
         dt = F.linear(dt, dt_proj.weight).transpose(1, 2)  # bias: in scan
-        A = -torch.exp(_upcast(A_log))
+        A = -torch.exp(upcast(A_log))
         return selective_scan(
             x,
             dt,
             A,
             B.transpose(1, 2).contiguous(),
             C.transpose(1, 2).contiguous(),
-            _upcast(D),
+            upcast(D),
             z=z,
-            delta_bias=_upcast(dt_proj.bias),
+            delta_bias=upcast(dt_proj.bias),
             delta_softplus=True,
             positions=positions,
             gap_mode=gap_mode,
@@ -470,7 +369,7 @@ class VimBlock(nn.Module):
             Tensor | tuple[Tensor, Tensor]: The stream (B, K, C), and the
             mixer's SSM output if ``return_ssm_out``.
         """
-        x = _upcast(x)
+        x = upcast(x)
         out = self.mixer(
             self.norm(x), positions, seq_len, gap_mode, align, return_ssm_out
         )
@@ -519,7 +418,7 @@ class PatchEmbed(nn.Module):
 
 
 @MODELS.register_module()
-class Vim(BaseModule):
+class Vim(SSMBackbone):
     """Vision Mamba (Vim).
 
     A reimplementation of `Vision Mamba
@@ -655,6 +554,8 @@ class Vim(BaseModule):
     )
     OUT_TYPES = ('featmap', 'cls_token')
     CLS_TOKEN_TYPES = ('middle', None)
+    _out_norm_prefixes = ('norm_f',)
+    _ckpt_cls_slot = True
 
     def __init__(
         self,
@@ -689,13 +590,9 @@ class Vim(BaseModule):
             )
         self.cls_token_type = cls_token
         self.num_extra_tokens = 0 if cls_token is None else 1
-        if out_type not in self.OUT_TYPES:
-            raise ValueError(
-                f'out_type must be one of {self.OUT_TYPES}, got {out_type!r}'
-            )
+        self.out_type = self._check_out_type(out_type)
         if out_type == 'cls_token' and cls_token is None:
             raise ValueError("out_type='cls_token' needs cls_token='middle'")
-        self.out_type = out_type
         self.out_indices = self._parse_out_indices(out_indices)
         self.pruner = TokenPruner.build(
             prune_cfg, self.num_layers, paper_schedule=s.get('prune')
@@ -704,14 +601,9 @@ class Vim(BaseModule):
             raise ValueError(
                 f'drop_path_rate must be in [0, 1), got {drop_path_rate}'
             )
-        if not -1 <= frozen_stages <= self.num_layers:
-            raise ValueError(
-                f'frozen_stages must be in [-1, '
-                f'{self.num_layers}], got {frozen_stages}'
-            )
+        self.frozen_stages = self._check_frozen_stages(frozen_stages)
         self.final_norm = final_norm
         self.with_cp = with_cp
-        self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
         self.scan_impl = scan_impl
         norm_cfg = norm_cfg or dict(type='RMSNorm', eps=1e-5)
@@ -725,17 +617,10 @@ class Vim(BaseModule):
             in_channels, self.embed_dims, s['patch_size'], s['stride']
         )
         self.patch_grid = self.patch_embed.grid_size(self.img_size)
-        num_patches = self.patch_grid[0] * self.patch_grid[1]
         if cls_token is not None:
             self.cls_token = nn.Parameter(torch.zeros(1, 1, self.embed_dims))
             self.cls_token._no_weight_decay = True
-        self.pos_embed = nn.Parameter(
-            torch.zeros(
-                1, num_patches + self.num_extra_tokens, self.embed_dims
-            )
-        )
-        self.pos_embed._no_weight_decay = True
-        self._register_load_state_dict_pre_hook(self._prepare_pos_embed)
+        self._build_pos_embed()
 
         block_mixer_cfg = dict(
             d_state=s['d_state'],
@@ -758,49 +643,8 @@ class Vim(BaseModule):
         self._freeze_stages()
 
     # ------------------------------------------------------------------
-    # Construction helpers.
+    # Initialisation.
     # ------------------------------------------------------------------
-    def _parse_arch(self, arch: Union[str, dict]) -> dict:
-        if isinstance(arch, str):
-            key = arch.lower()
-            if key not in self.arch_zoo:
-                raise ValueError(
-                    f'arch {arch!r} is not one of {sorted(set(self.arch_zoo))}'
-                )
-            return dict(self.arch_zoo[key])
-        if not isinstance(arch, dict):
-            raise TypeError(
-                f'arch must be a str or a dict, got {type(arch).__name__}'
-            )
-        missing = [k for k in self._required_keys if k not in arch]
-        if missing:
-            raise ValueError(
-                f'arch dict misses the keys {missing}; it needs '
-                f'{list(self._required_keys)}'
-            )
-        return dict(arch)
-
-    def _parse_out_indices(
-        self, out_indices: Union[int, Sequence[int]]
-    ) -> Tuple[int, ...]:
-        if isinstance(out_indices, int):
-            out_indices = [out_indices]
-        if not isinstance(out_indices, Sequence) or not out_indices:
-            raise ValueError(
-                'out_indices must be an int or a non-empty '
-                f'sequence of ints, got {out_indices!r}'
-            )
-        parsed = []
-        for i in out_indices:
-            j = i + self.num_layers if i < 0 else i
-            if not 0 <= j < self.num_layers:
-                raise ValueError(
-                    f'out_indices {list(out_indices)} has {i}, '
-                    f'out of range for {self.num_layers} layers'
-                )
-            parsed.append(j)
-        return tuple(sorted(set(parsed)))
-
     def init_official(self) -> None:
         """The released initialisation (also run at construction).
 
@@ -834,68 +678,6 @@ class Vim(BaseModule):
                 mixer.out_proj.weight /= math.sqrt(self.num_layers)
 
     # ------------------------------------------------------------------
-    # Position embedding.
-    # ------------------------------------------------------------------
-    def _split_pos_embed(
-        self, pos_embed: Tensor, with_cls: bool
-    ) -> Tuple[Optional[Tensor], Tensor]:
-        """(class slot or None, grid part) of a (1, M[+1], C) embedding."""
-        if not with_cls:
-            return None, pos_embed
-        M = pos_embed.shape[1] - 1
-        mid = M // 2
-        grid = torch.cat([pos_embed[:, :mid], pos_embed[:, mid + 1 :]], 1)
-        return pos_embed[:, mid : mid + 1], grid
-
-    def get_pos_embed(self, grid: Tuple[int, int]) -> Tensor:
-        """``pos_embed`` for a token grid, the class slot at ``M // 2``."""
-        if tuple(grid) == tuple(self.patch_grid):
-            return self.pos_embed
-        cls_slot, grid_pe = self._split_pos_embed(
-            self.pos_embed, self.cls_token_type is not None
-        )
-        grid_pe = resize_pos_embed(grid_pe, self.patch_grid, grid)
-        if cls_slot is None:
-            return grid_pe
-        mid = grid_pe.shape[1] // 2
-        return torch.cat([grid_pe[:, :mid], cls_slot, grid_pe[:, mid:]], 1)
-
-    def _prepare_pos_embed(
-        self, state_dict: dict, prefix: str, *args, **kwargs
-    ) -> None:
-        """Load pre-hook: fit a checkpoint's ``pos_embed`` to this model.
-
-        A square checkpoint grid (class slot at ``M // 2`` or none) is
-        resized bicubically to ``patch_grid``; a class slot this model does
-        not have is dropped.
-        """
-        name = prefix + 'pos_embed'
-        if name not in state_dict:
-            return
-        ckpt = state_dict[name]
-        if tuple(ckpt.shape) == tuple(self.pos_embed.shape):
-            return
-        if ckpt.dim() != 3 or ckpt.shape[-1] != self.embed_dims:
-            return  # let load_state_dict report the mismatch
-        n = ckpt.shape[1]
-        ckpt_cls = n > 1 and math.isqrt(n - 1) ** 2 == n - 1
-        side = math.isqrt(n - 1 if ckpt_cls else n)
-        if side * side != n - int(ckpt_cls):
-            raise ValueError(
-                f'{name} of the checkpoint has {n} entries: not a square '
-                'grid (with or without a class slot), so it cannot be '
-                f'resized to the grid {self.patch_grid}'
-            )
-        cls_slot, grid_pe = self._split_pos_embed(ckpt, ckpt_cls)
-        grid_pe = resize_pos_embed(grid_pe, (side, side), self.patch_grid)
-        if self.cls_token_type is not None and cls_slot is not None:
-            mid = grid_pe.shape[1] // 2
-            grid_pe = torch.cat(
-                [grid_pe[:, :mid], cls_slot, grid_pe[:, mid:]], 1
-            )
-        state_dict[name] = grid_pe
-
-    # ------------------------------------------------------------------
     # Forward.
     # ------------------------------------------------------------------
     def embed(
@@ -925,40 +707,7 @@ class Vim(BaseModule):
     def init_tokens(self, x: Tensor) -> TokenState:
         """Embed images into the token state that the layers run on."""
         tokens, grid, cls_index = self.embed(x)
-        return TokenState(_upcast(tokens), grid, cls_index=cls_index)
-
-    def forward_layer(self, i: int, x: Tensor, **kwargs) -> Tensor:
-        """Run layer ``i`` (checkpointed if ``with_cp``).
-
-        ``kwargs`` go to :meth:`VimBlock.forward` (``positions``,
-        ``seq_len``, ``gap_mode``, ``align``, ``return_ssm_out``).
-        """
-        layer = self.layers[i]
-        if self.with_cp and self.training and x.requires_grad:
-            return cp.checkpoint(layer, x, use_reentrant=False, **kwargs)
-        return layer(x, **kwargs)
-
-    def run_layers(
-        self, state: TokenState, start: int, end: int
-    ) -> TokenState:
-        """Run layers ``start`` .. ``end - 1`` on the state.
-
-        A state with ``index`` runs the layers on its kept tokens only, at
-        their positions in the full sequence (aligned or naive, by the
-        pruner's ``align`` and ``gap_mode``; the aligned defaults without a
-        pruner). The pruning steps scheduled after these layers run here,
-        so any grouping of the layers prunes the same way.
-
-        Args:
-            state (TokenState): From :meth:`init_tokens` or an earlier call.
-            start (int): First layer (0-based).
-            end (int): One past the last layer.
-
-        Returns:
-            TokenState: The state after layer ``end - 1`` (and its pruning
-            step, if one is scheduled there).
-        """
-        return run_layers(state, start, end, self.pruner, self._run_layer)
+        return TokenState(upcast(tokens), grid, cls_index=cls_index)
 
     def _run_layer(
         self, i: int, state: TokenState, return_ssm_out: bool
@@ -988,78 +737,3 @@ class Vim(BaseModule):
             x = torch.cat([x[:, :cls_index], x[:, cls_index + 1 :]], 1)
         B, _, C = x.shape
         return x.transpose(1, 2).reshape(B, C, *state.hw).contiguous()
-
-    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
-        """Run the backbone.
-
-        Args:
-            x (Tensor): Images (B, in_channels, H, W), any H, W.
-
-        Returns:
-            tuple[Tensor]: One output per ``out_indices``: (B, C, h, w) maps
-            or (B, C) class tokens, see ``out_type``.
-        """
-        state = self.init_tokens(x)
-        outs = []
-        for i in range(self.num_layers):
-            state = self.run_layers(state, i, i + 1)
-            if i in self.out_indices:
-                outs.append(self.output(state, i))
-        return tuple(outs)
-
-    # ------------------------------------------------------------------
-    # Training helpers.
-    # ------------------------------------------------------------------
-    def _freeze_stages(self) -> None:
-        if self.frozen_stages < 0:
-            return
-        modules = [self.patch_embed]
-        modules += list(self.layers[: self.frozen_stages])
-        if self.frozen_stages == self.num_layers and self.final_norm:
-            modules.append(self.norm_f)
-        for m in modules:
-            m.eval()
-            for p in m.parameters():
-                p.requires_grad = False
-        self.pos_embed.requires_grad = False
-        if self.cls_token_type is not None:
-            self.cls_token.requires_grad = False
-
-    def train(self, mode: bool = True) -> 'Vim':
-        super().train(mode)
-        self._freeze_stages()
-        if mode and self.norm_eval:
-            for m in self.modules():
-                if isinstance(m, _BatchNorm):
-                    m.eval()
-        return self
-
-    def get_layer_depth(
-        self, param_name: str, prefix: str = ''
-    ) -> Tuple[int, int]:
-        """Layer depth of a parameter, for layer-wise learning-rate decay.
-
-        Embeddings (``patch_embed``, ``pos_embed``, ``cls_token``) are depth
-        0, ``layers.{i}`` depth ``i + 1``, anything else (``norm_f``, a head)
-        the last depth.
-
-        Args:
-            param_name (str): Name of the parameter.
-            prefix (str): Prefix of the backbone's parameters in
-                ``param_name``, e.g. 'backbone.'. Defaults to ''.
-
-        Returns:
-            tuple[int, int]: The depth and the number of depths
-            (``num_layers + 2``).
-        """
-        num_depths = self.num_layers + 2
-        if not param_name.startswith(prefix):
-            return num_depths - 1, num_depths
-        name = param_name[len(prefix) :]
-        if name in ('cls_token', 'pos_embed') or name.startswith(
-            'patch_embed'
-        ):
-            return 0, num_depths
-        if name.startswith('layers.'):
-            return int(name.split('.')[1]) + 1, num_depths
-        return num_depths - 1, num_depths

@@ -1,4 +1,7 @@
-from .pos_embed import resize_pos_embed
+from .drop_path import DropPath
+from .mamba_init import dt_rank_of, init_dt_proj, s4d_real_log
+from .norm import RMSNorm, build_norm, build_token_norm, upcast
+from .pos_embed import insert_cls_slot, resize_pos_embed, split_cls_slot
 from .token_pruner import (
     METRICS,
     TokenPruner,
@@ -9,7 +12,17 @@ from .token_pruner import (
 )
 
 __all__ = [
+    'DropPath',
+    'dt_rank_of',
+    'init_dt_proj',
+    's4d_real_log',
+    'RMSNorm',
+    'build_norm',
+    'build_token_norm',
+    'upcast',
+    'insert_cls_slot',
     'resize_pos_embed',
+    'split_cls_slot',
     'METRICS',
     'TokenPruner',
     'TokenState',

@@ -21,13 +21,12 @@ import torch.nn as nn
 import torch.utils.checkpoint as cp
 from torch import Tensor
 
+from .norm import build_norm
+
 Shapes = Sequence[Tuple[int, int]]
 
-
-def _build_norm(cfg: dict, num_features: int) -> nn.Module:
-    from mmcv.cnn import build_norm_layer
-
-    return build_norm_layer(cfg, num_features)[1]
+# The blocks' norms when ``layer_norm_cfg`` is None (the original's eps).
+_LAYER_NORM_CFG = dict(type='LN', eps=1e-6)
 
 
 def _build_deform_attn(
@@ -161,7 +160,7 @@ class SpatialPriorModule(nn.Module):
         def conv_block(c_in: int, c_out: int, stride: int) -> List[nn.Module]:
             return [
                 nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False),
-                _build_norm(norm_cfg, c_out),
+                build_norm(norm_cfg, c_out),
                 nn.ReLU(inplace=True),
             ]
 
@@ -246,112 +245,19 @@ class ConvFFN(nn.Module):
         return self.fc2(self.act(self.dwconv(self.fc1(x), shapes)))
 
 
-def _deform(
-    attn: nn.Module,
-    query: Tensor,
-    reference_points: Tensor,
-    feat: Tensor,
-    spatial_shapes: Tensor,
-    level_start_index: Tensor,
-) -> Tensor:
-    """mmcv's deformable attention without its residual (identity 0)."""
-    return attn(
-        query,
-        value=feat,
-        identity=query.new_zeros(()),
-        reference_points=reference_points,
-        spatial_shapes=spatial_shapes,
-        level_start_index=level_start_index,
-    )
+class _DeformBlock(nn.Module):
+    """What the injector and the extractor share.
 
-
-class Injector(nn.Module):
-    """``x = x + gamma * DeformAttn(LN(x), LN(c))``: prior -> tokens.
+    ``query = update(query, DeformAttn(LN(query), LN(feat)))``, with the
+    norms ``query_norm`` and ``feat_norm``, mmcv's deformable attention
+    ``attn`` and checkpointing; a subclass defines :meth:`update`.
 
     Args:
         dims (int): Channels.
         num_heads (int): Deformable-attention heads. Defaults to 6.
         n_points (int): Sampling points per head and level. Defaults to 4.
-        n_levels (int): Levels of the spatial prior. Defaults to 3.
+        n_levels (int): Levels of the features attended to. Defaults to 1.
         deform_ratio (float): Value-projection ratio. Defaults to 1.0.
-        init_values (float): Initial ``gamma``. Defaults to 0.
-        layer_norm_cfg (dict, optional): The norms; None is
-            ``dict(type='LN', eps=1e-6)``. Defaults to None.
-        with_cp (bool): Checkpoint the block while training.
-            Defaults to False.
-    """
-
-    def __init__(
-        self,
-        dims: int,
-        num_heads: int = 6,
-        n_points: int = 4,
-        n_levels: int = 3,
-        deform_ratio: float = 1.0,
-        init_values: float = 0.0,
-        layer_norm_cfg: Optional[dict] = None,
-        with_cp: bool = False,
-    ) -> None:
-        super().__init__()
-        layer_norm_cfg = layer_norm_cfg or dict(type='LN', eps=1e-6)
-        self.with_cp = with_cp
-        self.query_norm = _build_norm(layer_norm_cfg, dims)
-        self.feat_norm = _build_norm(layer_norm_cfg, dims)
-        self.attn = _build_deform_attn(
-            dims, num_heads, n_levels, n_points, deform_ratio
-        )
-        self.gamma = nn.Parameter(init_values * torch.ones(dims))
-
-    def forward(
-        self,
-        query: Tensor,
-        reference_points: Tensor,
-        feat: Tensor,
-        spatial_shapes: Tensor,
-        level_start_index: Tensor,
-    ) -> Tensor:
-        """Inject the spatial prior into backbone tokens.
-
-        Args:
-            query (Tensor): Backbone tokens (B, K, C).
-            reference_points (Tensor): (B or 1, K, 1, 2), their positions.
-            feat (Tensor): The spatial prior (B, N, C).
-            spatial_shapes (Tensor): (n_levels, 2) of ``feat``.
-            level_start_index (Tensor): (n_levels,) of ``feat``.
-
-        Returns:
-            Tensor: The updated tokens (B, K, C).
-        """
-
-        def inner(query: Tensor, feat: Tensor) -> Tensor:
-            attn = _deform(
-                self.attn,
-                self.query_norm(query),
-                reference_points,
-                self.feat_norm(feat),
-                spatial_shapes,
-                level_start_index,
-            )
-            return query + self.gamma * attn
-
-        if self.with_cp and self.training and query.requires_grad:
-            return cp.checkpoint(inner, query, feat, use_reentrant=False)
-        return inner(query, feat)
-
-
-class Extractor(nn.Module):
-    """``c = c + DeformAttn(LN(c), LN(x))``, then ``c = c + ConvFFN(LN(c))``.
-
-    Args:
-        dims (int): Channels.
-        num_heads (int): Deformable-attention heads. Defaults to 6.
-        n_points (int): Sampling points per head. Defaults to 4.
-        n_levels (int): Levels of the backbone features. Defaults to 1.
-        deform_ratio (float): Value-projection ratio. Defaults to 1.0.
-        with_cffn (bool): Add the ConvFFN. Defaults to True.
-        cffn_ratio (float): Hidden ratio of the ConvFFN. Defaults to 0.25.
-        drop_path (float): Drop-path probability of the ConvFFN.
-            Defaults to 0.
         layer_norm_cfg (dict, optional): The norms; None is
             ``dict(type='LN', eps=1e-6)``. Defaults to None.
         with_cp (bool): Checkpoint the block while training.
@@ -365,25 +271,17 @@ class Extractor(nn.Module):
         n_points: int = 4,
         n_levels: int = 1,
         deform_ratio: float = 1.0,
-        with_cffn: bool = True,
-        cffn_ratio: float = 0.25,
-        drop_path: float = 0.0,
         layer_norm_cfg: Optional[dict] = None,
         with_cp: bool = False,
     ) -> None:
         super().__init__()
-        layer_norm_cfg = layer_norm_cfg or dict(type='LN', eps=1e-6)
+        self.layer_norm_cfg = layer_norm_cfg or _LAYER_NORM_CFG
         self.with_cp = with_cp
-        self.query_norm = _build_norm(layer_norm_cfg, dims)
-        self.feat_norm = _build_norm(layer_norm_cfg, dims)
+        self.query_norm = build_norm(self.layer_norm_cfg, dims)
+        self.feat_norm = build_norm(self.layer_norm_cfg, dims)
         self.attn = _build_deform_attn(
             dims, num_heads, n_levels, n_points, deform_ratio
         )
-        self.with_cffn = with_cffn
-        if with_cffn:
-            self.ffn = ConvFFN(dims, int(dims * cffn_ratio))
-            self.ffn_norm = _build_norm(layer_norm_cfg, dims)
-            self.drop_path = _build_drop_path(drop_path)
 
     def forward(
         self,
@@ -392,41 +290,118 @@ class Extractor(nn.Module):
         feat: Tensor,
         spatial_shapes: Tensor,
         level_start_index: Tensor,
-        query_shapes: Shapes,
+        *args,
     ) -> Tensor:
-        """Extract backbone features into the spatial prior.
+        """Let ``query`` attend to ``feat`` and update it.
 
         Args:
-            query (Tensor): The spatial prior (B, N, C).
-            reference_points (Tensor): (1, N, 1, 2), its positions.
-            feat (Tensor): Backbone tokens on the full grid (B, h*w, C).
-            spatial_shapes (Tensor): (1, 2), the grid (h, w).
-            level_start_index (Tensor): (1,).
-            query_shapes (Sequence[tuple[int, int]]): (h, w) of each level
-                of ``query``, for the ConvFFN.
+            query (Tensor): (B, K, C).
+            reference_points (Tensor): (B or 1, K, 1, 2), the query's
+                positions, normalised.
+            feat (Tensor): The features attended to (B, N, C), the levels
+                one after another.
+            spatial_shapes (Tensor): (n_levels, 2) of ``feat``.
+            level_start_index (Tensor): (n_levels,) of ``feat``.
+            *args: The rest of :meth:`update`'s arguments.
 
         Returns:
-            Tensor: The updated prior (B, N, C).
+            Tensor: The updated query (B, K, C).
         """
 
         def inner(query: Tensor, feat: Tensor) -> Tensor:
-            query = query + _deform(
-                self.attn,
-                self.query_norm(query),
-                reference_points,
-                self.feat_norm(feat),
-                spatial_shapes,
-                level_start_index,
+            normed = self.query_norm(query)
+            # mmcv adds its ``identity`` to the attention; zero leaves the
+            # residual (and its scale) to ``update``.
+            attn = self.attn(
+                normed,
+                value=self.feat_norm(feat),
+                identity=normed.new_zeros(()),
+                reference_points=reference_points,
+                spatial_shapes=spatial_shapes,
+                level_start_index=level_start_index,
             )
-            if self.with_cffn:
-                query = query + self.drop_path(
-                    self.ffn(self.ffn_norm(query), query_shapes)
-                )
-            return query
+            return self.update(query, attn, *args)
 
         if self.with_cp and self.training and query.requires_grad:
             return cp.checkpoint(inner, query, feat, use_reentrant=False)
         return inner(query, feat)
+
+    def update(self, query: Tensor, attn: Tensor, *args) -> Tensor:
+        """The query after the block, from the attention output."""
+        raise NotImplementedError
+
+
+class Injector(_DeformBlock):
+    """``x = x + gamma * DeformAttn(LN(x), LN(c))``: prior -> tokens.
+
+    ``query`` is the backbone tokens (B, K, C), ``feat`` the spatial prior
+    (B, N, C) of ``n_levels`` levels.
+
+    Args:
+        dims (int): Channels.
+        init_values (float): Initial ``gamma``. Defaults to 0.
+        n_levels (int): Levels of the spatial prior. Defaults to 3.
+        **kwargs: The other arguments of :class:`_DeformBlock`.
+    """
+
+    def __init__(
+        self,
+        dims: int,
+        *,
+        init_values: float = 0.0,
+        n_levels: int = 3,
+        **kwargs,
+    ) -> None:
+        super().__init__(dims, n_levels=n_levels, **kwargs)
+        self.gamma = nn.Parameter(init_values * torch.ones(dims))
+
+    def update(self, query: Tensor, attn: Tensor) -> Tensor:
+        return query + self.gamma * attn
+
+
+class Extractor(_DeformBlock):
+    """``c = c + DeformAttn(LN(c), LN(x))``, then ``c = c + ConvFFN(LN(c))``.
+
+    ``query`` is the spatial prior (B, N, C), ``feat`` the backbone tokens
+    on the full grid (B, h*w, C); ``forward`` takes one more argument,
+    ``query_shapes`` (the (h, w) of each level of the prior, for the
+    ConvFFN).
+
+    Args:
+        dims (int): Channels.
+        with_cffn (bool): Add the ConvFFN. Defaults to True.
+        cffn_ratio (float): Hidden ratio of the ConvFFN. Defaults to 0.25.
+        drop_path (float): Drop-path probability of the ConvFFN.
+            Defaults to 0.
+        **kwargs: The other arguments of :class:`_DeformBlock`
+            (``n_levels`` defaults to 1, the backbone's one grid).
+    """
+
+    def __init__(
+        self,
+        dims: int,
+        *,
+        with_cffn: bool = True,
+        cffn_ratio: float = 0.25,
+        drop_path: float = 0.0,
+        **kwargs,
+    ) -> None:
+        super().__init__(dims, **kwargs)
+        self.with_cffn = with_cffn
+        if with_cffn:
+            self.ffn = ConvFFN(dims, int(dims * cffn_ratio))
+            self.ffn_norm = build_norm(self.layer_norm_cfg, dims)
+            self.drop_path = _build_drop_path(drop_path)
+
+    def update(
+        self, query: Tensor, attn: Tensor, query_shapes: Shapes
+    ) -> Tensor:
+        query = query + attn
+        if self.with_cffn:
+            query = query + self.drop_path(
+                self.ffn(self.ffn_norm(query), query_shapes)
+            )
+        return query
 
 
 class InteractionBlock(nn.Module):
@@ -469,26 +444,22 @@ class InteractionBlock(nn.Module):
         with_cp: bool = False,
     ) -> None:
         super().__init__()
-        self.injector = Injector(
-            dims,
+        common = dict(
             num_heads=num_heads,
             n_points=n_points,
-            n_levels=3,
             deform_ratio=deform_ratio,
-            init_values=init_values,
             layer_norm_cfg=layer_norm_cfg,
             with_cp=with_cp,
         )
+        self.injector = Injector(
+            dims, init_values=init_values, n_levels=3, **common
+        )
         extractor_cfg = dict(
-            num_heads=num_heads,
-            n_points=n_points,
+            common,
             n_levels=1,
-            deform_ratio=deform_ratio,
             with_cffn=with_cffn,
             cffn_ratio=cffn_ratio,
             drop_path=drop_path,
-            layer_norm_cfg=layer_norm_cfg,
-            with_cp=with_cp,
         )
         self.extractor = Extractor(dims, **extractor_cfg)
         if extra_extractor:

@@ -1,5 +1,6 @@
-from typing import Tuple
+from typing import Optional, Tuple
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -37,3 +38,35 @@ def resize_pos_embed(
         grid.float(), size=tuple(dst_shape), mode=mode, align_corners=False
     ).to(pos_embed.dtype)
     return grid.flatten(2).transpose(1, 2)
+
+
+def split_cls_slot(
+    pos_embed: Tensor, with_cls: bool
+) -> Tuple[Optional[Tensor], Tensor]:
+    """Split a middle class slot off a (1, M [+ 1], C) embedding.
+
+    Args:
+        pos_embed (Tensor): The embedding; with ``with_cls`` the class slot
+            is at ``M // 2`` of the M grid entries.
+        with_cls (bool): Whether ``pos_embed`` has a class slot.
+
+    Returns:
+        tuple[Tensor | None, Tensor]: The class slot (1, 1, C) or None, and
+        the grid part (1, M, C).
+    """
+    if not with_cls:
+        return None, pos_embed
+    mid = (pos_embed.shape[1] - 1) // 2
+    grid = torch.cat([pos_embed[:, :mid], pos_embed[:, mid + 1 :]], 1)
+    return pos_embed[:, mid : mid + 1], grid
+
+
+def insert_cls_slot(grid: Tensor, cls_slot: Optional[Tensor]) -> Tensor:
+    """Insert a class slot at ``M // 2`` of a (1, M, C) grid embedding.
+
+    The inverse of :func:`split_cls_slot`; None returns ``grid``.
+    """
+    if cls_slot is None:
+        return grid
+    mid = grid.shape[1] // 2
+    return torch.cat([grid[:, :mid], cls_slot, grid[:, mid:]], 1)

@@ -11,10 +11,10 @@ from mmengine.model import BaseModule
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from mmssm.models.layers import build_norm
 from mmssm.models.layers.adapter_modules import (
     InteractionBlock,
     SpatialPriorModule,
-    _build_norm,
     grid_reference_points,
     level_inputs,
     token_reference_points,
@@ -190,7 +190,7 @@ class ViTAdapter(BaseModule):
         )
         self.up = nn.ConvTranspose2d(C, C, 2, 2)
         for i in range(1, 5):
-            self.add_module(f'ad_norm{i}', _build_norm(norm_cfg, C))
+            self.add_module(f'ad_norm{i}', build_norm(norm_cfg, C))
         self._init_adapter_weights()
 
     # ----------------------------------------------------------- arguments

@@ -3,14 +3,22 @@
 Each ``convert_<src>(state_dict)`` is pure: it takes the official checkpoint
 (or its state dict), returns a new state dict for the mmssm model and raises
 ``KeyError`` listing every key it cannot map (never a silent skip). The
-tools in ``tools/model_converters/`` wrap them.
+tools in ``tools/model_converters/`` wrap them with :func:`convert_file`.
 """
 
+import argparse
+import os
+import os.path as osp
 import re
-from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
+import sys
+import tempfile
+from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+
+from mmssm.utils.checkpoint import sha256sum
+from mmssm.version import __version__
 
 Rule = Tuple[str, str]  # (full-match regex, replacement template)
 
@@ -226,3 +234,88 @@ def convert_vim(state_dict: Mapping, dense: bool = True) -> Dict[str, Tensor]:
     return convert_by_rules(
         state_dict, VIM_RULES, drop=drop, source='Vim checkpoint'
     )
+
+
+# --------------------------------------------------------------------------
+# Files: what the tools in tools/model_converters/ share
+# --------------------------------------------------------------------------
+def converter_parser(description: str) -> argparse.ArgumentParser:
+    """The command line of a converter: ``src`` and ``dst``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument('src', help='the official checkpoint (.pth)')
+    parser.add_argument('dst', help='where to write the mmssm checkpoint')
+    return parser
+
+
+def save_atomic(obj: dict, dst: str) -> None:
+    """``torch.save`` to a temporary file next to ``dst``, then rename."""
+    folder = osp.dirname(osp.abspath(dst))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp-', suffix='.pth')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(obj, f)
+        os.replace(tmp, dst)
+    except BaseException:
+        if osp.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def convert_file(
+    src: str,
+    dst: str,
+    convert: Callable[[Mapping], Dict[str, Tensor]],
+    source: str,
+    converter: str,
+    meta: Optional[dict] = None,
+    safe_globals: Sequence = (),
+) -> None:
+    """Convert the checkpoint file ``src`` into ``dst``, for a tool.
+
+    ``src`` is loaded with ``weights_only=True``; ``dst`` holds
+    ``state_dict`` and ``meta`` (the converter, mmssm's version, the source
+    file's name and SHA-256, then ``meta``) and is written atomically.
+    A problem ends the tool with ``error: <message>``.
+
+    Args:
+        src (str): The official checkpoint.
+        dst (str): The mmssm checkpoint to write.
+        convert (Callable): Returns the state dict of a loaded checkpoint;
+            raises ``KeyError`` or ``TypeError`` if it cannot.
+        source (str): The kind of checkpoint, for error messages
+            ('PlainMamba', 'Vim').
+        converter (str): The tool's name, for ``meta``.
+        meta (dict, optional): More ``meta``. Defaults to None.
+        safe_globals (Sequence): Globals to allow-list while loading
+            ``src``. Defaults to ().
+    """
+    if not osp.isfile(src):
+        sys.exit(f'error: {src}: no such file')
+    try:
+        with torch.serialization.safe_globals(list(safe_globals)):
+            checkpoint = torch.load(src, map_location='cpu', weights_only=True)
+    except Exception as e:  # an unpickling error names the refused global
+        sys.exit(
+            f'error: cannot load {src} with weights_only=True '
+            f'({type(e).__name__}: {e})'
+        )
+    try:
+        state_dict = convert(checkpoint)
+    except (KeyError, TypeError) as e:
+        sys.exit(
+            f'error: {src} is not a {source} checkpoint that can be '
+            f'converted: {e}'
+        )
+    meta = dict(
+        converter=converter,
+        mmssm_version=__version__,
+        source=osp.basename(src),
+        source_sha256=sha256sum(src),
+        **(meta or {}),
+    )
+    try:
+        save_atomic(dict(state_dict=state_dict, meta=meta), dst)
+    except OSError as e:
+        sys.exit(f'error: cannot write {dst}: {e}')
+    print(f'{src} -> {dst}: {len(state_dict)} tensors')
