@@ -1,8 +1,10 @@
 """Install mmssm and build its compiled ops (``mmssm._ext``) from kernels/.
 
-The CPU kernel is always built (``MMSSM_WITH_OPS=0`` skips it; mmssm then
-falls back to its PyTorch scan with a warning). There are no CUDA sources of
-our own: on CUDA tensors the scan runs through mamba-ssm (extra ``cuda``).
+One extension holds the CPU kernels (the selective scan and the causal
+conv1d). It is always built (``MMSSM_WITH_OPS=0`` skips it; mmssm then
+falls back to its PyTorch scan and conv with a warning). There are no CUDA
+sources of our own: on CUDA tensors the scan runs through mamba-ssm (extra
+``cuda``) and the conv through PyTorch.
 ``MMSSM_NATIVE=0`` builds for a generic x86-64 instead of this machine's CPU.
 """
 
@@ -38,7 +40,11 @@ def make_extensions():
         flags.append('-march=native')
     ext = CppExtension(
         name='mmssm._ext',
-        sources=sorted(glob('kernels/selective_scan/*.cpp')),
+        sources=sorted(
+            glob('kernels/selective_scan/*.cpp')
+            + glob('kernels/causal_conv1d/*.cpp')
+        ),
+        depends=sorted(glob('kernels/*/*.h')),
         extra_compile_args={'cxx': flags},
         extra_link_args=['-fopenmp'],
     )

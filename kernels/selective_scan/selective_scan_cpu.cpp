@@ -30,30 +30,18 @@
 #include <omp.h>
 #endif
 
+#include "../common/exp_simd.h"
+
+#include "../causal_conv1d/causal_conv1d_cpu.h"
+
 namespace mmssm {
 namespace {
 
 enum GapMode : int64_t { kGapNone = 0, kGapPrev = 1, kGapNull = 2 };
 
-// exp and log for float32, written so that the compiler vectorises them over
-// the loop they sit in (Cody-Waite range reduction and Cephes' polynomials;
-// max relative error ~2 ulp). exp(x) for x < -87.3 is flushed to ~1e-38,
-// which is 0 to the recurrence. NaN propagates.
-inline float exp_simd(float x) {
-  x = std::min(std::max(x, -87.3f), 88.3f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  return p * std::bit_cast<float>(bits);
-}
-
+// log for float32, written like exp_simd (kernels/common/exp_simd.h) so that
+// the compiler vectorises it over the loop it sits in.
+//
 // log(x) for x in [1, 2]: enough for softplus, log(1 + exp(-|x|)).
 inline float log_1to2(float x) {
   const int32_t bits = std::bit_cast<int32_t>(x);
@@ -87,30 +75,7 @@ inline float sigmoid(float x) { return 1.0f / (1.0f + exp_simd(-x)); }
 // with GCC vector extensions so that it compiles to whole-register code
 // (one zmm with AVX-512, two ymm with AVX2) whatever the compiler's
 // vectoriser decides. The scalar functions above are its reference.
-using vf16 = float __attribute__((vector_size(64), aligned(4)));
-using vi16 = int32_t __attribute__((vector_size(64), aligned(4)));
-
-inline vf16 splat(float v) { return vf16{} + v; }
-inline vf16 load16(const float* p) { return *reinterpret_cast<const vf16*>(p); }
-inline void store16(float* p, vf16 v) { *reinterpret_cast<vf16*>(p) = v; }
-
-inline vf16 exp16(vf16 x) {
-  x = x < splat(-87.3f) ? splat(-87.3f) : x;
-  x = x > splat(88.3f) ? splat(88.3f) : x;
-  const vf16 t = x * 1.44269504088896341f + 0.5f;
-  vf16 n = __builtin_convertvector(__builtin_convertvector(t, vi16), vf16);
-  n = n > t ? n - 1.0f : n;  // floor(t): truncation rounds up below 0
-  const vf16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  vf16 p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const vi16 bits = (__builtin_convertvector(n, vi16) + 127) << 23;
-  return p * reinterpret_cast<const vf16&>(bits);
-}
+// vf16, vi16, splat, load16, store16 and exp16: kernels/common/exp_simd.h.
 
 // The sums of the lanes of a and of b, reduced together.
 inline void sum2x16(vf16 a, vf16 b, float& sa, float& sb) {
@@ -170,7 +135,6 @@ inline float sum16(vf16 v) {  // a tree, not 15 dependent adds
 }
 
 // float64 is for checking against the reference: plain libm.
-inline double exp_simd(double x) { return std::exp(x); }
 inline double softplus(double x) {
   return x <= 20.0 ? std::log1p(std::exp(x)) : x;
 }
@@ -724,7 +688,10 @@ std::vector<std::optional<at::Tensor>> bwd(
 }  // namespace mmssm
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "mmssm compiled ops: the aligned selective scan on the CPU";
+  m.doc() =
+      "mmssm compiled ops (CPU): the aligned selective scan and the "
+      "position-aware causal conv1d";
   m.def("fwd", &mmssm::fwd, "aligned selective scan, forward (CPU)");
   m.def("bwd", &mmssm::bwd, "aligned selective scan, backward (CPU)");
+  mmssm::register_causal_conv1d(m);
 }

@@ -1,3 +1,4 @@
+from .causal_conv1d import causal_conv1d, causal_conv1d_ref
 from .selective_scan import (
     ScanCall,
     align_to_dense,
@@ -9,6 +10,8 @@ from .selective_scan import (
 )
 
 __all__ = [
+    'causal_conv1d',
+    'causal_conv1d_ref',
     'selective_scan',
     'selective_scan_ref',
     'selective_scan_chunked',

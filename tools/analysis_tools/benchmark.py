@@ -15,7 +15,11 @@ time is in the ``--json`` output). The reference loop ('ref' rows) takes
 minutes per forward, so those rows run ``--ref-warmup`` (default 0) and
 ``--ref-iters`` (default 1) instead. The load average of the machine is
 printed with the table: on a shared machine, other processes slow the rows
-down.
+down. ``--rounds R`` runs every row R times, interleaved (round r starts at
+row r, so that no row is always measured first or last), and reports the
+median of the rounds: a virtual machine's speed drifts by tens of percent
+over minutes, which one pass in a fixed order would charge to the rows
+that happen to run late.
 
 Peak memory: the resident set size (RSS) is what the CPU really holds
 (``tracemalloc`` does not see torch's allocations). In the row's process,
@@ -345,12 +349,21 @@ def parse_args() -> argparse.Namespace:
         help='seconds allowed per row. Defaults to 3600.',
     )
     parser.add_argument(
+        '--rounds',
+        type=int,
+        default=1,
+        help='passes over the rows, interleaved; the median is reported. '
+        'Defaults to 1.',
+    )
+    parser.add_argument(
         '--json', help='also write the raw results to this JSON file'
     )
     parser.add_argument('--worker', help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if min(args.iters, args.ref_iters, args.threads) < 1:
-        parser.error('--iters, --ref-iters and --threads must be >= 1')
+    if min(args.iters, args.ref_iters, args.threads, args.rounds) < 1:
+        parser.error(
+            '--iters, --ref-iters, --threads and --rounds must be >= 1'
+        )
     if min(args.warmup, args.ref_warmup) < 0:
         parser.error('--warmup and --ref-warmup must be >= 0')
     return args
@@ -410,6 +423,26 @@ def measure(row: Row, args: argparse.Namespace) -> dict:
     return result
 
 
+def combine_rounds(runs: List[dict]) -> dict:
+    """One row's result from its rounds: the median round's time, the
+    largest memory, the summed row time; a failed round fails the row."""
+    failed = [r for r in runs if 'error' in r]
+    if failed:
+        return failed[0]
+    ms = statistics.median(r['ms_per_iter'] for r in runs)
+    first = runs[0]
+    return dict(
+        first,
+        ms_per_iter=ms,
+        images_per_s=first['images_per_s'] * first['ms_per_iter'] / ms,
+        peak_fwd_mib=max(r['peak_fwd_mib'] for r in runs),
+        peak_rss_mib=max(r['peak_rss_mib'] for r in runs),
+        exact_peak=all(r['exact_peak'] for r in runs),
+        wall_s=sum(r['wall_s'] for r in runs),
+        rounds_ms=[round(r['ms_per_iter'], 1) for r in runs],
+    )
+
+
 def format_table(rows: List[Row], results: Dict[str, dict]) -> str:
     lines = [
         '| model | input | batch | scan | ms / iter | images/s | speed-up '
@@ -452,30 +485,43 @@ def main() -> None:
     rows = select_rows(args.rows, args.impls)
     load_before = os.getloadavg()
     start = time.perf_counter()
-    results = {}
-    for row in rows:
-        print(f'[benchmark] {row.key} ...', file=sys.stderr, flush=True)
-        results[row.key] = measure(row, args)
-        res = results[row.key]
-        print(
-            f'[benchmark] {row.key}: '
-            + (res['error'] if 'error' in res else f'{res["wall_s"]:.0f} s'),
-            file=sys.stderr,
-            flush=True,
-        )
+    rounds: Dict[str, List[dict]] = {row.key: [] for row in rows}
+    for r in range(args.rounds):
+        for row in rows[r % len(rows) :] + rows[: r % len(rows)]:
+            print(
+                f'[benchmark] round {r + 1}/{args.rounds} {row.key} ...',
+                file=sys.stderr,
+                flush=True,
+            )
+            res = measure(row, args)
+            rounds[row.key].append(res)
+            print(
+                f'[benchmark] {row.key}: '
+                + (
+                    res['error']
+                    if 'error' in res
+                    else f'{res["ms_per_iter"]:.0f} ms / iter'
+                ),
+                file=sys.stderr,
+                flush=True,
+            )
+    results = {key: combine_rounds(runs) for key, runs in rounds.items()}
     total = time.perf_counter() - start
     sys.path.insert(0, ROOT)
     print(machine_line(args.threads))
     load = ', '.join(f'{x:.1f}' for x in load_before + os.getloadavg())
     print(
         f'warm-up {args.warmup}, timed iterations {args.iters} (ref rows: '
-        f'{args.ref_warmup}, {args.ref_iters}); total benchmark time '
+        f'{args.ref_warmup}, {args.ref_iters}), rounds {args.rounds} '
+        f'(median); total benchmark time '
         f'{total:.0f} s; load average (1, 5, 15 min) before, after: {load}'
     )
     print()
     print(format_table(rows, results))
     if args.json:
-        with open(args.json, 'w') as f:
+        # written aside and renamed: a stopped run leaves no half a file
+        tmp = f'{args.json}.tmp'
+        with open(tmp, 'w') as f:
             json.dump(
                 dict(
                     machine=machine_line(args.threads),
@@ -483,10 +529,12 @@ def main() -> None:
                     total_s=total,
                     rows=[dataclasses.asdict(r) for r in rows],
                     results=results,
+                    rounds=rounds,
                 ),
                 f,
                 indent=1,
             )
+        os.replace(tmp, args.json)
 
 
 if __name__ == '__main__':

@@ -39,6 +39,7 @@ from mmssm.models.layers import (
     scan_options,
     upcast,
 )
+from mmssm.ops import causal_conv1d as conv1d_op
 from mmssm.ops import selective_scan
 from mmssm.registry import MODELS
 
@@ -61,54 +62,55 @@ _KEEP_T = 0.83
 _KEEP_S = 0.81
 
 
-def _depthwise_causal(x: Tensor, conv: nn.Conv1d) -> Tensor:
-    """``conv`` (depthwise) over ``x`` padded by ``k - 1`` on the left.
-
-    float64 uses a sum of shifted products: PyTorch's float64 depthwise
-    convolution on the CPU runs one slow kernel per channel.
-    """
-    k = conv.kernel_size[0]
-    xp = F.pad(x, (k - 1, 0))
-    if x.dtype != torch.float64:
-        return F.conv1d(xp, conv.weight, conv.bias, groups=conv.groups)
-    L = x.shape[-1]
-    w = conv.weight[:, 0]
-    out = w[:, :1] * xp[..., :L]
-    for j in range(1, k):
-        out = out + w[:, j : j + 1] * xp[..., j : j + L]
-    return out if conv.bias is None else out + conv.bias[:, None]
-
-
 def causal_conv1d(
     x: Tensor,
     conv: nn.Conv1d,
     positions: Optional[Tensor] = None,
     seq_len: Optional[int] = None,
+    activation: Optional[str] = None,
+    impl: str = 'auto',
 ) -> Tensor:
     """Depthwise causal convolution, optionally position-aware.
+
+    Runs :func:`mmssm.ops.causal_conv1d` with the weights of ``conv``.
 
     Args:
         x (Tensor): (B, E, K).
         conv (nn.Conv1d): Depthwise, kernel ``k``; its own padding is unused
             (the input is padded by ``k - 1`` on the left only).
         positions (Tensor, optional): (B, K) int64, the increasing positions
-            of the K tokens in a sequence of ``seq_len``. The tokens are
-            scattered there with zeros at the missing positions, the
-            convolution runs over the full length and the K positions are
-            read back. None: convolve the K tokens as they are.
+            of the K tokens in a sequence of ``seq_len``. The result is the
+            convolution over the full length with zeros at the missing
+            positions, read at the K positions. None: convolve the K tokens
+            as they are. Defaults to None.
+        seq_len (int, optional): The full length. Defaults to None.
+        activation (str, optional): None or 'silu', applied to the output.
             Defaults to None.
-        seq_len (int, optional): The full length; needed with positions.
-            Defaults to None.
+        impl (str): ``impl`` of :func:`mmssm.ops.causal_conv1d` ('auto',
+            'ref' or 'cpu'). Defaults to 'auto'.
 
     Returns:
         Tensor: (B, E, K).
     """
-    if positions is None:
-        return _depthwise_causal(x, conv)
-    B, E, K = x.shape
-    index = positions[:, None, :].expand(B, E, K)
-    full = x.new_zeros(B, E, seq_len).scatter(2, index, x)
-    return _depthwise_causal(full, conv).gather(2, index)
+    return conv1d_op(
+        x,
+        conv.weight,
+        conv.bias,
+        positions,
+        seq_len if positions is not None else None,
+        activation,
+        impl,
+    )
+
+
+def conv_impl_of(scan_impl: str) -> str:
+    """The causal conv's ``impl`` for a backbone's ``scan_impl``.
+
+    The PyTorch scans ('ref', 'chunked') pair with the PyTorch conv ('ref');
+    'cpu', 'cuda' and 'auto' with 'auto' (the compiled kernel on CPU
+    tensors, PyTorch's conv elsewhere).
+    """
+    return 'ref' if scan_impl in ('ref', 'chunked') else 'auto'
 
 
 class BiMambaV2(nn.Module):
@@ -152,7 +154,8 @@ class BiMambaV2(nn.Module):
         dt_init_floor (float): Defaults to 1e-4.
         conv_bias (bool): Defaults to True.
         bias (bool): Bias of in_proj/out_proj. Defaults to False.
-        scan_impl (str): ``impl`` of :func:`mmssm.ops.selective_scan`.
+        scan_impl (str): ``impl`` of :func:`mmssm.ops.selective_scan`; it
+            also picks the causal conv's (:func:`conv_impl_of`).
             Defaults to 'auto'.
     """
 
@@ -216,7 +219,14 @@ class BiMambaV2(nn.Module):
         gap_mode: str,
     ) -> Tensor:
         """One scan direction: conv, projections, gated selective scan."""
-        x = F.silu(causal_conv1d(x, conv1d, positions, seq_len))
+        x = causal_conv1d(
+            x,
+            conv1d,
+            positions,
+            seq_len,
+            activation='silu',
+            impl=conv_impl_of(self.scan_impl),
+        )
         x_dbl = x_proj(x.transpose(1, 2))  # (B, K, R + 2N)
         dt, B, C = torch.split(
             x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1

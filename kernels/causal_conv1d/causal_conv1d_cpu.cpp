@@ -1,0 +1,345 @@
+// Depthwise causal conv1d, optionally position-aware: CPU kernel.
+//
+// For kept tokens i = 0..K-1 at strictly increasing positions p_i (per batch
+// row; p_i = i without positions), weight w (E, k) and bias (E):
+//
+//   a[b, e, i] = bias[e] + sum_t w[e, k-1-d] x[b, e, i-t],   out = a or silu(a)
+//
+// over the taps t = 0..min(k-1, i) with d = p_i - p_{i-t} <= k-1,
+//
+// which is the dense causal conv over the full length with zeros at the
+// pruned positions, read at the kept ones (mmssm/ops/causal_conv1d.py has that
+// formulation as the reference). Since the positions increase strictly,
+// d >= t: tap t of token i uses one of the weights d = t..k-1. For each pair
+// (t, d), t >= 1, a 0/1 mask over i (per batch row, shared by all channels)
+// says whether tap t of token i is at distance d, so that every channel runs
+// plain loops over i that the compiler vectorises:
+//
+//   a[i] = bias + w[k-1] x[i] + sum_{(t, d)} (w[k-1-d] m_{t,d}[i]) x[i-t]
+//
+// Without positions only the pairs (t, t) exist and have no mask. Pairs whose
+// mask is all zero in a batch row are skipped there.
+//
+// Rows (batch, channel) run in parallel with OpenMP. The backward recomputes
+// a (for the SiLU) and writes dx directly; the weight and bias gradients are
+// summed per row into (batch, E, k) / (batch, E) buffers and then over the
+// batch in a fixed order, so they do not depend on the thread count.
+//
+// Layout (made contiguous by the Python wrapper): x, out, dout, dx:
+// (batch, E, K); weight: (E, k); bias: (E); positions: int64 (batch, K).
+
+#include "causal_conv1d_cpu.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "../common/exp_simd.h"
+
+namespace mmssm {
+namespace {
+
+int conv_threads() { return std::max(1, at::get_num_threads()); }
+
+template <typename T>
+struct ConvArgs {
+  const T* x = nullptr;
+  const T* w = nullptr;
+  const T* bias = nullptr;
+  // (batch, pairs, K) 0/1 masks and (batch, pairs) "any nonzero" flags;
+  // empty without positions.
+  std::vector<T> masks;
+  std::vector<uint8_t> used;
+  int64_t batch = 0, dim = 0, K = 0, k = 0, pairs = 0;
+  bool silu = false;
+};
+
+void check(const at::Tensor& t, const char* name, at::ScalarType dtype,
+           std::vector<int64_t> shape) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(t.scalar_type() == dtype, name, " has dtype ", t.scalar_type(),
+              ", expected ", dtype);
+  TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), name, " has shape ",
+              t.sizes(), ", expected ", at::IntArrayRef(shape));
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+template <typename T>
+ConvArgs<T> make_args(const at::Tensor& x, const at::Tensor& weight,
+                      const std::optional<at::Tensor>& bias,
+                      const std::optional<at::Tensor>& positions, bool silu) {
+  TORCH_CHECK(x.dim() == 3, "x must be (batch, E, K)");
+  TORCH_CHECK(weight.dim() == 2, "weight must be (E, k)");
+  ConvArgs<T> a;
+  a.batch = x.size(0);
+  a.dim = x.size(1);
+  a.K = x.size(2);
+  a.k = weight.size(1);
+  TORCH_CHECK(a.k >= 1, "the kernel size must be at least 1");
+  a.pairs = a.k * (a.k - 1) / 2;
+  a.silu = silu;
+  const auto dtype = x.scalar_type();
+  check(x, "x", dtype, {a.batch, a.dim, a.K});
+  check(weight, "weight", dtype, {a.dim, a.k});
+  a.x = x.data_ptr<T>();
+  a.w = weight.data_ptr<T>();
+  if (bias) {
+    check(*bias, "bias", dtype, {a.dim});
+    a.bias = bias->data_ptr<T>();
+  }
+  if (!positions || a.pairs == 0) return a;
+  check(*positions, "positions", at::kLong, {a.batch, a.K});
+  const int64_t* p = positions->data_ptr<int64_t>();
+  const int64_t K = a.K, k = a.k;
+  a.masks.assign(static_cast<size_t>(a.batch * a.pairs * K), T(0));
+  a.used.assign(static_cast<size_t>(a.batch * a.pairs), 0);
+  for (int64_t b = 0; b < a.batch; ++b) {
+    const int64_t* pb = p + b * K;
+    for (int64_t i = 1; i < K; ++i) {
+      TORCH_CHECK(pb[i] > pb[i - 1], "positions must be strictly increasing");
+    }
+    for (int64_t i = 0; i < K; ++i) {
+      for (int64_t t = 1; t < k && t <= i; ++t) {
+        const int64_t d = pb[i] - pb[i - t];
+        if (d > k - 1) break;  // d grows with t
+        // pairs are numbered t = 1..k-1, d = t..k-1 in that order
+        const int64_t pair = (t - 1) * k - (t - 1) * t / 2 + (d - t);
+        a.masks[static_cast<size_t>((b * a.pairs + pair) * K + i)] = T(1);
+        a.used[static_cast<size_t>(b * a.pairs + pair)] = 1;
+      }
+    }
+  }
+  return a;
+}
+
+// The pre-activation a of row (b, e) into y.
+template <typename T>
+void conv_row(const ConvArgs<T>& a, int64_t b, int64_t e, T* __restrict y) {
+  const int64_t K = a.K, k = a.k;
+  const T* __restrict x = a.x + (b * a.dim + e) * K;
+  const T* w = a.w + e * k;
+  const T bias = a.bias ? a.bias[e] : T(0);
+  const T w0 = w[k - 1];
+#pragma omp simd
+  for (int64_t i = 0; i < K; ++i) y[i] = bias + w0 * x[i];
+  if (a.masks.empty()) {
+    for (int64_t t = 1; t < k && t < K; ++t) {
+      const T c = w[k - 1 - t];
+#pragma omp simd
+      for (int64_t i = t; i < K; ++i) y[i] += c * x[i - t];
+    }
+    return;
+  }
+  int64_t pair = 0;
+  for (int64_t t = 1; t < k; ++t) {
+    for (int64_t d = t; d < k; ++d, ++pair) {
+      if (!a.used[b * a.pairs + pair]) continue;
+      const T c = w[k - 1 - d];
+      const T* __restrict m = a.masks.data() + (b * a.pairs + pair) * K;
+#pragma omp simd
+      for (int64_t i = t; i < K; ++i) y[i] += c * m[i] * x[i - t];
+    }
+  }
+}
+
+// y = silu(y).
+template <typename T>
+void silu_inplace(T* __restrict y, int64_t K) {
+  for (int64_t i = 0; i < K; ++i) y[i] = y[i] / (T(1) + exp_simd(-y[i]));
+}
+
+// float32: 16 at a time (the compiler does not vectorise exp_simd).
+template <>
+void silu_inplace<float>(float* __restrict y, int64_t K) {
+  int64_t i = 0;
+  for (; i + 16 <= K; i += 16) {
+    const vf16 v = load16(y + i);
+    store16(y + i, v / (1.0f + exp16(-v)));
+  }
+  for (; i < K; ++i) y[i] = y[i] / (1.0f + exp_simd(-y[i]));
+}
+
+// g = dout * silu'(a), in place of a: silu'(a) = s (1 + a (1 - s)).
+template <typename T>
+void silu_grad(const T* __restrict dout, T* __restrict g, int64_t K) {
+  for (int64_t i = 0; i < K; ++i) {
+    const T s = T(1) / (T(1) + exp_simd(-g[i]));
+    g[i] = dout[i] * s * (T(1) + g[i] * (T(1) - s));
+  }
+}
+
+template <>
+void silu_grad<float>(const float* __restrict dout, float* __restrict g,
+                      int64_t K) {
+  int64_t i = 0;
+  for (; i + 16 <= K; i += 16) {
+    const vf16 a = load16(g + i);
+    const vf16 s = 1.0f / (1.0f + exp16(-a));
+    store16(g + i, load16(dout + i) * s * (1.0f + a * (1.0f - s)));
+  }
+  for (; i < K; ++i) {
+    const float s = 1.0f / (1.0f + exp_simd(-g[i]));
+    g[i] = dout[i] * s * (1.0f + g[i] * (1.0f - s));
+  }
+}
+
+template <typename T>
+void forward_impl(const ConvArgs<T>& a, T* out) {
+  const int64_t rows = a.batch * a.dim;
+#pragma omp parallel for num_threads(conv_threads()) schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    T* y = out + r * a.K;
+    conv_row(a, r / a.dim, r % a.dim, y);
+    if (a.silu) silu_inplace(y, a.K);
+  }
+}
+
+// Row (b, e): dx, and the row's parts of dweight (k) and dbias (1).
+template <typename T>
+void backward_row(const ConvArgs<T>& a, int64_t b, int64_t e,
+                  const T* __restrict dout, T* __restrict dx, T* __restrict g,
+                  T* __restrict dw, T& dbias) {
+  const int64_t K = a.K, k = a.k;
+  const T* __restrict x = a.x + (b * a.dim + e) * K;
+  const T* w = a.w + e * k;
+  if (a.silu) {  // g = dout * silu'(a), a recomputed
+    conv_row(a, b, e, g);
+    silu_grad(dout, g, K);
+  } else {
+    std::copy(dout, dout + K, g);
+  }
+  T sb = 0, sw = 0;
+  const T w0 = w[k - 1];
+#pragma omp simd reduction(+ : sb, sw)
+  for (int64_t i = 0; i < K; ++i) {
+    sb += g[i];
+    sw += g[i] * x[i];
+    dx[i] = w0 * g[i];
+  }
+  dbias = sb;
+  std::fill(dw, dw + k, T(0));
+  dw[k - 1] = sw;
+  if (a.masks.empty()) {
+    for (int64_t t = 1; t < k && t < K; ++t) {
+      const T c = w[k - 1 - t];
+      T s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t i = t; i < K; ++i) {
+        s += g[i] * x[i - t];
+        dx[i - t] += c * g[i];
+      }
+      dw[k - 1 - t] = s;
+    }
+    return;
+  }
+  int64_t pair = 0;
+  for (int64_t t = 1; t < k; ++t) {
+    for (int64_t d = t; d < k; ++d, ++pair) {
+      if (!a.used[b * a.pairs + pair]) continue;
+      const T c = w[k - 1 - d];
+      const T* __restrict m = a.masks.data() + (b * a.pairs + pair) * K;
+      T s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t i = t; i < K; ++i) {
+        const T gm = g[i] * m[i];
+        s += gm * x[i - t];
+        dx[i - t] += c * gm;
+      }
+      dw[k - 1 - d] += s;
+    }
+  }
+}
+
+template <typename T>
+void backward_impl(const ConvArgs<T>& a, const T* dout, T* dx, T* dw_part,
+                   T* dbias_part, T* dw, T* dbias) {
+  const int64_t rows = a.batch * a.dim, K = a.K, k = a.k;
+#pragma omp parallel num_threads(conv_threads())
+  {
+    std::vector<T> g(static_cast<size_t>(K));
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      backward_row(a, r / a.dim, r % a.dim, dout + r * K, dx + r * K,
+                   g.data(), dw_part + r * k, dbias_part[r]);
+    }  // implicit barrier
+#pragma omp for schedule(static)
+    for (int64_t e = 0; e < a.dim; ++e) {  // over the batch, in order
+      for (int64_t j = 0; j < k; ++j) {
+        T s = 0;
+        for (int64_t b = 0; b < a.batch; ++b) {
+          s += dw_part[(b * a.dim + e) * k + j];
+        }
+        dw[e * k + j] = s;
+      }
+      if (dbias) {
+        T s = 0;
+        for (int64_t b = 0; b < a.batch; ++b) {
+          s += dbias_part[b * a.dim + e];
+        }
+        dbias[e] = s;
+      }
+    }
+  }
+}
+
+void check_dtype(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "the CPU causal conv1d computes in float32 or float64, got ",
+              x.scalar_type());
+}
+
+at::Tensor fwd(const at::Tensor& x, const at::Tensor& weight,
+               const std::optional<at::Tensor>& bias,
+               const std::optional<at::Tensor>& positions, bool silu) {
+  check_dtype(x);
+  auto out = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_fwd", [&] {
+    const auto a = make_args<scalar_t>(x, weight, bias, positions, silu);
+    forward_impl<scalar_t>(a, out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+std::vector<std::optional<at::Tensor>> bwd(
+    const at::Tensor& x, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& positions, const at::Tensor& dout,
+    bool silu) {
+  check_dtype(x);
+  check(dout, "dout", x.scalar_type(), x.sizes().vec());
+  auto dx = at::empty_like(x);
+  auto dw = at::empty_like(weight);
+  auto dw_part =
+      at::empty({x.size(0), x.size(1), weight.size(1)}, x.options());
+  auto dbias_part = at::empty({x.size(0), x.size(1)}, x.options());
+  std::optional<at::Tensor> dbias;
+  if (bias) dbias = at::empty_like(*bias);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_bwd", [&] {
+    const auto a = make_args<scalar_t>(x, weight, bias, positions, silu);
+    backward_impl<scalar_t>(a, dout.data_ptr<scalar_t>(),
+                            dx.data_ptr<scalar_t>(),
+                            dw_part.data_ptr<scalar_t>(),
+                            dbias_part.data_ptr<scalar_t>(),
+                            dw.data_ptr<scalar_t>(),
+                            bias ? dbias->data_ptr<scalar_t>() : nullptr);
+  });
+  return {dx, dw, dbias};
+}
+
+}  // namespace
+
+void register_causal_conv1d(pybind11::module_& m) {
+  m.def("causal_conv1d_fwd", &fwd,
+        "depthwise causal conv1d, optionally position-aware and with SiLU, "
+        "forward (CPU)",
+        pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias"),
+        pybind11::arg("positions"), pybind11::arg("silu"));
+  m.def("causal_conv1d_bwd", &bwd,
+        "depthwise causal conv1d, backward (CPU): dx, dweight, dbias",
+        pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias"),
+        pybind11::arg("positions"), pybind11::arg("dout"),
+        pybind11::arg("silu"));
+}
+
+}  // namespace mmssm

@@ -1,0 +1,91 @@
+"""tools/analysis_tools/benchmark.py: row selection, rounds, one real row.
+
+Only the mechanics: the tool's timings are its output, never asserted."""
+
+import importlib.util
+import json
+import os.path as osp
+import subprocess
+import sys
+
+import pytest
+
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+TOOL = osp.join(ROOT, 'tools', 'analysis_tools', 'benchmark.py')
+
+
+@pytest.fixture(scope='module')
+def bench():
+    spec = importlib.util.spec_from_file_location('benchmark', TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(ms: float, fwd: float, wall: float = 1.0) -> dict:
+    return dict(
+        key='r',
+        ms_per_iter=ms,
+        images_per_s=8e3 / ms,
+        peak_fwd_mib=fwd,
+        peak_rss_mib=fwd + 500,
+        exact_peak=True,
+        wall_s=wall,
+    )
+
+
+def test_combine_rounds(bench):
+    res = bench.combine_rounds([_run(300, 10), _run(100, 30), _run(200, 20)])
+    assert res['ms_per_iter'] == 200
+    assert res['images_per_s'] == pytest.approx(8e3 / 200)
+    assert res['peak_fwd_mib'] == 30 and res['peak_rss_mib'] == 530
+    assert res['wall_s'] == 3.0 and res['rounds_ms'] == [300, 100, 200]
+    failed = dict(key='r', error='boom')
+    assert bench.combine_rounds([_run(1, 1), failed]) == failed
+
+
+def test_select_rows(bench):
+    rows = bench.select_rows(['prune-vim-s-224'], None)
+    assert [r.key.rsplit('-', 1)[1] for r in rows] == [
+        'dense',
+        'aligned',
+        'naive',
+    ]
+    # the pruned rows are the dense config with the backbone overridden
+    assert rows[1].baseline == rows[0].key == rows[2].baseline
+    assert rows[1].backbone == dict(prune_cfg='paper')
+    assert rows[2].backbone['prune_cfg']['align'] is False
+    with pytest.raises(SystemExit, match='unknown rows'):
+        bench.select_rows(['no-such-row'], None)
+
+
+def test_one_row_two_rounds(tmp_path):
+    out = tmp_path / 'bench.json'
+    cmd = [
+        sys.executable, TOOL,
+        '--rows', 'prune-vim-s-224-naive',
+        '--iters', '1', '--warmup', '0', '--rounds', '2', '--threads', '1',
+        '--json', str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=ROOT, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert '| Vim-S paper naive | 224x224 | 8 | cpu |' in proc.stdout
+    assert 'rounds 2 (median)' in proc.stdout
+    saved = json.loads(out.read_text())
+    runs = saved['rounds']['prune-vim-s-224-naive']
+    assert len(runs) == 2 and all(r['iters'] == 1 for r in runs)
+    assert saved['results']['prune-vim-s-224-naive']['rounds_ms'] == [
+        round(r['ms_per_iter'], 1) for r in runs
+    ]
+
+
+def test_bad_arguments():
+    proc = subprocess.run(
+        [sys.executable, TOOL, '--rounds', '0'],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 2 and '--rounds' in proc.stderr
