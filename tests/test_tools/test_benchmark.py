@@ -81,6 +81,31 @@ def test_one_row_two_rounds(tmp_path):
     ]
 
 
+def test_interleaved_group(bench, tmp_path):
+    """A dense row and its pruned variants in one process, alternating."""
+    groups = bench.interleave_groups(bench.select_rows(['prune-'], None))
+    assert all(len(g) == 3 and g[0].key.endswith('-dense') for g in groups)
+    out = tmp_path / 'bench.json'
+    cmd = [
+        sys.executable, TOOL,
+        '--rows', 'prune-vim-s-224', '--interleave',
+        '--iters', '2', '--warmup', '0', '--threads', '1',
+        '--json', str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=ROOT, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert 'rounds 1 (median), interleaved' in proc.stdout
+    # one process for the three rows (one progress line for the group)
+    assert proc.stderr.count(' ...') == 1
+    for name in ('dense', 'paper aligned', 'paper naive'):
+        assert f'| Vim-S {name} | 224x224 | 8 | cpu |' in proc.stdout
+    assert 'vs dense | - | - |' in proc.stdout  # no memory columns
+    results = json.loads(out.read_text())['results']
+    assert all(len(r['ms_all']) == 2 for r in results.values())
+
+
 def test_bad_arguments():
     proc = subprocess.run(
         [sys.executable, TOOL, '--rounds', '0'],

@@ -19,7 +19,10 @@ down. ``--rounds R`` runs every row R times, interleaved (round r starts at
 row r, so that no row is always measured first or last), and reports the
 median of the rounds: a virtual machine's speed drifts by tens of percent
 over minutes, which one pass in a fixed order would charge to the rows
-that happen to run late.
+that happen to run late. ``--interleave`` goes further for the A/B
+comparisons: a dense row and its pruned variants are built in one process
+and their forwards alternate, so the comparison does not depend on how fast
+one process happened to be (then without memory columns).
 
 Peak memory: the resident set size (RSS) is what the CPU really holds
 (``tracemalloc`` does not see torch's allocations). In the row's process,
@@ -272,6 +275,58 @@ def run_row(row: Row, iters: int, warmup: int, threads: int) -> dict:
     )
 
 
+def run_interleaved(
+    rows: List[Row], iters: int, warmup: int, threads: int
+) -> List[dict]:
+    """Build several rows in one process and time their forwards in turn.
+
+    Forward ``i`` of every row runs before forward ``i + 1`` of any, the
+    order rotating with ``i``: the rows share whatever the machine does
+    meanwhile. Memory is not measured (the rows share one process).
+    """
+    import torch
+
+    torch.set_num_threads(threads)
+    models, inputs = [], []
+    for row in rows:
+        torch.manual_seed(0)
+        models.append(BUILDERS[row.kind](row).eval())
+        inputs.append(torch.randn(row.batch, 3, *row.shape))
+    times: List[List[float]] = [[] for _ in rows]
+    order = list(range(len(rows)))
+    with torch.no_grad():
+        for i in range(warmup + iters):
+            shift = i % len(order)
+            for j in order[shift:] + order[:shift]:
+                start = time.perf_counter()
+                models[j](inputs[j])
+                if i >= warmup:
+                    times[j].append(time.perf_counter() - start)
+    results = []
+    for row, model, t in zip(rows, models, times):
+        med = statistics.median(t)
+        results.append(
+            dict(
+                key=row.key,
+                iters=len(t),
+                warmup=warmup,
+                ms_per_iter=1e3 * med,
+                images_per_s=row.batch / med,
+                ms_all=[round(1e3 * v, 1) for v in t],
+                params_m=sum(p.numel() for p in model.parameters()) / 1e6,
+            )
+        )
+    return results
+
+
+def interleave_groups(rows: List[Row]) -> List[List[Row]]:
+    """Rows grouped with their baseline (dense with its pruned variants)."""
+    groups: Dict[str, List[Row]] = {}
+    for row in rows:
+        groups.setdefault(row.baseline or row.key, []).append(row)
+    return list(groups.values())
+
+
 # --------------------------------------------------------------------------
 # The driver.
 # --------------------------------------------------------------------------
@@ -356,6 +411,13 @@ def parse_args() -> argparse.Namespace:
         'Defaults to 1.',
     )
     parser.add_argument(
+        '--interleave',
+        action='store_true',
+        help='time each dense row and its pruned variants in one process, '
+        'their forwards alternating (an A/B comparison that the drift of '
+        'a shared machine cannot bias; no memory columns)',
+    )
+    parser.add_argument(
         '--json', help='also write the raw results to this JSON file'
     )
     parser.add_argument('--worker', help=argparse.SUPPRESS)
@@ -389,8 +451,8 @@ def select_rows(
     return rows
 
 
-def measure(row: Row, args: argparse.Namespace) -> dict:
-    """Run one row in a fresh process."""
+def measure(rows: List[Row], args: argparse.Namespace) -> List[dict]:
+    """Run one row, or several interleaved, in a fresh process."""
     env = dict(os.environ)
     env.update(
         OMP_NUM_THREADS=str(args.threads),
@@ -399,9 +461,9 @@ def measure(row: Row, args: argparse.Namespace) -> dict:
             p for p in (ROOT, env.get('PYTHONPATH')) if p
         ),
     )
-    ref = row.scan_impl == 'ref'
+    ref = any(row.scan_impl == 'ref' for row in rows)
     job = dict(
-        row=dataclasses.asdict(row),
+        rows=[dataclasses.asdict(row) for row in rows],
         iters=args.ref_iters if ref else args.iters,
         warmup=args.ref_warmup if ref else args.warmup,
         threads=args.threads,
@@ -413,14 +475,18 @@ def measure(row: Row, args: argparse.Namespace) -> dict:
             cmd, capture_output=True, text=True, env=env, timeout=args.timeout
         )
     except subprocess.TimeoutExpired:
-        return dict(key=row.key, error=f'timed out after {args.timeout} s')
+        error = f'timed out after {args.timeout} s'
+        return [dict(key=row.key, error=error) for row in rows]
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines() or ['(no output)']
-        return dict(key=row.key, error=lines[-1], wall_s=wall)
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result['wall_s'] = wall
-    return result
+        return [
+            dict(key=row.key, error=lines[-1], wall_s=wall) for row in rows
+        ]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    for result in results:  # the process's time, shared by its rows
+        result['wall_s'] = wall / len(rows)
+    return results
 
 
 def combine_rounds(runs: List[dict]) -> dict:
@@ -431,16 +497,20 @@ def combine_rounds(runs: List[dict]) -> dict:
         return failed[0]
     ms = statistics.median(r['ms_per_iter'] for r in runs)
     first = runs[0]
-    return dict(
+    combined = dict(
         first,
         ms_per_iter=ms,
         images_per_s=first['images_per_s'] * first['ms_per_iter'] / ms,
-        peak_fwd_mib=max(r['peak_fwd_mib'] for r in runs),
-        peak_rss_mib=max(r['peak_rss_mib'] for r in runs),
-        exact_peak=all(r['exact_peak'] for r in runs),
         wall_s=sum(r['wall_s'] for r in runs),
         rounds_ms=[round(r['ms_per_iter'], 1) for r in runs],
     )
+    if 'peak_fwd_mib' in first:  # not measured for interleaved rows
+        combined.update(
+            peak_fwd_mib=max(r['peak_fwd_mib'] for r in runs),
+            peak_rss_mib=max(r['peak_rss_mib'] for r in runs),
+            exact_peak=all(r['exact_peak'] for r in runs),
+        )
+    return combined
 
 
 def format_table(rows: List[Row], results: Dict[str, dict]) -> str:
@@ -465,11 +535,15 @@ def format_table(rows: List[Row], results: Dict[str, dict]) -> str:
             if 'images_per_s' in base
             else ''
         )
-        bound = '' if res['exact_peak'] else '>= '
+        memory = '- | -'  # interleaved rows share a process
+        if 'peak_fwd_mib' in res:
+            bound = '' if res['exact_peak'] else '>= '
+            memory = (
+                f'{bound}{res["peak_fwd_mib"]:.0f} | {res["peak_rss_mib"]:.0f}'
+            )
         lines.append(
             f'{head} {res["ms_per_iter"]:.0f} | {res["images_per_s"]:.3g} | '
-            f'{speedup} | {bound}{res["peak_fwd_mib"]:.0f} | '
-            f'{res["peak_rss_mib"]:.0f} | {res["wall_s"]:.0f} |'
+            f'{speedup} | {memory} | {res["wall_s"]:.0f} |'
         )
     return '\n'.join(lines)
 
@@ -478,43 +552,52 @@ def main() -> None:
     args = parse_args()
     if args.worker:
         job = json.loads(args.worker)
-        row = dict(job.pop('row'))
-        row['shape'] = tuple(row['shape'])
-        print(json.dumps(run_row(Row(**row), **job)))
+        rows = [
+            Row(**dict(r, shape=tuple(r['shape']))) for r in job.pop('rows')
+        ]
+        if len(rows) == 1:
+            results = [run_row(rows[0], **job)]
+        else:
+            results = run_interleaved(rows, **job)
+        print(json.dumps(results))
         return
     rows = select_rows(args.rows, args.impls)
     load_before = os.getloadavg()
     start = time.perf_counter()
     rounds: Dict[str, List[dict]] = {row.key: [] for row in rows}
+    # what one process measures: a row, or a group of rows interleaved
+    units = interleave_groups(rows) if args.interleave else [[r] for r in rows]
     for r in range(args.rounds):
-        for row in rows[r % len(rows) :] + rows[: r % len(rows)]:
+        for unit in units[r % len(units) :] + units[: r % len(units)]:
+            names = ' + '.join(row.key for row in unit)
             print(
-                f'[benchmark] round {r + 1}/{args.rounds} {row.key} ...',
+                f'[benchmark] round {r + 1}/{args.rounds} {names} ...',
                 file=sys.stderr,
                 flush=True,
             )
-            res = measure(row, args)
-            rounds[row.key].append(res)
-            print(
-                f'[benchmark] {row.key}: '
-                + (
-                    res['error']
-                    if 'error' in res
-                    else f'{res["ms_per_iter"]:.0f} ms / iter'
-                ),
-                file=sys.stderr,
-                flush=True,
-            )
+            for res in measure(unit, args):
+                rounds[res['key']].append(res)
+                print(
+                    f'[benchmark] {res["key"]}: '
+                    + (
+                        res['error']
+                        if 'error' in res
+                        else f'{res["ms_per_iter"]:.0f} ms / iter'
+                    ),
+                    file=sys.stderr,
+                    flush=True,
+                )
     results = {key: combine_rounds(runs) for key, runs in rounds.items()}
     total = time.perf_counter() - start
     sys.path.insert(0, ROOT)
     print(machine_line(args.threads))
     load = ', '.join(f'{x:.1f}' for x in load_before + os.getloadavg())
+    mode = ', interleaved' if args.interleave else ''
     print(
         f'warm-up {args.warmup}, timed iterations {args.iters} (ref rows: '
         f'{args.ref_warmup}, {args.ref_iters}), rounds {args.rounds} '
-        f'(median); total benchmark time '
-        f'{total:.0f} s; load average (1, 5, 15 min) before, after: {load}'
+        f'(median){mode}; total benchmark time {total:.0f} s; load '
+        f'average (1, 5, 15 min) before, after: {load}'
     )
     print()
     print(format_table(rows, results))
