@@ -346,6 +346,55 @@ def test_grads_with_default_init():
     assert model.interactions[0].injector.gamma.grad.abs().sum() > 0
 
 
+def _same_weights(**kwargs):
+    torch.manual_seed(0)
+    model = adapter(**kwargs)
+    torch.manual_seed(1)
+    randomise(model)
+    return model.eval()
+
+
+def test_prior_gamma_one_is_the_released_adapter():
+    """prior_gamma = 1 gives the released outputs; None adds no parameter
+    (checkpoints keep their keys)."""
+    released = _same_weights()
+    assert released.prior_gamma is None
+    assert not any('prior_gamma' in k for k in released.state_dict())
+    gated = adapter(prior_gamma_init=1.0).eval()
+    assert tuple(gated.prior_gamma.shape) == (4, 32)
+    result = gated.load_state_dict(released.state_dict(), strict=False)
+    assert result.missing_keys == ['prior_gamma']
+    assert not result.unexpected_keys
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        for a, b in zip(released(x), gated(x)):
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_prior_gamma_zero_is_the_spatial_prior():
+    """At 0 the outputs are the spatial prior module's maps, normed, and the
+    gammas (not yet the interactions) get the gradient."""
+    model = _same_weights(prior_gamma_init=0.0)
+    with torch.no_grad():
+        model.prior_gamma.zero_()  # (randomised with the rest)
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        outs = model(x)
+        c1, *tokens = model.spm(x)
+        maps = [c1] + [
+            t.transpose(1, 2).reshape(2, -1, *hw)
+            for t, hw in zip(tokens, ((8, 12), (4, 6), (2, 3)))
+        ]
+        for i, (out, m) in enumerate(zip(outs, maps)):
+            expected = getattr(model, f'ad_norm{i + 1}')(m)
+            assert torch.allclose(out, expected, atol=1e-6)
+    model.train()
+    sum(o.square().mean() for o in model(x)).backward()
+    assert model.prior_gamma.grad.abs().min() > 0
+    assert model.up.weight.grad.abs().sum() == 0
+    assert getattr(model.prior_gamma, '_no_weight_decay', False)
+
+
 def test_with_cp_same_grads():
     grads = []
     for with_cp in (False, True):

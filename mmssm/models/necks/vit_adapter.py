@@ -107,6 +107,17 @@ class ViTAdapter(BaseModule):
             attention. Defaults to 1.0.
         add_vit_feature (bool): Add the resized backbone features to the
             outputs. Defaults to True.
+        prior_gamma_init (float, optional): None (the released adapter):
+            each output is the spatial prior after the interactions, plus
+            the backbone features. A float: each output is the spatial
+            prior module's own map plus ``gamma`` times all that the
+            interactions and the backbone add to it, ``gamma`` a learnable
+            per-channel scale of each output (``prior_gamma``, (4, C))
+            initialised to this value; 1.0 gives the released adapter's
+            outputs. 0 starts a randomly initialised model from the
+            spatial prior alone: the additions of a random backbone swamp
+            the prior's features and keep a detector trained from scratch
+            from learning (see the main job's config). Defaults to None.
         use_extra_extractor (bool): Two extra extractors in the last
             interaction. Defaults to True.
         drop_path_rate (float, optional): Drop path of the ConvFFNs; None
@@ -137,6 +148,7 @@ class ViTAdapter(BaseModule):
         cffn_ratio: float = 0.25,
         deform_ratio: float = 1.0,
         add_vit_feature: bool = True,
+        prior_gamma_init: Optional[float] = None,
         use_extra_extractor: bool = True,
         drop_path_rate: Optional[float] = None,
         norm_cfg: Optional[dict] = None,
@@ -189,6 +201,12 @@ class ViTAdapter(BaseModule):
             ]
         )
         self.up = nn.ConvTranspose2d(C, C, 2, 2)
+        self.prior_gamma = None
+        if prior_gamma_init is not None:
+            self.prior_gamma = nn.Parameter(
+                torch.full((4, C), float(prior_gamma_init))
+            )
+            self.prior_gamma._no_weight_decay = True  # a scale, as gammas
         for i in range(1, 5):
             self.add_module(f'ad_norm{i}', build_norm(norm_cfg, C))
         self._init_adapter_weights()
@@ -300,6 +318,11 @@ class ViTAdapter(BaseModule):
         prior_shapes = ((2 * h, 2 * w), (h, w), (h // 2, w // 2))
 
         c1, c2, c3, c4 = self.spm(x)
+        B = x.shape[0]
+        prior = [c1] + [
+            t.transpose(1, 2).reshape(B, -1, a, b)
+            for t, (a, b) in zip((c2, c3, c4), prior_shapes)
+        ]
         level_embed = self.level_embed.to(c2.dtype)
         c = torch.cat(
             [c2 + level_embed[0], c3 + level_embed[1], c4 + level_embed[2]],
@@ -347,7 +370,6 @@ class ViTAdapter(BaseModule):
                 prior_shapes,
             )
 
-        B = x.shape[0]
         c2, c3, c4 = c.split([a * b for a, b in prior_shapes], dim=1)
         c2, c3, c4 = (
             t.transpose(1, 2).reshape(B, -1, a, b)
@@ -367,6 +389,10 @@ class ViTAdapter(BaseModule):
                     align_corners=False,
                 )
             outs[2] = outs[2] + x3
+        if self.prior_gamma is not None:
+            # the prior's own map + gamma * what the rest added to it
+            gamma = self.prior_gamma.to(c1.dtype)[:, :, None, None]
+            outs = [p + g * (o - p) for p, g, o in zip(prior, gamma, outs)]
 
         results = []
         for i, (out, stride) in enumerate(zip(outs, (4, 8, 16, 32))):
