@@ -28,7 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .selective_scan import _compute_dtype, _cpu_kernel_skip_reason, _warn_once
+from .selective_scan import (
+    _compute_dtype,
+    _cpu_kernel_skip_reason,
+    _warn_once,
+    check_positions,
+)
 
 IMPLS = ('auto', 'ref', 'cpu')
 ACTIVATIONS = (None, 'silu')
@@ -102,37 +107,9 @@ def _check_inputs(
                 f'seq_len={seq_len} without positions must equal K={K}'
             )
         return weight, None, seq_len
-    if not isinstance(positions, Tensor):
-        raise TypeError(
-            'positions must be an int64 tensor, got '
-            f'{type(positions).__name__}'
-        )
-    if positions.dtype != torch.int64:
-        raise ValueError(f'positions must be int64, got {positions.dtype}')
-    if positions.device != x.device:
-        raise ValueError(
-            f'positions is on {positions.device} but x is on {x.device}'
-        )
-    if positions.dim() == 1:
-        positions = positions.unsqueeze(0)
-    if (
-        positions.dim() != 2
-        or positions.shape[-1] != K
-        or positions.shape[0] not in (1, batch)
-    ):
-        raise ValueError(
-            f'positions must be (K={K},) or (batch={batch}, K={K}), got '
-            f'{tuple(positions.shape)}'
-        )
-    positions = positions.expand(batch, K)
+    positions = check_positions(positions, x, 'x')
     if K == 0 or batch == 0:
         return weight, positions, 0 if seq_len is None else seq_len
-    if bool((positions[:, 0] < 0).any()):
-        raise ValueError('positions must be non-negative')
-    if K > 1 and bool((positions.diff(dim=-1) <= 0).any()):
-        raise ValueError(
-            'positions must be strictly increasing along the last dimension'
-        )
     last = int(positions[:, -1].max())
     if seq_len is None:
         seq_len = last + 1

@@ -166,6 +166,22 @@ def _check_inputs(
             )
     if positions is None:
         return None
+    return check_positions(positions, u, 'u')
+
+
+def check_positions(positions, x: Tensor, x_name: str) -> Tensor:
+    """Validate kept-token positions for ``x`` (batch, channels, K).
+
+    Args:
+        positions: int64 (K,) or (batch, K), non-negative and strictly
+            increasing along K.
+        x (Tensor): The sequence they index (for batch, K and device).
+        x_name (str): Its argument name, for the messages.
+
+    Returns:
+        Tensor: The positions expanded to (batch, K).
+    """
+    batch, K = x.shape[0], x.shape[-1]
     if not isinstance(positions, Tensor):
         raise TypeError(
             'positions must be an int64 tensor, got '
@@ -173,9 +189,9 @@ def _check_inputs(
         )
     if positions.dtype != torch.int64:
         raise TypeError(f'positions must be int64, got {positions.dtype}')
-    if positions.device != u.device:
+    if positions.device != x.device:
         raise ValueError(
-            f'positions is on {positions.device} but u is on {u.device}'
+            f'positions is on {positions.device} but {x_name} is on {x.device}'
         )
     if positions.dim() == 1:
         positions = positions.unsqueeze(0)
@@ -188,7 +204,7 @@ def _check_inputs(
             f'positions must be (K={K},) or (batch={batch}, '
             f'K={K}), got {tuple(positions.shape)}'
         )
-    if K > 0:
+    if K > 0 and batch > 0:
         if bool((positions[:, 0] < 0).any()):
             raise ValueError('positions must be non-negative')
         if K > 1 and bool((positions.diff(dim=-1) <= 0).any()):
