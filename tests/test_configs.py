@@ -233,21 +233,25 @@ def dense_det_params():
     """Parameters (M) of the full-size dense PlainMamba detectors."""
     from mmdet.registry import MODELS as DET_MODELS
     from mmdet.utils import register_all_modules
+    from mmengine.registry import DefaultScope
 
     from mmssm.utils import count_params
 
-    register_all_modules()
+    # the 'mmdet' scope only while building: a module-scoped fixture runs
+    # before the per-test scope restore of tests/conftest.py
+    register_all_modules(init_default_scope=False)
     params = {}
-    for algo, arch in RELEASE_PARAMS:
-        path = osp.join(
-            ROOT,
-            'configs',
-            algo.replace('-', '_'),
-            f'{algo}_plainmamba-{arch}_adapter-fpn_8xb2-1x_coco.py',
-        )
-        model = DET_MODELS.build(Config.fromfile(path).model)
-        params[algo, arch] = count_params(model) / 1e6
-        del model
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        for algo, arch in RELEASE_PARAMS:
+            path = osp.join(
+                ROOT,
+                'configs',
+                algo.replace('-', '_'),
+                f'{algo}_plainmamba-{arch}_adapter-fpn_8xb2-1x_coco.py',
+            )
+            model = DET_MODELS.build(Config.fromfile(path).model)
+            params[algo, arch] = count_params(model) / 1e6
+            del model
     return params
 
 
