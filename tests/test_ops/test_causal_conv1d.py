@@ -6,6 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from mmssm.ops import causal_conv1d, causal_conv1d_ref, ext_status
+from mmssm.testing import (
+    assert_close_rel,
+    output_and_grads,
+    random_positions,
+)
 
 conv_module = importlib.import_module('mmssm.ops.causal_conv1d')
 scan_module = importlib.import_module('mmssm.ops.selective_scan')
@@ -29,35 +34,9 @@ def make_inputs(batch, E, K, k=4, dtype=torch.float64, with_bias=True):
     return inputs
 
 
-def random_positions(batch, K, L):
-    """Sorted random subsets of K of L positions, one per batch element."""
-    return torch.stack(
-        [torch.randperm(L)[:K].sort().values for _ in range(batch)]
-    )
-
-
 def run(impl, inputs, **kwargs):
     """Output and the gradients of a fixed random projection of it."""
-    y = causal_conv1d(**inputs, impl=impl, **kwargs)
-    weight = torch.randn(
-        y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype
-    )
-    tensors = [t for t in inputs.values() if t is not None]
-    grads = (
-        torch.autograd.grad((y * weight).sum(), tensors, allow_unused=True)
-        if y.numel()
-        else []
-    )
-    return y, grads
-
-
-def assert_close_rel(actual, expected, rtol):
-    assert actual.shape == expected.shape
-    if not expected.numel():
-        return
-    scale = expected.abs().max().clamp_min(1e-12)
-    err = (actual - expected).abs().max() / scale
-    assert err <= rtol, f'relative error {err:.3e} > {rtol:.1e}'
+    return output_and_grads(causal_conv1d, inputs, impl=impl, **kwargs)
 
 
 def compare(inputs, rtol, **kwargs):

@@ -12,6 +12,11 @@ from mmssm.ops import (
     selective_scan_chunked,
     selective_scan_ref,
 )
+from mmssm.testing import (
+    assert_close_rel,
+    output_and_grads,
+    random_positions,
+)
 
 # the module, which its function of the same name shadows in mmssm.ops
 scan_module = importlib.import_module('mmssm.ops.selective_scan')
@@ -49,32 +54,9 @@ def make_inputs(
     return inputs
 
 
-def random_positions(batch, K, L):
-    """Sorted random subsets of K of L positions, one per batch element."""
-    return torch.stack(
-        [torch.randperm(L)[:K].sort().values for _ in range(batch)]
-    )
-
-
 def run(impl, inputs, **kwargs):
     """Output and the gradients of a fixed random projection of it."""
-    y = selective_scan(**inputs, impl=impl, **kwargs)
-    weight = torch.randn(
-        y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype
-    )
-    tensors = [t for t in inputs.values() if t is not None]
-    grads = (
-        torch.autograd.grad((y * weight).sum(), tensors, allow_unused=True)
-        if y.numel()
-        else []
-    )
-    return y, grads
-
-
-def assert_close_rel(actual, expected, rtol):
-    scale = expected.abs().max().clamp_min(1e-12)
-    err = (actual - expected).abs().max() / scale
-    assert err <= rtol, f'relative error {err:.3e} > {rtol:.1e}'
+    return output_and_grads(selective_scan, inputs, impl=impl, **kwargs)
 
 
 def compare(impl, inputs, rtol, **kwargs):
