@@ -90,6 +90,7 @@ def main(argv=None) -> None:
             DumpDetResults(out_file_path=args.out)
         )
     runner.test()
+    cli.end_distributed()
 
 
 if __name__ == '__main__':

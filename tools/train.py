@@ -92,6 +92,7 @@ def main(argv=None) -> None:
     if note:
         print_log(note, logger='current')
     runner.train()
+    cli.end_distributed()
 
 
 if __name__ == '__main__':

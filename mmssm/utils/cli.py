@@ -18,6 +18,7 @@ import sys
 import traceback
 from typing import Callable, Iterator, List, Optional, Tuple
 
+import torch.distributed as torch_dist
 from mmengine.config import Config, DictAction
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
@@ -189,3 +190,16 @@ def build_runner(cfg: Config, config: str) -> Runner:
             f'error: the config {config!r} does not build: '
             f'{type(e).__name__}: {e}'
         )
+
+
+def end_distributed() -> None:
+    """Leave the process group once a run has finished on every rank.
+
+    Left to the interpreter's exit, the process group's threads can be torn
+    down while still joinable; the process then aborts ("terminate called
+    without an active exception", exit status -6) after a run that
+    succeeded. The barrier lets every rank finish first.
+    """
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.barrier()
+        torch_dist.destroy_process_group()
