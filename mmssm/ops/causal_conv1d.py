@@ -18,6 +18,11 @@ Implementations, one signature (:func:`causal_conv1d` chooses):
 * ``'cpu'``: the compiled kernel ``mmssm._ext`` (``kernels/causal_conv1d``),
   which reads the positions natively and fuses the SiLU, forward and
   backward.
+
+:func:`causal_conv1d` takes part in ``__torch_function__`` dispatch, as
+``torch.nn.functional`` does: a ``TorchFunctionMode`` (such as
+:func:`mmssm.utils.count_flops`) sees one call of the op, whichever
+implementation then runs, and not the operations inside it.
 """
 
 import importlib
@@ -27,6 +32,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.overrides import handle_torch_function, has_torch_function
 
 from .selective_scan import (
     _compute_dtype,
@@ -214,10 +220,6 @@ def _conv_kernel_skip_reason(x: Tensor) -> str:
     return reason
 
 
-def _function_mode_active() -> bool:
-    return torch._C._is_torch_function_mode_enabled()
-
-
 def causal_conv1d(
     x: Tensor,
     weight: Tensor,
@@ -243,15 +245,26 @@ def causal_conv1d(
         activation (str, optional): None or 'silu', applied to the output
             (fused in the kernel). Defaults to None.
         impl (str): 'auto', 'ref' or 'cpu'. 'auto' is 'cpu' for CPU tensors
-            when the kernel is built and 'ref' otherwise (CUDA tensors, or
-            inside a ``TorchFunctionMode`` such as
-            :func:`mmssm.utils.count_flops`, which counts the reference's
-            ``torch.conv1d``: no warning); the environment variable
-            ``MMSSM_CONV_IMPL`` overrides it. Defaults to 'auto'.
+            when the kernel is built (with a warning if it is not) and 'ref'
+            for other devices; the environment variable ``MMSSM_CONV_IMPL``
+            overrides it. Defaults to 'auto'.
 
     Returns:
         Tensor: (batch, E, K), in the dtype of ``x``.
     """
+    tensors = tuple(t for t in (x, weight, bias, positions) if t is not None)
+    if has_torch_function(tensors):
+        return handle_torch_function(
+            causal_conv1d,
+            tensors,
+            x,
+            weight,
+            bias=bias,
+            positions=positions,
+            seq_len=seq_len,
+            activation=activation,
+            impl=impl,
+        )
     if impl not in IMPLS:
         raise ValueError(f'impl must be one of {IMPLS}, got {impl!r}')
     if impl == 'auto':
@@ -261,11 +274,8 @@ def causal_conv1d(
                 f'MMSSM_CONV_IMPL must be one of {IMPLS}, got {impl!r}'
             )
     if impl == 'auto':
-        impl = 'ref'
-        # Elsewhere than on the CPU, the PyTorch conv is the path; under a
-        # TorchFunctionMode (mmssm.utils.count_flops) the reference's
-        # torch.conv1d call is what the mode sees and counts.
-        if x.device.type == 'cpu' and not _function_mode_active():
+        impl = 'ref'  # on other devices than the CPU: PyTorch's conv
+        if x.device.type == 'cpu':
             reason = _conv_kernel_skip_reason(x)
             if reason:
                 _warn_once(

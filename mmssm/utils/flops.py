@@ -20,7 +20,9 @@ What is counted, and how:
   (in_channels / groups) * prod(kernel)``, from the actual output size, so
   strides, padding and groups (depthwise convs) are accounted for;
   transposed convolutions count ``input.numel() * (out_channels / groups) *
-  prod(kernel)``.
+  prod(kernel)``. :func:`mmssm.ops.causal_conv1d` (Vim's depthwise conv,
+  position-aware when pruned) counts ``output.numel() * k``: ``k`` taps for
+  each of the K tokens it returns, whichever implementation runs.
 * **scan**: every call of :func:`mmssm.ops.selective_scan` (reported through
   :func:`mmssm.ops.scan_listener`) with ``u`` of shape (batch, dim, K) and
   ``N`` states counts ``coef * K * dim * N`` per sequence, i.e.
@@ -69,7 +71,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from mmssm.ops import ScanCall, scan_listener
+from mmssm.ops import ScanCall, causal_conv1d, scan_listener
 
 #: Multiply-accumulates per scanned element (sequence x token x channel x
 #: state) of each scan convention.
@@ -98,6 +100,11 @@ def _conv_macs(args: tuple, kwargs: dict, out: Tensor) -> int:
     return out.numel() * weight[0].numel()
 
 
+def _causal_conv_macs(args: tuple, kwargs: dict, out: Tensor) -> int:
+    weight = args[1] if len(args) > 1 else kwargs['weight']
+    return out.numel() * weight.shape[-1]
+
+
 def _conv_transpose_macs(args: tuple, kwargs: dict, out: Tensor) -> int:
     inputs = args[0] if args else kwargs['input']
     weight = args[1] if len(args) > 1 else kwargs['weight']
@@ -112,6 +119,7 @@ _RULES: Dict[Callable, Tuple[str, Callable[[tuple, dict, Tensor], int]]] = {
         getattr(torch, f'conv_transpose{d}d'): ('conv', _conv_transpose_macs)
         for d in (1, 2, 3)
     },
+    causal_conv1d: ('conv', _causal_conv_macs),
 }
 
 

@@ -4,6 +4,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from mmssm.ops import causal_conv1d, causal_conv1d_ref, ext_status
 from mmssm.testing import (
@@ -342,7 +343,31 @@ def test_auto_is_the_kernel_on_cpu(monkeypatch):
     )
     inputs = make_inputs(1, 2, 3)
     causal_conv1d(**inputs)
-    assert calls
+    assert len(calls) == 1
+    with torch.device('cpu'):  # a TorchFunctionMode: still the kernel
+        causal_conv1d(**inputs)
+    assert len(calls) == 2
     monkeypatch.setenv('MMSSM_CONV_IMPL', 'ref')
     causal_conv1d(**inputs)
-    assert len(calls) == 1
+    assert len(calls) == 2
+
+
+class _RecordFunctions(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.seen.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize('impl', ['ref', pytest.param('cpu', marks=needs_ext)])
+def test_a_function_mode_sees_one_call(impl):
+    inputs = make_inputs(2, 3, 5)
+    positions = torch.tensor([0, 2, 3, 6, 7])
+    expected = causal_conv1d(**inputs, positions=positions, impl=impl)
+    with torch.no_grad(), _RecordFunctions() as mode:
+        out = causal_conv1d(**inputs, positions=positions, impl=impl)
+    assert mode.seen == [causal_conv1d]  # not the conv inside the 'ref'
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)

@@ -10,11 +10,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from mmengine.registry import DefaultScope
 
-from mmssm.ops import scan_listener, selective_scan
+from mmssm.ops import causal_conv1d, ext_status, scan_listener, selective_scan
 from mmssm.registry import MODELS
 from mmssm.utils import count_flops, infer_scan_convention
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+needs_ext = pytest.mark.skipif(
+    ext_status() != 'built', reason='mmssm._ext is not built'
+)
 
 TINY_PM = dict(
     embed_dims=16,
@@ -171,6 +174,30 @@ def test_tiny_vim_counted():
     assert report.scan_calls == 4
     assert report.scan_elements == 2 * 2 * L * E * N
     assert report.scan == 3 * report.scan_elements
+
+
+class _PrunedCausalConv(nn.Module):
+    """Vim's causal conv over 5 kept tokens of 8."""
+
+    flops_scan_convention = 'vim'
+
+    def __init__(self, impl):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 4))
+        self.impl = impl
+
+    def forward(self, x):
+        positions = torch.tensor([0, 2, 3, 6, 7])
+        return causal_conv1d(
+            x, self.weight, positions=positions, impl=self.impl
+        )
+
+
+@pytest.mark.parametrize('impl', ['ref', pytest.param('cpu', marks=needs_ext)])
+def test_causal_conv_counted_on_the_kept_tokens(impl):
+    report = count_flops(_PrunedCausalConv(impl), torch.randn(2, 3, 5))
+    assert report.conv == 2 * 3 * 5 * 4  # batch x channels x kept x taps
+    assert report.linear == 0
 
 
 def test_auto_needs_a_known_family():

@@ -52,12 +52,12 @@ from .base_backbone import SSMBackbone
 # whose FLOPs come closest to the paper's Table 1 (Vim-T 1.29 G, Vim-S
 # 3.60 G), measured with mmssm.utils.count_flops (MACs of what runs, scan
 # convention 'vim') on an SSMClassifier with a 1000-class head at 224 x 224:
-#   T 0.83: 1.290 G (+0.0%; the official code's 0.8: 1.258 G, -2.5%),
-#     dense 1.467 G;
-#   S 0.81: 3.620 G (+0.6%; the official 0.8: 3.564 G, -1.0%),
+#   T 0.83: 1.288 G (-0.1%; 0.84: 1.298 G; the official code's 0.8:
+#     1.258 G, -2.5%), dense 1.467 G;
+#   S 0.81: 3.611 G (+0.3%; the official 0.8: 3.555 G, -1.3%),
 #     dense 5.200 G.
-# The naive schedule (align=False) counts 0.1-0.3% less: its causal conv
-# runs on the kept tokens only.
+# The naive schedule (align=False) counts the same: both compute their
+# layers, the causal conv included, on the kept tokens only.
 _KEEP_T = 0.83
 _KEEP_S = 0.81
 
