@@ -293,3 +293,33 @@ def test_seg_mini_config(monkeypatch, configs):
     assert tuple(crop[0].crop_size) == (256, 256)
     assert cfg.test_evaluator.type == 'IoUMetric'
     assert osp.isfile(osp.join(ROOT, 'data', 'ade20k_mini', 'SOURCE.txt'))
+
+
+# Parameters of the dense UperNets released with PlainMamba (M). Their
+# backbone feeds its four 1/16 maps straight to the heads; ours puts the
+# ViT-Adapter between (the issue's design), so ours count more by exactly
+# the adapter's own parameters.
+RELEASE_SEG_PARAMS = {'l1': 35, 'l2': 55, 'l3': 81}
+
+
+def test_seg_params_match_the_release_plus_the_adapter():
+    from mmseg.registry import MODELS as SEG_MODELS
+    from mmseg.utils import register_all_modules
+
+    from mmssm.utils import count_params
+
+    register_all_modules(init_default_scope=True)
+    for arch, release in RELEASE_SEG_PARAMS.items():
+        path = osp.join(
+            ROOT,
+            'configs',
+            'upernet',
+            f'upernet_plainmamba-{arch}_adapter_8xb2-160k_ade20k-512x512.py',
+        )
+        model = SEG_MODELS.build(Config.fromfile(path).model)
+        adapter = count_params(model.backbone) - count_params(
+            model.backbone.backbone
+        )
+        without_adapter = (count_params(model) - adapter) / 1e6
+        assert abs(without_adapter / release - 1) <= 0.03, (arch, release)
+        del model
