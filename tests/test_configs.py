@@ -237,8 +237,9 @@ def dense_det_params():
 
     from mmssm.utils import count_params
 
-    # the 'mmdet' scope only while building: a module-scoped fixture runs
-    # before the per-test scope restore of tests/conftest.py
+    # the 'mmdet' scope only while building: this module's later tests
+    # build unscoped (tests/conftest.py restores the scope only after the
+    # module)
     register_all_modules(init_default_scope=False)
     params = {}
     with DefaultScope.overwrite_default_scope('mmdet'):
