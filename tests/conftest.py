@@ -108,29 +108,63 @@ def base_depth(path: str) -> int:
     )
 
 
-def shrink_adapter(cfg: Config) -> None:
-    """Shrink the adapter and its SSM backbone of a det/seg config in place:
-    ``TINY_ARCH``, no pretrained weights, two interactions."""
-    adapter = cfg.model.backbone
-    backbone = adapter.backbone
+def is_adapter(backbone: Config) -> bool:
+    """Whether a det/seg config's backbone is the ViT-Adapter (else an SSM
+    backbone on its own, as the adapter-free UperNet configs)."""
+    return backbone.type == 'mmssm.ViTAdapter'
+
+
+def shrink_backbone(cfg: Config) -> None:
+    """Shrink the SSM backbone of a det/seg config in place: ``TINY_ARCH``
+    and no pretrained weights; an adapter gets two interactions, a backbone
+    on its own returns its four layers."""
+    backbone = cfg.model.backbone
+    if is_adapter(backbone):
+        backbone.update(
+            interaction_indexes=[[0, 1], [2, 3]],
+            deform_num_heads=4,
+            conv_inplane=16,
+        )
+        backbone = backbone.backbone
+    else:
+        backbone.out_indices = (0, 1, 2, 3)
     backbone.arch = dict(TINY_ARCH[backbone.type])
     backbone.init_cfg = None
-    adapter.update(
-        interaction_indexes=[[0, 1], [2, 3]],
-        deform_num_heads=4,
-        conv_inplane=16,
-    )
 
 
 def check_pruner(cfg: Config, model) -> None:
     """The pruner of a model built from a shrunk config: its prune_cfg's."""
-    pruning = cfg.model.backbone.backbone.prune_cfg
-    pruner = model.backbone.backbone.pruner
+    backbone_cfg, backbone = cfg.model.backbone, model.backbone
+    if is_adapter(backbone_cfg):
+        backbone_cfg, backbone = backbone_cfg.backbone, backbone.backbone
+    pruning = backbone_cfg.prune_cfg
     if pruning is None:
-        assert pruner is None
+        assert backbone.pruner is None
     else:
-        assert pruner.layers == TINY_PRUNE['layers']
-        assert pruner.align is (pruning == 'paper')
+        assert backbone.pruner.layers == TINY_PRUNE['layers']
+        assert backbone.pruner.align is (pruning == 'paper')
+
+
+def _check_ssm_backbone(
+    cfg: Config, backbone: Config, backbone_field: str
+) -> None:
+    """The SSM backbone of a full det or seg config: its type, arch and
+    pruning from the config name's backbone field, its weights."""
+    family, size = backbone_field.split('-')[:2]
+    pruning = backbone_field[len(f'{family}-{size}') :]
+    assert (
+        backbone.type
+        == {'plainmamba': 'mmssm.PlainMamba', 'vim': 'mmssm.Vim'}[family]
+    )
+    assert backbone.arch == {'t': 'tiny', 's': 'small'}.get(size, size)
+    assert backbone.prune_cfg == CONFIG_PRUNING[pruning]
+    if family == 'vim':
+        assert backbone.cls_token is None
+    # weights: a converted checkpoint named at the top, prefix backbone.
+    assert backbone.init_cfg == dict(
+        type='Pretrained', checkpoint=cfg.ckpt, prefix='backbone.'
+    )
+    assert cfg.ckpt.startswith('checkpoints/') and size in cfg.ckpt
 
 
 def check_adapter_settings(cfg: Config, backbone_field: str) -> None:
@@ -140,25 +174,11 @@ def check_adapter_settings(cfg: Config, backbone_field: str) -> None:
     configs share; ``backbone_field`` is the config name's backbone field
     (``plainmamba-l1-prune``, ``vim-t``...).
     """
-    family, size = backbone_field.split('-')[:2]
-    pruning = backbone_field[len(f'{family}-{size}') :]
     adapter = cfg.model.backbone
-    backbone = adapter.backbone
     assert adapter.type == 'mmssm.ViTAdapter'
-    assert (
-        backbone.type
-        == {'plainmamba': 'mmssm.PlainMamba', 'vim': 'mmssm.Vim'}[family]
-    )
-    assert backbone.arch == {'t': 'tiny', 's': 'small'}.get(size, size)
-    assert backbone.prune_cfg == CONFIG_PRUNING[pruning]
-    assert backbone.final_norm is False
-    if family == 'vim':
-        assert backbone.cls_token is None
-    # weights: a converted checkpoint named at the top, prefix backbone.
-    assert backbone.init_cfg == dict(
-        type='Pretrained', checkpoint=cfg.ckpt, prefix='backbone.'
-    )
-    assert cfg.ckpt.startswith('checkpoints/') and size in cfg.ckpt
+    _check_ssm_backbone(cfg, adapter.backbone, backbone_field)
+    assert adapter.backbone.final_norm is False
+    size = backbone_field.split('-')[1]
     heads, indexes = (
         (8, [[0, 8], [9, 17], [18, 26], [27, 35]])
         if size == 'l3'
@@ -170,6 +190,19 @@ def check_adapter_settings(cfg: Config, backbone_field: str) -> None:
     assert (adapter.cffn_ratio, adapter.deform_ratio) == (0.25, 1.0)
     assert adapter.init_values == 0 and adapter.add_vit_feature
     assert adapter.norm_cfg == dict(type='SyncBN', requires_grad=True)
+
+
+def check_plain_backbone_settings(cfg: Config, backbone_field: str) -> None:
+    """An SSM backbone without the adapter, as PlainMamba's released
+    segmentors: the outputs of the last layer of each quarter, final norm
+    on."""
+    backbone = cfg.model.backbone
+    _check_ssm_backbone(cfg, backbone, backbone_field)
+    assert backbone.final_norm is True
+    size = backbone_field.split('-')[1]
+    assert tuple(backbone.out_indices) == (
+        (8, 17, 26, 35) if size == 'l3' else (5, 11, 17, 23)
+    )
 
 
 def check_optimizer_settings(
@@ -197,8 +230,10 @@ def configs():
         backbones=CONFIG_BACKBONES,
         pruning=CONFIG_PRUNING,
         base_depth=base_depth,
-        shrink_adapter=shrink_adapter,
+        is_adapter=is_adapter,
+        shrink_backbone=shrink_backbone,
         check_pruner=check_pruner,
         check_adapter_settings=check_adapter_settings,
+        check_plain_backbone_settings=check_plain_backbone_settings,
         check_optimizer_settings=check_optimizer_settings,
     )

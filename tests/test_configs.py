@@ -85,7 +85,7 @@ DET_FULL = [p for p in DET_CONFIGS if p.endswith('8xb2-1x_coco.py')]
 
 def _det_shrink(cfg: Config, configs) -> Config:
     """A CPU-sized copy of a detection config's model."""
-    configs.shrink_adapter(cfg)
+    configs.shrink_backbone(cfg)
     cfg.model.neck.update(in_channels=[64] * 4, out_channels=32)
     if cfg.model.type == 'MaskRCNN':
         cfg.merge_from_dict(

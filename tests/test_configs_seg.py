@@ -1,10 +1,12 @@
 """The segmentation configs (configs/upernet) load, build and run.
 
-UperNet + ViT-Adapter on ADE20K for PlainMamba-L1/L2/L3 and Vim-T/S, each
-dense, pruned with the paper's schedule (aligned) and naively pruned, plus
-the mini config of ``data/ade20k_mini``: their settings (DESIGN.md sections
-4 and 6, STYLE.md section 5), and every one of them built with a shrunk
-backbone and run through loss, backward, predict and tensor on the CPU.
+UperNet + ViT-Adapter on ADE20K for PlainMamba-L1/L2/L3 and Vim-T/S, and
+UperNet on PlainMamba-L1/L2/L3 without the adapter (the released
+segmentors' architecture), each dense, pruned with the paper's schedule
+(aligned) and naively pruned, plus the mini config of ``data/ade20k_mini``:
+their settings (DESIGN.md sections 4 and 6, STYLE.md section 5), and every
+one of them built with a shrunk backbone and run through loss, backward,
+predict and tensor on the CPU.
 """
 
 import glob
@@ -37,7 +39,7 @@ def _name(path: str) -> str:
 
 def _seg_shrink(cfg: Config, configs) -> Config:
     """A CPU-sized copy of a segmentation config's model."""
-    configs.shrink_adapter(cfg)
+    configs.shrink_backbone(cfg)
     cfg.model.decode_head.update(in_channels=[64] * 4, channels=32)
     cfg.model.auxiliary_head.update(in_channels=64, channels=16)
     cfg.model.data_preprocessor.size = (64, 64)
@@ -51,12 +53,14 @@ def _pipeline_types(pipeline) -> list:
 def test_seg_configs_are_all_there(configs):
     names = {_name(p) for p in SEG_FULL}
     expected = {
-        f'upernet_{backbone}{pruning}_adapter_8xb2-160k_ade20k-512x512'
+        f'upernet_{backbone}{pruning}{neck}_8xb2-160k_ade20k-512x512'
         for backbone in configs.backbones
         for pruning in configs.pruning
+        for neck in ('_adapter', '')
+        if neck or backbone.startswith('plainmamba')
     }
     assert names == expected
-    assert len(SEG_FULL) == 15
+    assert len(SEG_FULL) == 15 + 9
     assert set(SEG_CONFIGS) == set(SEG_FULL) | {SEG_MINI}
 
 
@@ -81,15 +85,19 @@ def test_seg_config_settings(path, configs):
     model = cfg.model
     assert model.type == 'EncoderDecoder'
     assert model.get('pretrained') is None
-    # backbone: the adapter around the SSM backbone
-    configs.check_adapter_settings(cfg, backbone_field)
-    backbone = model.backbone.backbone
+    # backbone: the adapter around the SSM backbone, or the SSM backbone
+    if '_adapter_' in _name(path):
+        configs.check_adapter_settings(cfg, backbone_field)
+        backbone = model.backbone.backbone
+    else:
+        configs.check_plain_backbone_settings(cfg, backbone_field)
+        backbone = model.backbone
     assert tuple(backbone.img_size) == (512, 512)
     if family != 'vim':
         assert backbone.norm_cfg == dict(type='SyncBN', requires_grad=True)
     drop_path = {'l1': 0.1, 'l2': 0.2, 'l3': 0.3, 't': 0.1, 's': 0.2}
     assert backbone.drop_path_rate == drop_path[size]
-    # heads: UperNet on the 4 adapter maps, auxiliary FCN on index 3
+    # heads: UperNet on the 4 maps, auxiliary FCN on index 3
     embed = MODELS.get(backbone.type).arch_zoo[backbone.arch]['embed_dims']
     head = model.decode_head
     assert head.type == 'UPerHead'
@@ -220,6 +228,7 @@ def test_seg_config_builds_and_runs(path, configs):
     [
         'upernet_plainmamba-l1-prune_adapter_8xb2-160k_ade20k-512x512',
         'upernet_vim-t-naive_adapter_8xb2-160k_ade20k-512x512',
+        'upernet_plainmamba-l2-naive_8xb2-160k_ade20k-512x512',
     ],
 )
 def test_seg_optimizer_spares_the_ssm_parameters(name, configs):
@@ -250,7 +259,10 @@ def test_seg_optimizer_spares_the_ssm_parameters(name, configs):
         or '.bn.' in n
     ]
     assert any(n.endswith('.A_log') for n in spared)
-    assert any(n.endswith('level_embed') for n in spared)
+    if '_adapter_' in name:
+        assert any(n.endswith('level_embed') for n in spared)
+    else:  # the output norms of the backbone on its own
+        assert decay[id(names['backbone.norm_layer0.weight'])] == 0
     for n in spared:
         assert decay[id(names[n])] == 0, n
     for n in (
@@ -295,14 +307,14 @@ def test_seg_mini_config(monkeypatch, configs):
     assert osp.isfile(osp.join(ROOT, 'data', 'ade20k_mini', 'SOURCE.txt'))
 
 
-# Parameters of the dense UperNets released with PlainMamba (M). Their
-# backbone feeds its four 1/16 maps straight to the heads; ours puts the
-# ViT-Adapter between (the issue's design), so ours count more by exactly
-# the adapter's own parameters.
+# Parameters of the dense UperNets released with PlainMamba (M), whose
+# backbone feeds four stride-16 maps straight to the heads.
 RELEASE_SEG_PARAMS = {'l1': 35, 'l2': 55, 'l3': 81}
 
 
-def test_seg_params_match_the_release_plus_the_adapter():
+def test_seg_params_match_the_release():
+    """The adapter-free configs within 3% of the release; the adapter
+    configs differ from them by the adapter's own parameters only."""
     from mmseg.registry import MODELS as SEG_MODELS
     from mmseg.utils import register_all_modules
 
@@ -310,16 +322,20 @@ def test_seg_params_match_the_release_plus_the_adapter():
 
     register_all_modules(init_default_scope=True)
     for arch, release in RELEASE_SEG_PARAMS.items():
-        path = osp.join(
-            ROOT,
-            'configs',
-            'upernet',
-            f'upernet_plainmamba-{arch}_adapter_8xb2-160k_ade20k-512x512.py',
+        params = {}
+        for neck in ('', '_adapter'):
+            name = f'upernet_plainmamba-{arch}{neck}_8xb2-160k_ade20k-512x512'
+            path = osp.join(ROOT, 'configs', 'upernet', f'{name}.py')
+            model = SEG_MODELS.build(Config.fromfile(path).model)
+            params[neck] = count_params(model)
+            if neck:
+                adapter = count_params(model.backbone) - count_params(
+                    model.backbone.backbone
+                )
+            del model
+        assert abs(params[''] / 1e6 / release - 1) <= 0.03, (arch, params)
+        # the plain backbone's ln1 and 3 output norms, absent in the adapter
+        out_norms = (
+            4 * 2 * MODELS.get('mmssm.PlainMamba').arch_zoo[arch]['embed_dims']
         )
-        model = SEG_MODELS.build(Config.fromfile(path).model)
-        adapter = count_params(model.backbone) - count_params(
-            model.backbone.backbone
-        )
-        without_adapter = (count_params(model) - adapter) / 1e6
-        assert abs(without_adapter / release - 1) <= 0.03, (arch, release)
-        del model
+        assert params['_adapter'] - adapter == params[''] - out_norms, arch
