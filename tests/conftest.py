@@ -230,7 +230,6 @@ def configs():
         backbones=CONFIG_BACKBONES,
         pruning=CONFIG_PRUNING,
         base_depth=base_depth,
-        is_adapter=is_adapter,
         shrink_backbone=shrink_backbone,
         check_pruner=check_pruner,
         check_adapter_settings=check_adapter_settings,
