@@ -275,6 +275,40 @@ def test_importance_metrics():
         token_importance(y, 'max')
 
 
+@pytest.mark.parametrize('kind', BACKBONES)
+def test_backbone_keeps_its_top_scored_tokens(kind):
+    """End to end: the tokens kept after a layer are the top-k by the clip
+    score of that layer's SSM output, per image. Vim keeps its middle class
+    token and, to keep it in the middle, half of the others on each side of
+    it: the top k // 2 before it and the top k - k // 2 after it."""
+    model = build(kind, dict(layers=(2,), keep_ratios=0.5)).eval()
+    x = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        state = model.run_layers(model.init_tokens(x), 0, 1)
+        _, ssm_out = model._run_layer(1, state, True)
+        index = model.run_layers(state, 1, 2).index
+    scores = ssm_out.clamp(min=0).sum(-1)  # (B, L): the paper's score
+
+    def top(scores, k, offset=0):
+        return scores.topk(k, dim=1).indices.sort(dim=1).values + offset
+
+    if kind == 'plainmamba':
+        assert torch.equal(index, top(scores, index.shape[1]))
+    else:
+        c = state.cls_index
+        k = index.shape[1] - 1  # patch tokens kept
+        cls = torch.full((2, 1), c)
+        expected = torch.cat(
+            [
+                top(scores[:, :c], k // 2),
+                cls,
+                top(scores[:, c + 1 :], k - k // 2, c + 1),
+            ],
+            dim=1,
+        )
+        assert torch.equal(index, expected)
+
+
 # --------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------
