@@ -6,7 +6,8 @@ which the published mIoU figures come from: the heads read the outputs of
 layers 6, 12, 18 and 24, four maps at stride 16 (each normed by its own
 LayerNorm, the last by ``ln1``). Pruned tokens keep their features on these
 full-grid maps, as in the adapter configs. Everything else (data, schedule,
-optimizer, heads) is as in the adapter config this inherits.
+optimizer, heads) is as in the adapter config this inherits; 8 GPUs x 2
+images per step.
 """
 
 _base_ = './upernet_plainmamba-l1_adapter_8xb2-160k_ade20k-512x512.py'
