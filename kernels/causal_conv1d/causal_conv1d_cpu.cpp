@@ -35,6 +35,7 @@
 #include <optional>
 #include <vector>
 
+#include "../common/check_tensor.h"
 #include "../common/exp_simd.h"
 
 namespace mmssm {
@@ -55,16 +56,6 @@ struct ConvArgs {
   bool silu = false;
 };
 
-void check(const at::Tensor& t, const char* name, at::ScalarType dtype,
-           std::vector<int64_t> shape) {
-  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
-  TORCH_CHECK(t.scalar_type() == dtype, name, " has dtype ", t.scalar_type(),
-              ", expected ", dtype);
-  TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), name, " has shape ",
-              t.sizes(), ", expected ", at::IntArrayRef(shape));
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-}
-
 template <typename T>
 ConvArgs<T> make_args(const at::Tensor& x, const at::Tensor& weight,
                       const std::optional<at::Tensor>& bias,
@@ -80,16 +71,16 @@ ConvArgs<T> make_args(const at::Tensor& x, const at::Tensor& weight,
   a.pairs = a.k * (a.k - 1) / 2;
   a.silu = silu;
   const auto dtype = x.scalar_type();
-  check(x, "x", dtype, {a.batch, a.dim, a.K});
-  check(weight, "weight", dtype, {a.dim, a.k});
+  check_tensor(x, "x", dtype, {a.batch, a.dim, a.K});
+  check_tensor(weight, "weight", dtype, {a.dim, a.k});
   a.x = x.data_ptr<T>();
   a.w = weight.data_ptr<T>();
   if (bias) {
-    check(*bias, "bias", dtype, {a.dim});
+    check_tensor(*bias, "bias", dtype, {a.dim});
     a.bias = bias->data_ptr<T>();
   }
   if (!positions || a.pairs == 0) return a;
-  check(*positions, "positions", at::kLong, {a.batch, a.K});
+  check_tensor(*positions, "positions", at::kLong, {a.batch, a.K});
   const int64_t* p = positions->data_ptr<int64_t>();
   const int64_t K = a.K, k = a.k;
   a.masks.assign(static_cast<size_t>(a.batch * a.pairs * K), T(0));
@@ -307,7 +298,7 @@ std::vector<std::optional<at::Tensor>> bwd(
     const std::optional<at::Tensor>& positions, const at::Tensor& dout,
     bool silu) {
   check_dtype(x);
-  check(dout, "dout", x.scalar_type(), x.sizes().vec());
+  check_tensor(dout, "dout", x.scalar_type(), x.sizes().vec());
   auto dx = at::empty_like(x);
   auto dw = at::empty_like(weight);
   auto dw_part =

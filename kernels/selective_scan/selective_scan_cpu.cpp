@@ -30,6 +30,7 @@
 #include <omp.h>
 #endif
 
+#include "../common/check_tensor.h"
 #include "../common/exp_simd.h"
 
 #include "../causal_conv1d/causal_conv1d_cpu.h"
@@ -473,20 +474,6 @@ void backward_row(const ScanArgs<T>& a, const GradArgs<T>& g, int64_t b,
 }
 
 int num_threads() { return std::max(1, at::get_num_threads()); }
-
-// ---------------------------------------------------------------------------
-// Argument checks (the Python wrapper checks the user's input; these guard
-// the kernel's own contract).
-// ---------------------------------------------------------------------------
-void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype,
-                  std::vector<int64_t> shape) {
-  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
-  TORCH_CHECK(t.scalar_type() == dtype, name, " has dtype ", t.scalar_type(),
-              ", expected ", dtype);
-  TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), name, " has shape ",
-              t.sizes(), ", expected ", at::IntArrayRef(shape));
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-}
 
 // The gaps g_k = p_k - p_{k-1} - 1 (g_0 = 0: h_0 = 0, a leading gap changes
 // nothing), as T; computed once per call, shared by all channels.
