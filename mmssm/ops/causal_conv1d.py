@@ -38,12 +38,12 @@ from .selective_scan import (
     _compute_dtype,
     _cpu_kernel_skip_reason,
     _warn_once,
+    check_float_tensors,
     check_positions,
 )
 
 IMPLS = ('auto', 'ref', 'cpu')
 ACTIVATIONS = (None, 'silu')
-_FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # the module (mmssm.ops.selective_scan is the function of the same name)
@@ -76,19 +76,7 @@ def _check_inputs(
         raise ValueError(
             f'activation must be one of {ACTIVATIONS}, got {activation!r}'
         )
-    for name, t in dict(x=x, weight=weight, bias=bias).items():
-        if t is None:
-            continue
-        if not isinstance(t, Tensor):
-            raise TypeError(
-                f'{name} must be a torch.Tensor, got {type(t).__name__}'
-            )
-        if t.dtype not in _FLOAT_TYPES:
-            raise ValueError(
-                f'{name} must be a floating tensor, got {t.dtype}'
-            )
-        if t.device != x.device:
-            raise ValueError(f'{name} is on {t.device} but x is on {x.device}')
+    check_float_tensors(dict(x=x, weight=weight, bias=bias))
     if x.dim() != 3:
         raise ValueError(f'x must be (batch, E, K), got {tuple(x.shape)}')
     batch, E, K = x.shape

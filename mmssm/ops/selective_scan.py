@@ -34,7 +34,7 @@ import contextlib
 import os
 import warnings
 from functools import partial
-from typing import Callable, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -133,17 +133,7 @@ def _check_inputs(
     named = dict(
         u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias
     )
-    for name, t in named.items():
-        if t is None:
-            continue
-        if not isinstance(t, Tensor):
-            raise TypeError(
-                f'{name} must be a torch.Tensor, got {type(t).__name__}'
-            )
-        if t.dtype not in _FLOAT_TYPES:
-            raise TypeError(f'{name} must be a floating tensor, got {t.dtype}')
-        if t.device != u.device:
-            raise ValueError(f'{name} is on {t.device} but u is on {u.device}')
+    check_float_tensors(named)
     if u.dim() != 3:
         raise ValueError(f'u must be (batch, dim, K), got {tuple(u.shape)}')
     batch, dim, K = u.shape
@@ -167,6 +157,34 @@ def _check_inputs(
     if positions is None:
         return None
     return check_positions(positions, u, 'u')
+
+
+def check_float_tensors(named: Dict[str, Optional[Tensor]]) -> None:
+    """Check that the given arguments are floating tensors on one device.
+
+    Args:
+        named (dict[str, Tensor | None]): The arguments by name (None ones
+            are skipped); the first one's device is the reference.
+
+    Raises:
+        TypeError: An argument is not a tensor, or not a floating one.
+        ValueError: An argument is on another device than the first.
+    """
+    first_name, first = next(iter(named.items()))
+    for name, t in named.items():
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(
+                f'{name} must be a torch.Tensor, got {type(t).__name__}'
+            )
+        if t.dtype not in _FLOAT_TYPES:
+            raise TypeError(f'{name} must be a floating tensor, got {t.dtype}')
+        if t.device != first.device:
+            raise ValueError(
+                f'{name} is on {t.device} but {first_name} is on '
+                f'{first.device}'
+            )
 
 
 def check_positions(positions, x: Tensor, x_name: str) -> Tensor:

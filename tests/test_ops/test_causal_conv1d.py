@@ -264,7 +264,6 @@ def test_ref_is_the_full_length_conv_read_at_the_positions():
         (dict(weight=torch.randn(4, 4)), 'weight must be'),
         (dict(weight=torch.randn(3, 2, 4)), 'weight must be'),
         (dict(bias=torch.randn(4)), 'bias must have shape'),
-        (dict(x=torch.randn(2, 3, 5).long()), 'x must be a floating'),
         (dict(positions=torch.arange(4)), 'positions must be'),
         (
             dict(positions=torch.tensor([0, 2, 2, 3, 4])),
@@ -294,8 +293,11 @@ def test_bad_inputs(kwargs, match, impl):
 
 
 @pytest.mark.parametrize('impl', ['ref', pytest.param('cpu', marks=needs_ext)])
-def test_bad_position_type(impl):
+def test_bad_input_types(impl):
+    """A wrong type is a TypeError, as in the selective scan."""
     x, w = torch.randn(2, 3, 5), torch.randn(3, 4)
+    with pytest.raises(TypeError, match='x must be a floating'):
+        causal_conv1d(x.long(), w, impl=impl)
     for positions in (torch.arange(5).int(), [0, 1, 2, 3, 4]):
         with pytest.raises(TypeError, match='positions must be'):
             causal_conv1d(x, w, positions=positions, impl=impl)
