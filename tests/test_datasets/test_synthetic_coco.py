@@ -179,24 +179,9 @@ def test_cli(tmp_path, capsys):
 # --------------------------------------------------------------------------
 # The main job's config
 # --------------------------------------------------------------------------
-def _shrink(cfg: Config) -> Config:
+def _shrink(cfg: Config, configs) -> Config:
     """The config with a CPU-test-sized model (a 4-layer PlainMamba)."""
-    bb = cfg.model.backbone.backbone
-    bb.arch = dict(
-        embed_dims=64,
-        num_layers=4,
-        num_convs=1,
-        dw_layers=[0],
-        d_state=8,
-        expand=1,
-        conv_size=3,
-        prune=dict(layers=(2,), keep_ratios=0.5),
-    )
-    cfg.model.backbone.update(
-        interaction_indexes=[[0, 1], [2, 3]],
-        deform_num_heads=4,
-        conv_inplane=16,
-    )
+    configs.shrink_backbone(cfg)
     cfg.model.neck.update(in_channels=[64] * 4, out_channels=32)
     cfg.merge_from_dict(
         {
@@ -241,7 +226,7 @@ def test_config_settings():
     assert osp.relpath(CONFIG, ROOT) in script
 
 
-def test_config_builds_and_trains_on_the_set(small_set):
+def test_config_builds_and_trains_on_the_set(small_set, configs):
     """The config's pipelines read the generator's output; loss + predict."""
     from mmdet.registry import DATASETS, MODELS
     from mmdet.utils import register_all_modules
@@ -251,7 +236,7 @@ def test_config_builds_and_trains_on_the_set(small_set):
     import mmssm.models  # noqa: F401
 
     register_all_modules()
-    cfg = _shrink(Config.fromfile(CONFIG))
+    cfg = _shrink(Config.fromfile(CONFIG), configs)
     datasets = {}
     for split, loader in (
         ('train', cfg.train_dataloader),

@@ -91,23 +91,8 @@ def test_arguments_and_registry():
 # ADE20K class (after reduce_zero_label: 150 and 199 >= num_classes); 255
 # is mmseg's own (reduce_zero_label keeps it 255).
 BAD_VALUES = (151, 200, 255)
-BB = 'model.backbone.backbone'
-# the mini config, CPU-sized (as tests/test_tools/test_seg_tools.py)
-SHRINK = {
-    f'{BB}.arch': dict(
-        _delete_=True,
-        embed_dims=64,
-        num_layers=4,
-        num_convs=1,
-        dw_layers=[0],
-        d_state=8,
-        expand=1,
-        conv_size=3,
-        prune=dict(layers=[2], keep_ratios=0.5),
-    ),
-    'model.backbone.interaction_indexes': [[0, 1], [2, 3]],
-    'model.backbone.deform_num_heads': 4,
-    'model.backbone.conv_inplane': 16,
+# the heads of the mini config for the shrunk backbone (tests/conftest.py)
+HEADS_SHRINK = {
     'model.decode_head.in_channels': [64] * 4,
     'model.decode_head.channels': 32,
     'model.auxiliary_head.in_channels': 64,
@@ -151,12 +136,13 @@ def mmseg_scope():
     import mmssm.models  # noqa: F401
 
 
-def _seg_cfg(data_root: str, with_transform: bool = True) -> Config:
-    """The mini seg config on ``data_root``, optionally without the
-    transform. Its training images are resized to a short side of 128
+def _seg_cfg(data_root: str, configs, with_transform: bool = True) -> Config:
+    """The mini seg config, CPU-sized, on ``data_root``, optionally without
+    the transform. Its training images are resized to a short side of 128
     without random scale or crop (so the blocks stay) and read in order."""
     cfg = Config.fromfile(SEG_CFG)
-    cfg.merge_from_dict(SHRINK)
+    configs.shrink_backbone(cfg)
+    cfg.merge_from_dict(HEADS_SHRINK)
     for part in ('train', 'val', 'test'):
         dataset = cfg[f'{part}_dataloader'].dataset
         dataset.data_root = data_root
@@ -228,25 +214,27 @@ def _evaluate_ground_truth(cfg: Config, fill: int) -> dict:
     return evaluator.evaluate(len(loader.dataset))
 
 
-def test_metric_ignores_them(bad_labels, mmseg_scope):
+def test_metric_ignores_them(bad_labels, mmseg_scope, configs):
     """Predictions at those pixels do not count, as at mmseg's 255."""
     data_root, _ = bad_labels
     # class 0 (wall) is in every image: predicting it where the label is no
     # class is a false positive unless the pixel is ignored
-    metrics = _evaluate_ground_truth(_seg_cfg(data_root), fill=0)
+    metrics = _evaluate_ground_truth(_seg_cfg(data_root, configs), fill=0)
     assert metrics == dict(aAcc=100.0, mIoU=100.0, mAcc=100.0)
     # without the transform IoUMetric counts them against class 0
-    metrics = _evaluate_ground_truth(_seg_cfg(data_root, False), fill=0)
+    metrics = _evaluate_ground_truth(
+        _seg_cfg(data_root, configs, False), fill=0
+    )
     assert metrics['mIoU'] < 100
 
 
-def test_loss_ignores_them(bad_labels, mmseg_scope):
+def test_loss_ignores_them(bad_labels, mmseg_scope, configs):
     """A finite loss and gradients; without the transform it raises."""
     from mmengine.runner import Runner
     from mmseg.registry import MODELS
 
     data_root, _ = bad_labels
-    cfg = _seg_cfg(data_root)
+    cfg = _seg_cfg(data_root, configs)
     model = MODELS.build(cfg.model)
     model.init_weights()
     model.train()
@@ -261,7 +249,7 @@ def test_loss_ignores_them(bad_labels, mmseg_scope):
     total.backward()
     assert model.decode_head.conv_seg.weight.grad.abs().sum() > 0
 
-    cfg = _seg_cfg(data_root, with_transform=False)
+    cfg = _seg_cfg(data_root, configs, with_transform=False)
     data = next(iter(Runner.build_dataloader(cfg.train_dataloader)))
     data = model.data_preprocessor(data, True)
     assert 199 in data['data_samples'][0].gt_sem_seg.data
