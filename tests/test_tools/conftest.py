@@ -1,6 +1,7 @@
 """Shared settings of the tool tests: the mini COCO and ADE20K configs,
 shrunk, and how to run the tools (also on 2 processes)."""
 
+import importlib.util
 import os
 import os.path as osp
 import socket
@@ -139,6 +140,15 @@ def run_tool(
     )
 
 
+def load_script(path: str):
+    """The script ``path`` (relative to the repository root) as a module."""
+    name = osp.splitext(osp.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, osp.join(ROOT, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def check_ok(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, (
         f'exit code {result.returncode}\n--- stdout (tail)\n'
@@ -189,6 +199,7 @@ def tools():
         seg_2_iters=dict(SEG_2_ITERS),
         cfg_options=cfg_options,
         run=run_tool,
+        load_script=load_script,
         check_ok=check_ok,
     )
 

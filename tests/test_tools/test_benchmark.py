@@ -2,24 +2,17 @@
 
 Only the mechanics: the tool's timings are its output, never asserted."""
 
-import importlib.util
 import json
 import os.path as osp
-import subprocess
-import sys
 
 import pytest
 
-ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-TOOL = osp.join(ROOT, 'tools', 'analysis_tools', 'benchmark.py')
+TOOL = osp.join('tools', 'analysis_tools', 'benchmark.py')
 
 
 @pytest.fixture(scope='module')
-def bench():
-    spec = importlib.util.spec_from_file_location('benchmark', TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(tools):
+    return tools.load_script(TOOL)
 
 
 def _run(ms: float, fwd: float, wall: float = 1.0) -> dict:
@@ -59,17 +52,15 @@ def test_select_rows(bench):
         bench.select_rows(['no-such-row'], None)
 
 
-def test_one_row_two_rounds(tmp_path):
+def test_one_row_two_rounds(tools, tmp_path):
     out = tmp_path / 'bench.json'
     cmd = [
-        sys.executable, TOOL,
+        TOOL,
         '--rows', 'prune-vim-s-224-naive',
         '--iters', '1', '--warmup', '0', '--rounds', '2', '--threads', '1',
         '--json', str(out),
     ]  # fmt: skip
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, cwd=ROOT, timeout=600
-    )
+    proc = tools.run(cmd)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert '| Vim-S paper naive | 224x224 | 8 | cpu |' in proc.stdout
     assert 'rounds 2 (median)' in proc.stdout
@@ -81,20 +72,18 @@ def test_one_row_two_rounds(tmp_path):
     ]
 
 
-def test_interleaved_group(bench, tmp_path):
+def test_interleaved_group(bench, tools, tmp_path):
     """A dense row and its pruned variants in one process, alternating."""
     groups = bench.interleave_groups(bench.select_rows(['prune-'], None))
     assert all(len(g) == 3 and g[0].key.endswith('-dense') for g in groups)
     out = tmp_path / 'bench.json'
     cmd = [
-        sys.executable, TOOL,
+        TOOL,
         '--rows', 'prune-vim-s-224', '--interleave',
         '--iters', '2', '--warmup', '0', '--threads', '1',
         '--json', str(out),
     ]  # fmt: skip
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, cwd=ROOT, timeout=600
-    )
+    proc = tools.run(cmd)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert 'rounds 1 (median), interleaved' in proc.stdout
     # one process for the three rows (one progress line for the group)
@@ -106,11 +95,6 @@ def test_interleaved_group(bench, tmp_path):
     assert all(len(r['ms_all']) == 2 for r in results.values())
 
 
-def test_bad_arguments():
-    proc = subprocess.run(
-        [sys.executable, TOOL, '--rounds', '0'],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+def test_bad_arguments(tools):
+    proc = tools.run([TOOL, '--rounds', '0'])
     assert proc.returncode == 2 and '--rounds' in proc.stderr

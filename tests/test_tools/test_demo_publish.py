@@ -8,7 +8,6 @@ model and run by mmseg's ``init_model``/``inference_model`` and the demo.
 """
 
 import hashlib
-import importlib.util
 import os
 import os.path as osp
 import re
@@ -45,23 +44,14 @@ TINY_PRUNING = {
 }
 
 
-def _load_script(root, path, name):
-    spec = importlib.util.spec_from_file_location(name, osp.join(root, path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope='module')
 def demo(tools):
-    return _load_script(tools.root, 'demo/image_demo.py', 'image_demo')
+    return tools.load_script('demo/image_demo.py')
 
 
 @pytest.fixture(scope='module')
 def publish_model(tools):
-    return _load_script(
-        tools.root, 'tools/model_converters/publish_model.py', 'publish_model'
-    )
+    return tools.load_script('tools/model_converters/publish_model.py')
 
 
 def _seg_shrink(tools) -> dict:

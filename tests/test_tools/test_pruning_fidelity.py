@@ -1,14 +1,12 @@
 """tools/analysis_tools/pruning_fidelity.py: a tiny run and its parts."""
 
-import importlib.util
 import json
 import os.path as osp
 
 import pytest
 import torch
 
-ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-TOOL = osp.join(ROOT, 'tools', 'analysis_tools', 'pruning_fidelity.py')
+TOOL = osp.join('tools', 'analysis_tools', 'pruning_fidelity.py')
 
 # Tiny settings: 16 tokens, 3 layers of 16 channels, one step of training.
 TINY = [
@@ -24,11 +22,8 @@ TINY = [
 
 
 @pytest.fixture(scope='module')
-def tool():
-    spec = importlib.util.spec_from_file_location('pruning_fidelity', TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def tool(tools):
+    return tools.load_script(TOOL)
 
 
 def test_schedule(tool):
