@@ -27,6 +27,11 @@ TRANSFORMS = Registry(
     scope='mmssm',
     locations=['mmssm.datasets.transforms'],
 )
+# Token scorers of the token pruner: 'clip' (the paper's), 'l1', 'l2',
+# 'raw', and the reference selections 'random' and 'given'.
+TOKEN_SCORERS = Registry(
+    'token scorer', scope='mmssm', locations=['mmssm.models.pruning']
+)
 HOOKS = Registry(
     'hook', parent=MMENGINE_HOOKS, scope='mmssm', locations=['mmssm.engine']
 )

@@ -4,6 +4,26 @@
 relative comparison); ``models``: the catalogue of tiny architectures.
 """
 
+from .models import (
+    BACKBONE_TYPES,
+    TINY_ARCHS,
+    TINY_PRUNE,
+    family_of,
+    shrink_prune_cfg,
+    tiny_arch,
+    tiny_backbone_cfg,
+)
 from .ops import assert_close_rel, output_and_grads, random_positions
 
-__all__ = ['assert_close_rel', 'output_and_grads', 'random_positions']
+__all__ = [
+    'BACKBONE_TYPES',
+    'TINY_ARCHS',
+    'TINY_PRUNE',
+    'family_of',
+    'shrink_prune_cfg',
+    'tiny_arch',
+    'tiny_backbone_cfg',
+    'assert_close_rel',
+    'output_and_grads',
+    'random_positions',
+]

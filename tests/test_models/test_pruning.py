@@ -9,32 +9,17 @@ import pytest
 import torch
 
 from mmssm.models.backbones import PlainMamba, Vim
-from mmssm.models.layers import (
+from mmssm.models.pruning import (
+    PAPER_SCHEDULES,
     TokenPruner,
     TokenState,
-    token_importance,
+    build_scorer,
 )
+from mmssm.testing import tiny_arch
 
 # 16 channels, 4 layers, L1's layout (1 stem conv, DW block after layer 0)
-PM_TINY = dict(
-    embed_dims=16,
-    num_layers=4,
-    num_convs=1,
-    dw_layers=[0],
-    d_state=4,
-    expand=2,
-    conv_size=3,
-)
-VIM_TINY = dict(
-    embed_dims=16,
-    num_layers=4,
-    patch_size=16,
-    stride=16,
-    d_state=4,
-    expand=2,
-    d_conv=4,
-    cls_token='middle',
-)
+PM_TINY = tiny_arch('plainmamba')
+VIM_TINY = tiny_arch('vim')
 BACKBONES = ['plainmamba', 'vim']
 
 TOOL = osp.join(
@@ -237,7 +222,7 @@ def test_aligned_differs_from_naive(kind):
 # --------------------------------------------------------------------------
 # Importance
 # --------------------------------------------------------------------------
-def test_importance_metrics():
+def test_importance_scorers():
     y = torch.tensor(
         [
             [
@@ -262,17 +247,17 @@ def test_importance_metrics():
         'raw': [1, 3],
     }
     top1 = {'clip': [3], 'l1': [0], 'l2': [0], 'raw': [3]}
+    state = TokenState(torch.randn(1, 4, 2), (2, 2))
     for metric, values in expected.items():
-        scores = token_importance(y, metric)
+        scores = build_scorer(metric)(state, y, 0)
         assert not scores.requires_grad
         torch.testing.assert_close(scores, torch.tensor([values]))
         for keep, top in ((0.5, top2), (0.25, top1)):
-            pruner = TokenPruner((1,), keep, num_layers=2, metric=metric)
-            state = TokenState(torch.randn(1, 4, 2), (2, 2))
+            pruner = TokenPruner((1,), keep, num_layers=2, scorer=metric)
             pruned = pruner.prune(state, y, 0)
             assert pruned.index.tolist() == [top[metric]], metric
-    with pytest.raises(ValueError, match='metric'):
-        token_importance(y, 'max')
+    with pytest.raises(ValueError, match='scorer'):
+        build_scorer('max')
 
 
 @pytest.mark.parametrize('kind', BACKBONES)
@@ -285,7 +270,7 @@ def test_backbone_keeps_its_top_scored_tokens(kind):
     x = torch.randn(2, 3, 64, 80)
     with torch.no_grad():
         state = model.run_layers(model.init_tokens(x), 0, 1)
-        _, ssm_out = model._run_layer(1, state, True)
+        _, ssm_out = model.run_layer(1, state)
         index = model.run_layers(state, 1, 2).index
     scores = ssm_out.clamp(min=0).sum(-1)  # (B, L): the paper's score
 
@@ -307,6 +292,77 @@ def test_backbone_keeps_its_top_scored_tokens(kind):
             dim=1,
         )
         assert torch.equal(index, expected)
+
+
+# --------------------------------------------------------------------------
+# Extension points: step hooks, the reference scorers, state helpers
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize('kind', BACKBONES)
+def test_step_hooks_see_every_step(kind):
+    model = build(kind, dict(layers=(1, 2), keep_ratios=0.5)).eval()
+    seen = []
+
+    def hook(pruner, step, before, after, scores):
+        assert pruner is model.pruner
+        assert scores.shape == before.tokens.shape[:2]
+        seen.append((step, after.patch_kept_mask().clone()))
+
+    handle = model.pruner.register_step_hook(hook)
+    x = torch.randn(2, 3, 64, 80)  # 4 x 5 patches
+    with torch.no_grad():
+        states = run_all(model, x)
+    assert [step for step, _ in seen] == [0, 1]
+    for (_, mask), state in zip(seen, states):
+        assert mask.shape == (2, 4, 5)
+        extra = 1 if kind == 'vim' else 0  # the class token is left out
+        assert mask.sum((1, 2)).tolist() == [
+            state.tokens.shape[1] - extra
+        ] * 2
+    assert torch.equal(seen[-1][1], states[-1].patch_kept_mask())
+    assert states[-1].patch_stride == 16
+    handle.remove()
+    with torch.no_grad():
+        model(x)
+    assert len(seen) == 2
+
+
+@pytest.mark.parametrize('kind', BACKBONES)
+def test_given_scorer_keeps_the_given_tokens(kind):
+    """The reference selection of the fidelity study: the pruner keeps the
+    tokens with the highest given scores of the full sequence."""
+    cfg = dict(layers=(1,), keep_ratios=0.25, scorer='given')
+    model = build(kind, cfg).eval()
+    x = torch.randn(1, 3, 64, 64)  # 16 patches
+    L = 16 + (1 if kind == 'vim' else 0)
+    scores = torch.zeros(1, L)
+    wanted = [0, 5, 10, 15] if kind == 'plainmamba' else [0, 5, 11, 16]
+    scores[0, wanted] = 1.0
+    with pytest.raises(ValueError, match='given'):
+        with torch.no_grad():
+            model(x)
+    model.pruner.scorer.scores = scores
+    with torch.no_grad():
+        state = model.run_layers(model.init_tokens(x), 0, 2)
+    expected = wanted if kind == 'plainmamba' else [0, 5, 8, 11, 16]
+    assert state.index.tolist() == [expected]
+
+
+def test_random_scorer_is_reproducible():
+    cfg = dict(layers=(1,), keep_ratios=0.5, scorer=dict(type='random'))
+    model = build('plainmamba', cfg).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        first = model.run_layers(model.init_tokens(x), 0, 2).index
+        model.pruner.scorer.reset()
+        again = model.run_layers(model.init_tokens(x), 0, 2).index
+    assert torch.equal(first, again)
+
+
+def test_bad_prune_cfg_is_a_user_error():
+    from mmssm.errors import UserError
+
+    with pytest.raises(UserError, match='keep_ratios'):
+        build('vim', dict(layers=(1,), keep_ratios=2.0))
 
 
 # --------------------------------------------------------------------------
@@ -364,7 +420,7 @@ def test_vim_positions_reach_the_layers():
     with torch.no_grad():
         state = model.run_layers(model.init_tokens(x), 0, 1)
         out = model.run_layers(state, 1, 2).tokens
-        expected = model.layers[1](
+        expected, _ = model.layers[1](
             state.tokens, positions=state.index, seq_len=17
         )
     assert torch.equal(out, expected)
@@ -382,29 +438,29 @@ def test_paper_schedules():
         (Vim, 's'): ((5, 10, 15, 20), 0.81),
     }
     for (cls, arch), (layers, ratio) in expected.items():
-        schedule = cls.arch_zoo[arch]['prune']
-        pruner = TokenPruner.build(
-            'paper',
-            cls.arch_zoo[arch]['num_layers'],
-            paper_schedule=schedule,
-            dense_layers=cls.arch_zoo[arch].get('dw_layers', ()),
+        assert PAPER_SCHEDULES[cls.family][arch] == dict(
+            layers=layers, keep_ratios=ratio
         )
+        pruner = cls(arch, prune_cfg='paper').pruner
         assert pruner.layers == layers
         assert pruner.keep_ratios == (ratio,) * len(layers)
-        assert (pruner.metric, pruner.align, pruner.gap_mode) == (
+        assert (pruner.scorer_cfg, pruner.align, pruner.gap_mode) == (
             'clip',
             True,
             'prev',
         )
-    for cls, arch in ((PlainMamba, 'l1'), (Vim, 't')):
-        model = cls(arch, prune_cfg='paper')
-        assert model.pruner.layers == expected[(cls, arch)][0]
         naive = cls(arch, prune_cfg=dict(schedule='paper', align=False))
-        assert naive.pruner.layers == expected[(cls, arch)][0]
+        assert naive.pruner.layers == layers
         assert not naive.pruner.align
+        assert naive.pruner.scan_gap_mode == 'none'
         assert cls(arch).pruner is None
+    # the registered type, named in the config
+    typed = Vim('t', prune_cfg=dict(type='mmssm.TokenPruner', schedule='paper'))
+    assert typed.pruner.layers == (10, 20)
     with pytest.raises(ValueError, match='paper'):
         Vim('b', prune_cfg='paper')  # the paper prunes no Vim-B
+    with pytest.raises(ValueError, match='paper'):
+        Vim(dict(VIM_TINY), prune_cfg='paper')  # nor an arch dict
 
 
 @pytest.mark.parametrize(
@@ -421,8 +477,10 @@ def test_paper_schedules():
         (dict(layers=(1,), keep_ratios=1.5), 'keep_ratios'),
         (dict(layers=(1,), keep_ratios=(-0.5,)), 'keep_ratios'),
         (dict(layers=(1,), keep_ratios='half'), 'keep_ratios'),
-        (dict(layers=(1,), keep_ratios=0.5, metric='max'), 'metric'),
+        (dict(layers=(1,), keep_ratios=0.5, scorer='max'), 'scorer'),
         (dict(layers=(1,), keep_ratios=0.5, gap_mode='zero'), 'gap_mode'),
+        (dict(layers=(1,), keep_ratios=0.5, gap_mode='none'), 'align'),
+        (dict(layers=(1,), keep_ratios=0.5, metric='clip'), 'metric'),
         (dict(layers=(1,), keep_ratios=0.5, align='yes'), 'align'),
         (dict(layers=(1,), keep_ratios=0.5, ratio=0.5), 'ratio'),
         (dict(keep_ratios=0.5), 'layers'),

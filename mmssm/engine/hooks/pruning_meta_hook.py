@@ -8,6 +8,7 @@ ratios), so that a published checkpoint says how it was pruned without its
 config.
 """
 
+import copy
 from typing import Dict, Optional
 
 from mmengine.hooks import Hook
@@ -15,7 +16,7 @@ from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 from torch import nn
 
-from mmssm.models.layers.token_pruner import TokenPruner
+from mmssm.models.pruning import TokenPruner
 from mmssm.registry import HOOKS
 
 
@@ -27,7 +28,7 @@ def pruner_meta(pruner: Optional[TokenPruner]) -> Optional[dict]:
 
     Returns:
         dict | None: ``layers`` (1-based: pruned after the k-th layer),
-        ``keep_ratios`` (one per step), ``metric``, ``align`` and
+        ``keep_ratios`` (one per step), ``scorer``, ``align`` and
         ``gap_mode``; None for a dense backbone.
     """
     if pruner is None:
@@ -35,7 +36,7 @@ def pruner_meta(pruner: Optional[TokenPruner]) -> Optional[dict]:
     return dict(
         layers=[int(k) for k in pruner.layers],
         keep_ratios=[float(r) for r in pruner.keep_ratios],
-        metric=str(pruner.metric),
+        scorer=copy.deepcopy(pruner.scorer_cfg),
         align=bool(pruner.align),
         gap_mode=str(pruner.gap_mode),
     )
@@ -92,7 +93,7 @@ def format_pruning(meta: Dict[str, Optional[dict]]) -> str:
         parts.append(
             f'{where}: {schedule["type"]} pruned after layers '
             f'{schedule["layers"]} keeping {schedule["keep_ratios"]}, '
-            f'score {schedule["metric"]!r}, {mode}'
+            f'scorer {schedule["scorer"]!r}, {mode}'
         )
     return '; '.join(parts)
 

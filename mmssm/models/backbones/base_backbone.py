@@ -1,7 +1,7 @@
 """The parts that the plain SSM backbones (PlainMamba, Vim) share."""
 
 import math
-from typing import Dict, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -10,34 +10,58 @@ from mmengine.model import BaseModule
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from mmssm.errors import UserError
 from mmssm.models.layers import (
-    TokenState,
     insert_cls_slot,
     resize_pos_embed,
-    run_layers,
     split_cls_slot,
 )
+from mmssm.models.pruning import TokenState, build_token_pruner, run_layers
 
 
 class SSMBackbone(BaseModule):
     """Base of the non-hierarchical SSM backbones.
 
-    Checks the common arguments, owns ``pos_embed`` (with its resize at load
-    and at forward), runs the layer loop and freezes stages; a subclass
-    builds the modules and defines how a layer runs on the token state.
+    Parses and checks the arguments every backbone has, builds the token
+    pruner, owns ``pos_embed`` (with its resize at load and at forward),
+    runs the layer loop with its pruning steps and freezes stages. A
+    subclass sets the class attributes below; its ``__init__`` calls this
+    one, then builds ``patch_embed``, ``patch_grid`` (the grid of
+    ``img_size``), ``pos_embed`` (:meth:`_build_pos_embed`), ``layers`` and
+    the output norms, and ends with :meth:`_freeze_stages`. It defines
+    :meth:`init_tokens`, :meth:`layer_kwargs` and :meth:`output`.
 
-    A subclass sets the class attributes below and, in ``__init__``,
-    ``embed_dims``, ``num_layers``, ``out_indices``, ``frozen_stages``,
-    ``norm_eval``, ``with_cp``, ``pruner``, ``patch_embed``, ``patch_grid``
-    (the grid ``pos_embed`` is made for), ``pos_embed`` (with
-    :meth:`_build_pos_embed`) and ``layers``. It defines
-    :meth:`init_tokens`, :meth:`_run_layer` and :meth:`output`.
+    Args:
+        arch (str | dict): A key of :attr:`arch_zoo` or a dict with
+            :attr:`required_keys`.
+        img_size (int | Sequence[int]): The input size ``pos_embed`` is
+            made for.
+        out_indices (int | Sequence[int]): Layers whose outputs are
+            returned (negative values count from the end).
+        out_type (str): One of :attr:`out_types`.
+        final_norm (bool): Norm the last layer's output.
+        drop_path_rate (float): Stochastic depth of the last layer, linear
+            from 0 at the first.
+        with_cp (bool): Checkpoint each layer in training.
+        frozen_stages (int): -1: nothing frozen; 0: the embedding; k > 0:
+            also the first k layers; ``num_layers``: also the output norms.
+        norm_eval (bool): Keep batch norms in eval mode while training.
+        scan_impl (str): ``impl`` of :func:`mmssm.ops.selective_scan`.
+        prune_cfg (None | str | dict): Token pruning, see
+            :func:`~mmssm.models.pruning.build_token_pruner`. None: dense.
+        init_cfg (dict | list[dict], optional): Initialisation config.
     """
 
     arch_zoo: Dict[str, dict] = {}
-    _required_keys: Tuple[str, ...] = ()
-    OUT_TYPES: Tuple[str, ...] = ()
-    # Parameters of the embedding: layer depth 0, frozen by frozen_stages=0.
+    required_keys: Tuple[str, ...] = ()
+    out_types: Tuple[str, ...] = ()
+    #: The family of the paper's pruning schedules (``prune_cfg='paper'``).
+    family = ''
+    #: How :mod:`mmssm.utils.flops` counts a scan of this family.
+    scan_convention = ''
+    #: The ``out_type`` of one pooled vector per image (classification).
+    pooled_out_type = ''
+    # Parameters of the embedding: frozen by frozen_stages=0.
     _embed_params = ('pos_embed', 'cls_token')
     # Children (name prefixes) after the last layer, frozen with all layers.
     _out_norm_prefixes: Tuple[str, ...] = ()
@@ -46,25 +70,79 @@ class SSMBackbone(BaseModule):
     # Class tokens in the sequence (one at M // 2 in ``pos_embed`` if 1).
     num_extra_tokens = 0
 
+    def __init__(
+        self,
+        arch: Union[str, dict],
+        img_size: Union[int, Sequence[int]],
+        out_indices: Union[int, Sequence[int]],
+        out_type: str,
+        final_norm: bool,
+        drop_path_rate: float,
+        with_cp: bool,
+        frozen_stages: int,
+        norm_eval: bool,
+        scan_impl: str,
+        prune_cfg: Union[None, str, dict],
+        init_cfg: Optional[Union[dict, List[dict]]] = None,
+    ) -> None:
+        super().__init__(init_cfg=init_cfg)
+        self.arch_settings = self._parse_arch(arch)
+        self.embed_dims = int(self.arch_settings['embed_dims'])
+        self.num_layers = int(self.arch_settings['num_layers'])
+        if out_type not in self.out_types:
+            raise UserError(
+                f'out_type must be one of {self.out_types}, got {out_type!r}'
+            )
+        self.out_type = out_type
+        self.out_indices = self._parse_out_indices(out_indices)
+        if not -1 <= frozen_stages <= self.num_layers:
+            raise UserError(
+                f'frozen_stages must be in [-1, {self.num_layers}], got '
+                f'{frozen_stages}'
+            )
+        self.frozen_stages = frozen_stages
+        if not 0 <= drop_path_rate < 1:
+            raise UserError(
+                f'drop_path_rate must be in [0, 1), got {drop_path_rate}'
+            )
+        n = self.num_layers
+        self.drop_path_rates = [
+            drop_path_rate * i / max(n - 1, 1) for i in range(n)
+        ]
+        self.final_norm = final_norm
+        self.with_cp = with_cp
+        self.norm_eval = norm_eval
+        self.scan_impl = scan_impl
+        if isinstance(img_size, int):
+            img_size = (img_size, img_size)
+        self.img_size = tuple(int(v) for v in img_size)
+        self.pruner = build_token_pruner(
+            prune_cfg,
+            self.num_layers,
+            family=self.family,
+            arch=arch if isinstance(arch, str) else None,
+            dense_layers=self.dense_layers(),
+        )
+
     # ----------------------------------------------------------- arguments
     def _parse_arch(self, arch: Union[str, dict]) -> dict:
         """The settings of a key of :attr:`arch_zoo` (any case) or a dict."""
         if isinstance(arch, str):
             key = arch.lower()
             if key not in self.arch_zoo:
-                raise ValueError(
+                raise UserError(
                     f'arch {arch!r} is not one of {sorted(self.arch_zoo)}'
                 )
             return dict(self.arch_zoo[key])
         if not isinstance(arch, dict):
-            raise TypeError(
+            raise UserError(
                 f'arch must be a str or a dict, got {type(arch).__name__}'
             )
-        missing = [k for k in self._required_keys if k not in arch]
+        missing = [k for k in self.required_keys if k not in arch]
         if missing:
-            raise ValueError(
+            raise UserError(
                 f'arch dict is missing the key(s) {missing}; '
-                f'it needs {list(self._required_keys)}'
+                f'it needs {list(self.required_keys)}'
             )
         return dict(arch)
 
@@ -75,7 +153,7 @@ class SSMBackbone(BaseModule):
         if isinstance(out_indices, int):
             out_indices = [out_indices]
         if not isinstance(out_indices, Sequence) or not out_indices:
-            raise ValueError(
+            raise UserError(
                 f'out_indices must be an int or a non-empty '
                 f'sequence of ints, got {out_indices!r}'
             )
@@ -83,7 +161,7 @@ class SSMBackbone(BaseModule):
         for index in out_indices:
             i = int(index) + (self.num_layers if int(index) < 0 else 0)
             if not 0 <= i < self.num_layers:
-                raise ValueError(
+                raise UserError(
                     f'out_indices {list(out_indices)} has '
                     f'{index}, out of range for '
                     f'{self.num_layers} layers'
@@ -91,20 +169,10 @@ class SSMBackbone(BaseModule):
             result.append(i)
         return tuple(sorted(set(result)))
 
-    def _check_out_type(self, out_type: str) -> str:
-        if out_type not in self.OUT_TYPES:
-            raise ValueError(
-                f'out_type must be one of {self.OUT_TYPES}, got {out_type!r}'
-            )
-        return out_type
-
-    def _check_frozen_stages(self, frozen_stages: int) -> int:
-        if not -1 <= frozen_stages <= self.num_layers:
-            raise ValueError(
-                f'frozen_stages must be in [-1, '
-                f'{self.num_layers}], got {frozen_stages}'
-            )
-        return frozen_stages
+    def dense_layers(self) -> Tuple[int, ...]:
+        """0-based layers that need the full token grid (no pruning before
+        them); none by default."""
+        return ()
 
     # ------------------------------------------------------- pos embedding
     def _build_pos_embed(self) -> None:
@@ -177,38 +245,38 @@ class SSMBackbone(BaseModule):
         """Embed images into the token state that the layers run on."""
         raise NotImplementedError
 
-    def _run_layer(
-        self, i: int, state: TokenState, return_ssm_out: bool
-    ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
-        """Layer ``i`` on the state's tokens (see :func:`run_layers`)."""
+    def layer_kwargs(self, state: TokenState) -> dict:
+        """Keyword arguments of every layer for the state: where its kept
+        tokens sit and how the scan crosses the pruned ones."""
         raise NotImplementedError
 
     def output(self, state: TokenState, i: int) -> Tensor:
         """The output of layer ``i`` (see ``out_type``)."""
         raise NotImplementedError
 
-    def forward_layer(self, i: int, x: Tensor, *args, **kwargs) -> Tensor:
-        """Run layer ``i`` (checkpointed if ``with_cp``).
+    def run_layer(self, i: int, state: TokenState) -> Tuple[Tensor, Tensor]:
+        """Layer ``i`` on the state's tokens (checkpointed if ``with_cp``).
 
-        ``args`` and ``kwargs`` go to the layer's ``forward``.
+        Returns:
+            tuple[Tensor, Tensor]: The new tokens and the layer's gated SSM
+            output, summed over its scan directions in token order.
         """
         layer = self.layers[i]
+        kwargs = self.layer_kwargs(state)
+        x = state.tokens
         if self.with_cp and self.training and x.requires_grad:
-            return cp.checkpoint(
-                layer, x, *args, use_reentrant=False, **kwargs
-            )
-        return layer(x, *args, **kwargs)
+            return cp.checkpoint(layer, x, use_reentrant=False, **kwargs)
+        return layer(x, **kwargs)
 
     def run_layers(
         self, state: TokenState, start: int, end: int
     ) -> TokenState:
         """Run layers ``start`` .. ``end - 1`` on the state.
 
-        A state with ``index`` runs the layers on its kept tokens only, at
-        their original positions (aligned or naive, by the pruner's
-        ``align`` and ``gap_mode``; the aligned defaults without a pruner).
-        The pruning steps scheduled after these layers run here, so any
-        grouping of the layers prunes the same way.
+        A pruned state runs the layers on its kept tokens only, at their
+        original positions (aligned or naive, by the pruner). The pruning
+        steps scheduled after these layers run here, so any grouping of
+        the layers prunes the same way.
 
         Args:
             state (TokenState): From :meth:`init_tokens` or an earlier call.
@@ -219,7 +287,12 @@ class SSMBackbone(BaseModule):
             TokenState: The state after layer ``end - 1`` (and its pruning
             step, if one is scheduled there).
         """
-        return run_layers(state, start, end, self.pruner, self._run_layer)
+        return run_layers(state, start, end, self.pruner, self.run_layer)
+
+    def scan_gap_mode(self) -> str:
+        """How the layers scan a pruned state: the pruner's choice, or
+        aligned with 'prev' for a state pruned without a pruner."""
+        return 'prev' if self.pruner is None else self.pruner.scan_gap_mode
 
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
         """Extract features.
@@ -271,34 +344,3 @@ class SSMBackbone(BaseModule):
                 if isinstance(m, _BatchNorm):
                     m.eval()
         return self
-
-    def get_layer_depth(
-        self, param_name: str, prefix: str = ''
-    ) -> Tuple[int, int]:
-        """The layer depth of a parameter, for layer-wise lr decay.
-
-        As mmpretrain's ViT: the embedding (``patch_embed``, ``pos_embed``,
-        ``cls_token``) is depth 0, layer ``i`` is depth ``i + 1``, anything
-        else (the output norms, and parameters outside the backbone such as
-        a head) is the last depth ``num_layers + 1``.
-
-        Args:
-            param_name (str): The parameter's name.
-            prefix (str): The backbone's prefix in ``param_name``, e.g.
-                'backbone.'. Defaults to ''.
-
-        Returns:
-            tuple[int, int]: The layer depth and the number of depths
-            (``num_layers + 2``).
-        """
-        num_depths = self.num_layers + 2
-        if not param_name.startswith(prefix):
-            return num_depths - 1, num_depths
-        name = param_name[len(prefix) :]
-        if name in self._embed_params or name.startswith('patch_embed.'):
-            depth = 0
-        elif name.startswith('layers.'):
-            depth = int(name.split('.')[1]) + 1
-        else:
-            depth = num_depths - 1
-        return depth, num_depths

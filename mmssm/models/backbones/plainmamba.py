@@ -17,7 +17,7 @@ released model exactly, including its quirks (read from the official code,
   skip term counts four times; ``y = sum of the 4 scans``, then
   ``out_proj(y * silu(z))``.
 
-The mixer also runs on a pruned subset of the tokens (``token_index``), with
+The mixer also runs on a pruned subset of the tokens (``positions``), with
 the pruning-aware hidden-state alignment of "Exploring Token Pruning in
 Vision State Space Models" (NeurIPS 2024); see :class:`PlainMambaMixer`.
 """
@@ -31,16 +31,15 @@ import torch.nn.functional as F
 from mmengine.model import ModuleList
 from torch import Tensor
 
+from mmssm.errors import UserError
 from mmssm.models.layers import (
     DropPath,
-    TokenPruner,
-    TokenState,
     build_norm,
     dt_rank_of,
     init_dt_proj,
     s4d_real_log,
-    scan_options,
 )
+from mmssm.models.pruning import TokenState
 from mmssm.ops import selective_scan
 from mmssm.registry import MODELS
 
@@ -48,24 +47,6 @@ from .base_backbone import SSMBackbone
 
 # Rows of ``direction_Bs``: the move that arrived at a scan step.
 START, RIGHT, LEFT, UP, DOWN = range(5)
-
-# Keep ratio of the paper's schedules (``arch_zoo[arch]['prune']``), one
-# ratio repeated at every step. The paper gives the layers, not the ratios;
-# each ratio is the two-decimal value whose FLOPs come closest to the
-# paper's Table 1 (L1 2.46 G, L2 6.27 G, L3 8.44 G), measured with
-# mmssm.utils.count_flops (MACs of what runs, scan convention 'plainmamba')
-# on an SSMClassifier with a 1000-class head at 224 x 224:
-#   L1 0.80: 2.471 G (+0.5%; 0.79: 2.448 G), dense 3.006 G;
-#   L2 0.81: 6.228 G (-0.7%; 0.82: 6.327 G), dense 8.060 G;
-#   L3 0.73: 8.486 G (+0.5%; 0.72: 8.337 G), dense 14.408 G.
-# The naive schedule (align=False) counts the same (the state advance over
-# the pruned tokens is not counted). In the pruned layers, in_proj, out_proj
-# and the scans run on the kept tokens; the 7x7 conv, x_proj and dt_proj
-# still run on the full grid (see PlainMambaMixer).
-_KEEP_L1 = 0.8
-_KEEP_L2 = 0.81
-_KEEP_L3 = 0.73
-
 
 # --------------------------------------------------------------------------
 # Scan orders
@@ -239,7 +220,7 @@ class PlainMambaMixer(nn.Module):
         scan_impl (str): ``impl`` of :func:`mmssm.ops.selective_scan`.
             Defaults to 'auto'.
 
-    The pruned path (``token_index`` given) keeps the released model's
+    The pruned path (``positions`` given) keeps the released model's
     semantics, with every per-step quantity taken at the kept token's
     *original* scan step ``p`` in each direction:
 
@@ -252,13 +233,14 @@ class PlainMambaMixer(nn.Module):
       neighbours);
     * ``B`` at step ``p`` gets the ``direction_Bs`` row of the move that
       arrived at step ``p`` of the full order;
-    * ``align=True``: each direction scans the kept tokens in their order
-      along that direction and passes their steps ``p`` as ``positions``,
-      so the state advances across the pruned steps (``gap_mode``);
-    * ``align=False`` (the naive baseline): the same inputs, scanned as a
-      compact sequence (``positions=None``: no gaps). The depthwise conv
-      still runs on the scattered grid, as in the aligned path, so that the
-      two differ by the alignment only.
+    * aligned (``gap_mode`` 'prev' or 'null'): each direction scans the
+      kept tokens in their order along that direction and passes their
+      steps ``p`` as the scan's ``positions``, so the state advances across
+      the pruned steps;
+    * ``gap_mode='none'`` (the naive baseline): the same inputs, scanned as
+      a compact sequence. The depthwise conv still runs on the scattered
+      grid, as in the aligned path, so that the two differ by the
+      alignment only.
 
     With all tokens kept, both paths equal the dense one.
     """
@@ -298,7 +280,6 @@ class PlainMambaMixer(nn.Module):
 
         # Mamba's initialisation, as the official code does it.
         init_dt_proj(self.dt_proj, dt_min, dt_max, dt_scale, dt_init_floor)
-        self.dt_proj.bias._no_reinit = True
         self.A_log = nn.Parameter(s4d_real_log(E, d_state))
         self.D = nn.Parameter(torch.ones(E))
         self.direction_Bs = nn.Parameter(torch.zeros(5, d_state))
@@ -310,68 +291,46 @@ class PlainMambaMixer(nn.Module):
         self,
         x: Tensor,
         hw_shape: Sequence[int],
-        token_index: Optional[Tensor] = None,
+        positions: Optional[Tensor] = None,
         gap_mode: str = 'prev',
-        align: bool = True,
-    ) -> Tensor:
+    ) -> Tuple[Tensor, Tensor]:
         """Mix tokens.
 
         Args:
             x (Tensor): (B, K, d) tokens (K = H*W when dense).
             hw_shape (Sequence[int]): The full grid (H, W).
-            token_index (Tensor, optional): int64 (B, K), the sorted raster
+            positions (Tensor, optional): int64 (B, K), the sorted raster
                 indices of the K tokens in the H x W grid. None means all
                 tokens in raster order. Defaults to None.
-            gap_mode (str): How the aligned scan crosses pruned steps:
-                'prev', 'null' or 'none' (see :mod:`mmssm.ops`).
-                Defaults to 'prev'.
-            align (bool): Keep the original scan positions of the kept
-                tokens (False: the naive compact scan). Defaults to True.
+            gap_mode (str): How the scan crosses pruned steps: 'prev' or
+                'null' (aligned), 'none' (the naive compact scan); see
+                :mod:`mmssm.ops`. Defaults to 'prev'.
 
         Returns:
-            Tensor: (B, K, d).
-        """
-        return self.out_proj(
-            self.forward_ssm(x, hw_shape, token_index, gap_mode, align)
-        )
-
-    def forward_ssm(
-        self,
-        x: Tensor,
-        hw_shape: Sequence[int],
-        token_index: Optional[Tensor] = None,
-        gap_mode: str = 'prev',
-        align: bool = True,
-    ) -> Tensor:
-        """The gated SSM output ``y * silu(z)``, before ``out_proj``.
-
-        ``y`` is the sum of the four scans, each mapped back to token order
-        (the quantity that the token importance is computed from). Arguments
-        as :meth:`forward`.
-
-        Returns:
-            Tensor: (B, K, E).
+            tuple[Tensor, Tensor]: The output (B, K, d) and the gated SSM
+            output ``y * silu(z)`` (B, K, E) before ``out_proj``, ``y`` the
+            sum of the four scans mapped back to token order.
         """
         batch, K, _ = x.shape
         H, W = (int(s) for s in hw_shape)
         L = H * W
         E, N, R = self.d_inner, self.d_state, self.dt_rank
-        if token_index is None:
+        if positions is None:
             if K != L:
-                raise ValueError(
+                raise UserError(
                     f'x has {K} tokens but hw_shape {(H, W)} '
-                    f'has {L}; pass token_index'
+                    f'has {L}; pass positions'
                 )
-        elif tuple(token_index.shape) != (batch, K):
-            raise ValueError(
-                f'token_index must be (batch={batch}, K={K}), '
-                f'got {tuple(token_index.shape)}'
+        elif tuple(positions.shape) != (batch, K):
+            raise UserError(
+                f'positions must be (batch={batch}, K={K}), '
+                f'got {tuple(positions.shape)}'
             )
 
         x, z = self.in_proj(x).chunk(2, dim=-1)  # (B, K, E) each
-        if token_index is not None:  # zeros at the pruned positions
+        if positions is not None:  # zeros at the pruned positions
             x = x.new_zeros(batch, L, E).scatter(
-                1, token_index[..., None].expand(-1, -1, E), x
+                1, positions[..., None].expand(-1, -1, E), x
             )
         # (the same memory layout in both cases, hence the same rounding)
         grid = x.transpose(1, 2).reshape(batch, E, H, W)
@@ -387,13 +346,13 @@ class PlainMambaMixer(nn.Module):
         B, C = B.transpose(1, 2), C.transpose(1, 2)  # (B, N, L)
 
         orders, ranks, moves = scan_orders((H, W), x.device)
-        if token_index is None:  # step s scans the token orders[d, s]
+        if positions is None:  # step s scans the token orders[d, s]
             steps = torch.arange(L, device=x.device).expand(4, batch, L)
             tokens = orders[:, None].expand(4, batch, L)
             inverse = ranks[:, None].expand(4, batch, L)
         else:  # each kept token's step in each direction, sorted
-            steps, slot = ranks[:, token_index].sort(dim=-1)  # (4, B, K)
-            tokens = token_index[None].expand(4, -1, -1).gather(2, slot)
+            steps, slot = ranks[:, positions].sort(dim=-1)  # (4, B, K)
+            tokens = positions[None].expand(4, -1, -1).gather(2, slot)
             inverse = slot.argsort(dim=-1)  # kept token -> scan position
         u = _take(x_conv, tokens)  # (4, B, E, K)
         delta, B_steps, C_steps = (_take(t, steps) for t in (dt, B, C))
@@ -404,10 +363,10 @@ class PlainMambaMixer(nn.Module):
         # A, D and the dt bias in (at least) float32, as the official code
         ssm_dtype = torch.promote_types(u.dtype, torch.float32)
         A = -torch.exp(self.A_log.to(ssm_dtype))
-        positions = None
-        if token_index is not None and align and K < L:
+        scan_positions = None
+        if positions is not None and gap_mode != 'none' and K < L:
             # (with all tokens kept there are no gaps: the dense scan)
-            positions = steps.reshape(4 * batch, -1)
+            scan_positions = steps.reshape(4 * batch, -1)
         k = u.shape[-1]
         y = selective_scan(
             u.reshape(4 * batch, E, k),
@@ -418,13 +377,14 @@ class PlainMambaMixer(nn.Module):
             D=self.D.to(ssm_dtype),
             delta_bias=2 * self.dt_proj.bias.to(ssm_dtype),
             delta_softplus=True,
-            positions=positions,
+            positions=scan_positions,
             gap_mode=gap_mode,
             impl=self.scan_impl,
         ).view(4, batch, E, k)
-        # back to token order (raster order, or the order of token_index)
+        # back to token order (raster order, or the order of positions)
         y = y.gather(3, inverse[:, :, None].expand(-1, -1, E, -1)).sum(0)
-        return y.transpose(1, 2) * self.act(z)
+        y = y.transpose(1, 2) * self.act(z)
+        return self.out_proj(y), y
 
 
 class PlainMambaLayer(nn.Module):
@@ -477,43 +437,27 @@ class PlainMambaLayer(nn.Module):
         self,
         x: Tensor,
         hw_shape: Sequence[int],
-        token_index: Optional[Tensor] = None,
+        positions: Optional[Tensor] = None,
         gap_mode: str = 'prev',
-        align: bool = True,
-        return_ssm_out: bool = False,
-    ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
-        """Apply the block.
-
-        Args:
-            x (Tensor): (B, K, C).
-            hw_shape (Sequence[int]): The full grid (H, W).
-            token_index (Tensor, optional): See
-                :meth:`PlainMambaMixer.forward`. Defaults to None.
-            gap_mode (str): See :meth:`PlainMambaMixer.forward`.
-                Defaults to 'prev'.
-            align (bool): See :meth:`PlainMambaMixer.forward`.
-                Defaults to True.
-            return_ssm_out (bool): Also return the mixer's gated SSM output
-                (B, K, E), the input of token importance. Defaults to False.
+    ) -> Tuple[Tensor, Tensor]:
+        """Apply the block; arguments as :meth:`PlainMambaMixer.forward`.
 
         Returns:
-            Tensor | tuple[Tensor, Tensor]: (B, K, C), and the SSM output if
-            asked for.
+            tuple[Tensor, Tensor]: The tokens (B, K, C) and the mixer's
+            gated SSM output (B, K, E), the input of token importance.
         """
-        if self.with_dwconv and token_index is not None:
-            raise ValueError(
+        if self.with_dwconv and positions is not None:
+            raise UserError(
                 'the depthwise block of this layer needs the '
                 'full token grid; prune after this layer'
             )
-        y = self.mamba.forward_ssm(
-            self.norm(x), hw_shape, token_index, gap_mode, align
-        )
-        out = x + self.drop_path(self.mamba.out_proj(y))
+        out, y = self.mamba(self.norm(x), hw_shape, positions, gap_mode)
+        out = x + self.drop_path(out)
         if self.with_dwconv:
             batch, _, C = out.shape
             out = out.transpose(1, 2).reshape(batch, C, *hw_shape)
             out = self.dw(out).flatten(2).transpose(1, 2)
-        return (out, y) if return_ssm_out else out
+        return out, y
 
 
 @MODELS.register_module()
@@ -532,7 +476,7 @@ class PlainMamba(SSMBackbone):
     it is loaded.
 
     Args:
-        arch (str | dict): 'l1', 'l2', 'l3' (or 'L1', ...), or a dict with
+        arch (str | dict): 'l1', 'l2', 'l3' (any case), or a dict with
             the keys of :attr:`arch_zoo`: ``embed_dims``, ``num_layers``,
             ``num_convs`` (3x3 convs of the stem), ``dw_layers`` (layers
             followed by the depthwise block), ``d_state``, ``expand``,
@@ -571,17 +515,14 @@ class PlainMamba(SSMBackbone):
             Defaults to False.
         scan_impl (str): ``impl`` of :func:`mmssm.ops.selective_scan` for
             every scan. Defaults to 'auto'.
-        prune_cfg (None | str | dict): Token pruning (see
-            :class:`~mmssm.models.layers.TokenPruner`). None: dense.
-            'paper': the arch's schedule (``arch_zoo[arch]['prune']``).
-            A dict: ``layers`` (1-based: prune after the k-th layer),
-            ``keep_ratios`` (of the tokens entering each step), ``metric``
-            ('clip', 'l1', 'l2' or 'raw'), ``align`` (False: the naive
-            compact scan) and ``gap_mode``, or ``schedule='paper'`` with
-            the other keys. The layers of ``dw_layers`` need the full grid,
-            so every step must come after them. Pruning runs in training
-            and inference; the outputs keep the full grid, a pruned token
-            frozen at its value when it was pruned. Defaults to None.
+        prune_cfg (None | str | dict): Token pruning, see
+            :func:`~mmssm.models.pruning.build_token_pruner`: None (dense),
+            'paper' (the paper's schedule of the arch) or the arguments of
+            a :class:`~mmssm.models.pruning.TokenPruner`. The layers of
+            ``dw_layers`` need the full grid, so every step must come after
+            them. Pruning runs in training and inference; the outputs keep
+            the full grid, a pruned token frozen at its value when it was
+            pruned. Defaults to None.
         init_cfg (dict | list[dict], optional): Initialisation config. The
             modules initialise themselves as the official code does (Mamba's
             dt/A/D init, trunc-normal ``pos_embed`` and ``direction_Bs``).
@@ -591,11 +532,7 @@ class PlainMamba(SSMBackbone):
             Defaults to None.
     """
 
-    # 'prune': the paper's schedule (prune_cfg='paper'): after the 5th and
-    # 10th layer (L1), 5th, 10th, 15th (L2), 5th, 11th, 17th, 23rd (L3), with
-    # one keep ratio repeated at every step (see _KEEP_L1 for how it was
-    # chosen).
-    _required_keys = (
+    required_keys = (
         'embed_dims',
         'num_layers',
         'num_convs',
@@ -605,47 +542,37 @@ class PlainMamba(SSMBackbone):
         'conv_size',
     )
     arch_zoo = {
-        **dict.fromkeys(
-            ['l1', 'L1'],
-            {
-                'embed_dims': 192,
-                'num_layers': 24,
-                'num_convs': 1,
-                'dw_layers': [0],
-                'd_state': 16,
-                'expand': 2,
-                'conv_size': 7,
-                'prune': dict(layers=(5, 10), keep_ratios=_KEEP_L1),
-            },
-        ),
-        **dict.fromkeys(
-            ['l2', 'L2'],
-            {
-                'embed_dims': 384,
-                'num_layers': 24,
-                'num_convs': 2,
-                'dw_layers': [],
-                'd_state': 16,
-                'expand': 2,
-                'conv_size': 7,
-                'prune': dict(layers=(5, 10, 15), keep_ratios=_KEEP_L2),
-            },
-        ),
-        **dict.fromkeys(
-            ['l3', 'L3'],
-            {
-                'embed_dims': 448,
-                'num_layers': 36,
-                'num_convs': 2,
-                'dw_layers': [],
-                'd_state': 16,
-                'expand': 2,
-                'conv_size': 7,
-                'prune': dict(layers=(5, 11, 17, 23), keep_ratios=_KEEP_L3),
-            },
-        ),
+        'l1': {
+            'embed_dims': 192,
+            'num_layers': 24,
+            'num_convs': 1,
+            'dw_layers': [0],
+            'd_state': 16,
+            'expand': 2,
+            'conv_size': 7,
+        },
+        'l2': {
+            'embed_dims': 384,
+            'num_layers': 24,
+            'num_convs': 2,
+            'dw_layers': [],
+            'd_state': 16,
+            'expand': 2,
+            'conv_size': 7,
+        },
+        'l3': {
+            'embed_dims': 448,
+            'num_layers': 36,
+            'num_convs': 2,
+            'dw_layers': [],
+            'd_state': 16,
+            'expand': 2,
+            'conv_size': 7,
+        },
     }
-    OUT_TYPES = ('featmap', 'avg_featmap')
+    out_types = ('featmap', 'avg_featmap')
+    family = 'plainmamba'
+    scan_convention = 'plainmamba'
     pooled_out_type = 'avg_featmap'
     _out_norm_prefixes = ('ln1', 'norm_layer')
 
@@ -668,39 +595,24 @@ class PlainMamba(SSMBackbone):
         prune_cfg: Union[None, str, dict] = None,
         init_cfg: Optional[Union[dict, List[dict]]] = None,
     ) -> None:
-        super().__init__(init_cfg=init_cfg)
+        super().__init__(
+            arch,
+            img_size,
+            out_indices,
+            out_type,
+            final_norm,
+            drop_path_rate,
+            with_cp,
+            frozen_stages,
+            norm_eval,
+            scan_impl,
+            prune_cfg,
+            init_cfg=init_cfg,
+        )
         norm_cfg = norm_cfg or dict(type='BN')
         layer_norm_cfg = layer_norm_cfg or dict(type='LN', eps=1e-5)
         out_norm_cfg = out_norm_cfg or dict(type='LN', eps=1e-6)
-        self.arch_settings = self._parse_arch(arch)
         s = self.arch_settings
-        self.embed_dims = int(s['embed_dims'])
-        self.num_layers = int(s['num_layers'])
-        self.dw_layers = tuple(int(i) for i in s['dw_layers'])
-        for i in self.dw_layers:
-            if not 0 <= i < self.num_layers:
-                raise ValueError(
-                    f'arch dw_layers must index the '
-                    f'{self.num_layers} layers, got '
-                    f'{list(self.dw_layers)}'
-                )
-        self.pruner = TokenPruner.build(
-            prune_cfg,
-            self.num_layers,
-            paper_schedule=s.get('prune'),
-            dense_layers=self.dw_layers,
-        )
-        self.out_type = self._check_out_type(out_type)
-        self.out_indices = self._parse_out_indices(out_indices)
-        self.frozen_stages = self._check_frozen_stages(frozen_stages)
-        self.final_norm = final_norm
-        self.norm_eval = norm_eval
-        self.with_cp = with_cp
-        self.scan_impl = scan_impl
-
-        if isinstance(img_size, int):
-            img_size = (img_size, img_size)
-        self.img_size = tuple(int(v) for v in img_size)
         self.patch_embed = ConvPatchEmbed(
             in_channels=in_channels,
             embed_dims=self.embed_dims,
@@ -717,15 +629,13 @@ class PlainMamba(SSMBackbone):
             conv_size=int(s['conv_size']),
             scan_impl=scan_impl,
         )
-        n = self.num_layers
-        dpr = [drop_path_rate * i / max(n - 1, 1) for i in range(n)]
         self.layers = ModuleList(
             [
                 PlainMambaLayer(
                     self.embed_dims,
                     mixer_cfg,
-                    drop_path_rate=dpr[i],
-                    with_dwconv=i in self.dw_layers,
+                    drop_path_rate=self.drop_path_rates[i],
+                    with_dwconv=i in self.dense_layers(),
                     layer_norm_cfg=layer_norm_cfg,
                     norm_cfg=norm_cfg,
                 )
@@ -740,6 +650,17 @@ class PlainMamba(SSMBackbone):
                     f'norm_layer{i}', build_norm(out_norm_cfg, self.embed_dims)
                 )
         self._freeze_stages()
+
+    def dense_layers(self) -> Tuple[int, ...]:
+        """The layers followed by the depthwise block (``dw_layers``)."""
+        layers = tuple(int(i) for i in self.arch_settings['dw_layers'])
+        for i in layers:
+            if not 0 <= i < self.num_layers:
+                raise UserError(
+                    f'arch dw_layers must index the {self.num_layers} '
+                    f'layers, got {list(layers)}'
+                )
+        return layers
 
     # ------------------------------------------------------------- forward
     def embed(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
@@ -758,22 +679,16 @@ class PlainMamba(SSMBackbone):
     def init_tokens(self, x: Tensor) -> TokenState:
         """Embed images into the token state that the layers run on."""
         tokens, hw = self.embed(x)
-        return TokenState(tokens, hw)
+        return TokenState(tokens, hw, patch_stride=16)
 
-    def _run_layer(
-        self, i: int, state: TokenState, return_ssm_out: bool
-    ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
-        """Layer ``i`` on the state's tokens (see :func:`run_layers`)."""
-        kwargs = {}
+    def layer_kwargs(self, state: TokenState) -> dict:
+        """The grid, and the kept tokens' raster positions when pruned."""
+        kwargs = dict(hw_shape=tuple(state.hw))
         if state.index is not None:
-            kwargs = dict(token_index=state.index, **scan_options(self.pruner))
-        return self.forward_layer(
-            i,
-            state.tokens,
-            tuple(state.hw),
-            return_ssm_out=return_ssm_out,
-            **kwargs,
-        )
+            kwargs.update(
+                positions=state.index, gap_mode=self.scan_gap_mode()
+            )
+        return kwargs
 
     def output(self, state: TokenState, i: int) -> Tensor:
         """The output of layer ``i`` on the full grid.

@@ -27,40 +27,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmssm.errors import UserError
 from mmssm.models.layers import (
     DropPath,
-    RMSNorm,  # noqa: F401 (re-exported: tests import it from here)
-    TokenPruner,
-    TokenState,
     build_token_norm,
     dt_rank_of,
     init_dt_proj,
     s4d_real_log,
-    scan_options,
     upcast,
 )
+from mmssm.models.pruning import TokenState
 from mmssm.ops import causal_conv1d as conv1d_op
 from mmssm.ops import selective_scan
 from mmssm.registry import MODELS
 
 from .base_backbone import SSMBackbone
-
-# Keep ratio of the paper's schedules (``arch_zoo[arch]['prune']``: after
-# the 10th and 20th layer for Vim-T, the 5th, 10th, 15th and 20th for
-# Vim-S), one ratio of the patch tokens repeated at every step. The paper
-# gives the layers, not the ratios; each ratio is the two-decimal value
-# whose FLOPs come closest to the paper's Table 1 (Vim-T 1.29 G, Vim-S
-# 3.60 G), measured with mmssm.utils.count_flops (MACs of what runs, scan
-# convention 'vim') on an SSMClassifier with a 1000-class head at 224 x 224:
-#   T 0.83: 1.288 G (-0.1%; 0.84: 1.298 G; the official code's 0.8:
-#     1.258 G, -2.5%), dense 1.467 G;
-#   S 0.81: 3.611 G (+0.3%; the official 0.8: 3.555 G, -1.3%),
-#     dense 5.200 G.
-# The naive schedule (align=False) counts the same: both compute their
-# layers, the causal conv included, on the kept tokens only.
-_KEEP_T = 0.83
-_KEEP_S = 0.81
-
 
 def causal_conv1d(
     x: Tensor,
@@ -128,11 +109,12 @@ class BiMambaV2(nn.Module):
     The ``/ 2`` is the released models' ``if_divide_out=True``.
 
     Token pruning: ``forward`` takes the kept tokens and their sorted
-    original positions. With ``align=True`` (the paper's method) the scan
-    advances the hidden state across the pruned tokens
-    (:func:`mmssm.ops.selective_scan` with ``positions``) and the causal
-    convolution sees zeros at the pruned positions; with ``align=False``
-    (the naive baseline) both run over the compact sequence.
+    original positions. Aligned (``gap_mode`` 'prev' or 'null', the
+    paper's method) the scan advances the hidden state across the pruned
+    tokens (:func:`mmssm.ops.selective_scan` with ``positions``) and the
+    causal convolution sees zeros at the pruned positions; with
+    ``gap_mode='none'`` (the naive baseline) both run over the compact
+    sequence.
 
     Initialisation as the released code: ``A_log = A_b_log = log(1..N)``,
     ``D = D_b = 1``, ``dt_proj`` weight uniform in ``+-dt_rank**-0.5 *
@@ -254,9 +236,7 @@ class BiMambaV2(nn.Module):
         positions: Optional[Tensor] = None,
         seq_len: Optional[int] = None,
         gap_mode: str = 'prev',
-        align: bool = True,
-        return_ssm_out: bool = False,
-    ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    ) -> Tuple[Tensor, Tensor]:
         """Mix a (possibly pruned) token sequence.
 
         Args:
@@ -269,24 +249,20 @@ class BiMambaV2(nn.Module):
                 defaults to ``positions.max() + 1``. The result does not
                 depend on it (a leading gap leaves the zero state unchanged
                 and the conv pads with zeros). Defaults to None.
-            gap_mode (str): How the scan crosses pruned tokens: 'prev',
-                'null' or 'none' (see :mod:`mmssm.ops.selective_scan`).
-                Defaults to 'prev'.
-            align (bool): True: the scan and the conv keep the original
-                positions (forward direction ``positions``; backward
-                direction ``flip(L - 1 - positions)``). False: the naive
-                baseline, both run over the K tokens as a shorter
-                sequence. Defaults to True.
-            return_ssm_out (bool): Also return the gated SSM output
-                ``y_f + flip(y_b)`` (B, K, E) in token order, the input of
-                the pruning importance score. Defaults to False.
+            gap_mode (str): How the scan crosses pruned tokens: 'prev' or
+                'null' (aligned: the scan and the conv keep the original
+                positions, forward direction ``positions``, backward
+                direction ``flip(L - 1 - positions)``), or 'none' (the
+                naive baseline: both run over the K tokens as a shorter
+                sequence). Defaults to 'prev'.
 
         Returns:
-            Tensor | tuple[Tensor, Tensor]: (B, K, C), and the SSM output if
-            ``return_ssm_out``.
+            tuple[Tensor, Tensor]: The output (B, K, C) and the gated SSM
+            output ``y_f + flip(y_b)`` (B, K, E) in token order, the input
+            of the pruning importance score.
         """
         batch, K, _ = x.shape
-        if positions is not None and not align:
+        if gap_mode == 'none':
             positions = None
         if positions is not None:
             if positions.dim() == 1:
@@ -296,7 +272,7 @@ class BiMambaV2(nn.Module):
             if seq_len is None:
                 seq_len = last + 1
             elif last >= seq_len:
-                raise ValueError(
+                raise UserError(
                     f'positions reach {last}, beyond seq_len={seq_len}'
                 )
             positions_b = (seq_len - 1 - positions).flip(-1)
@@ -330,10 +306,7 @@ class BiMambaV2(nn.Module):
             gap_mode,
         )
         y = (y_f + y_b.flip(-1)).transpose(1, 2)  # (B, K, E)
-        out = self.out_proj(y / 2)
-        if return_ssm_out:
-            return out, y
-        return out
+        return self.out_proj(y / 2), y
 
 
 class VimBlock(nn.Module):
@@ -370,23 +343,16 @@ class VimBlock(nn.Module):
         positions: Optional[Tensor] = None,
         seq_len: Optional[int] = None,
         gap_mode: str = 'prev',
-        align: bool = True,
-        return_ssm_out: bool = False,
-    ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    ) -> Tuple[Tensor, Tensor]:
         """Run the layer; see :meth:`BiMambaV2.forward` for the arguments.
 
         Returns:
-            Tensor | tuple[Tensor, Tensor]: The stream (B, K, C), and the
-            mixer's SSM output if ``return_ssm_out``.
+            tuple[Tensor, Tensor]: The stream (B, K, C) and the mixer's SSM
+            output.
         """
         x = upcast(x)
-        out = self.mixer(
-            self.norm(x), positions, seq_len, gap_mode, align, return_ssm_out
-        )
-        if return_ssm_out:
-            out, y = out
-            return x + self.drop_path(out), y
-        return x + self.drop_path(out)
+        out, y = self.mixer(self.norm(x), positions, seq_len, gap_mode)
+        return x + self.drop_path(out), y
 
 
 class PatchEmbed(nn.Module):
@@ -492,14 +458,11 @@ class Vim(SSMBackbone):
             has none; kept for the common interface). Defaults to False.
         scan_impl (str): ``impl`` of :func:`mmssm.ops.selective_scan`.
             Defaults to 'auto'.
-        prune_cfg (None | str | dict): Token pruning (see
-            :class:`~mmssm.models.layers.TokenPruner`). None: dense.
-            'paper': the arch's schedule (``arch_zoo[arch]['prune']``).
-            A dict: ``layers`` (1-based: prune after the k-th layer),
-            ``keep_ratios`` (of the patch tokens entering each step),
-            ``metric`` ('clip', 'l1', 'l2' or 'raw'), ``align`` (False: the
-            naive compact scan and causal conv) and ``gap_mode``, or
-            ``schedule='paper'`` with the other keys. The class token is
+        prune_cfg (None | str | dict): Token pruning, see
+            :func:`~mmssm.models.pruning.build_token_pruner`: None (dense),
+            'paper' (the paper's schedule of the arch) or the arguments of
+            a :class:`~mmssm.models.pruning.TokenPruner` (``align=False``:
+            the naive compact scan and causal conv). The class token is
             never pruned and stays in the middle of the kept sequence at its
             original position (half of the kept patch tokens are chosen
             before it, half after). Pruning runs in training and inference;
@@ -521,7 +484,6 @@ class Vim(SSMBackbone):
                 'expand': 2,
                 'd_conv': 4,
                 'cls_token': 'middle',
-                'prune': dict(layers=(10, 20), keep_ratios=_KEEP_T),
             },
         ),
         **dict.fromkeys(
@@ -535,7 +497,6 @@ class Vim(SSMBackbone):
                 'expand': 2,
                 'd_conv': 4,
                 'cls_token': 'middle',
-                'prune': dict(layers=(5, 10, 15, 20), keep_ratios=_KEEP_S),
             },
         ),
         **dict.fromkeys(
@@ -552,7 +513,7 @@ class Vim(SSMBackbone):
             },
         ),
     }
-    _required_keys = (
+    required_keys = (
         'embed_dims',
         'num_layers',
         'patch_size',
@@ -562,7 +523,10 @@ class Vim(SSMBackbone):
         'd_conv',
         'cls_token',
     )
-    OUT_TYPES = ('featmap', 'cls_token')
+    out_types = ('featmap', 'cls_token')
+    family = 'vim'
+    scan_convention = 'vim'
+    pooled_out_type = 'cls_token'
     CLS_TOKEN_TYPES = ('middle', None)
     _out_norm_prefixes = ('norm_f',)
     _ckpt_cls_slot = True
@@ -586,43 +550,34 @@ class Vim(SSMBackbone):
         prune_cfg: Union[None, str, dict] = None,
         init_cfg: Optional[Union[dict, List[dict]]] = None,
     ) -> None:
-        super().__init__(init_cfg=init_cfg)
-        self.arch_settings = self._parse_arch(arch)
+        super().__init__(
+            arch,
+            img_size,
+            out_indices,
+            out_type,
+            final_norm,
+            drop_path_rate,
+            with_cp,
+            frozen_stages,
+            norm_eval,
+            scan_impl,
+            prune_cfg,
+            init_cfg=init_cfg,
+        )
         s = self.arch_settings
-        self.embed_dims = s['embed_dims']
-        self.num_layers = s['num_layers']
         if cls_token == 'arch':
             cls_token = s['cls_token']
         if cls_token not in self.CLS_TOKEN_TYPES:
-            raise ValueError(
+            raise UserError(
                 f'cls_token must be one of '
                 f'{self.CLS_TOKEN_TYPES}, got {cls_token!r}'
             )
+        if out_type == 'cls_token' and cls_token is None:
+            raise UserError("out_type='cls_token' needs cls_token='middle'")
         self.cls_token_type = cls_token
         self.num_extra_tokens = 0 if cls_token is None else 1
-        self.out_type = self._check_out_type(out_type)
-        if out_type == 'cls_token' and cls_token is None:
-            raise ValueError("out_type='cls_token' needs cls_token='middle'")
-        self.out_indices = self._parse_out_indices(out_indices)
-        self.pruner = TokenPruner.build(
-            prune_cfg, self.num_layers, paper_schedule=s.get('prune')
-        )
-        if not 0 <= drop_path_rate < 1:
-            raise ValueError(
-                f'drop_path_rate must be in [0, 1), got {drop_path_rate}'
-            )
-        self.frozen_stages = self._check_frozen_stages(frozen_stages)
-        self.final_norm = final_norm
-        self.with_cp = with_cp
-        self.norm_eval = norm_eval
-        self.scan_impl = scan_impl
         norm_cfg = norm_cfg or dict(type='RMSNorm', eps=1e-5)
 
-        self.img_size = (
-            (img_size, img_size)
-            if isinstance(img_size, int)
-            else tuple(img_size)
-        )
         self.patch_embed = PatchEmbed(
             in_channels, self.embed_dims, s['patch_size'], s['stride']
         )
@@ -639,10 +594,14 @@ class Vim(SSMBackbone):
             scan_impl=scan_impl,
         )
         block_mixer_cfg.update(mixer_cfg or {})
-        dpr = torch.linspace(0, drop_path_rate, self.num_layers).tolist()
         self.layers = nn.ModuleList(
             [
-                VimBlock(self.embed_dims, block_mixer_cfg, norm_cfg, dpr[i])
+                VimBlock(
+                    self.embed_dims,
+                    block_mixer_cfg,
+                    norm_cfg,
+                    self.drop_path_rates[i],
+                )
                 for i in range(self.num_layers)
             ]
         )
@@ -717,21 +676,21 @@ class Vim(SSMBackbone):
     def init_tokens(self, x: Tensor) -> TokenState:
         """Embed images into the token state that the layers run on."""
         tokens, grid, cls_index = self.embed(x)
-        return TokenState(upcast(tokens), grid, cls_index=cls_index)
+        return TokenState(
+            upcast(tokens),
+            grid,
+            cls_index=cls_index,
+            patch_stride=self.patch_embed.stride,
+        )
 
-    def _run_layer(
-        self, i: int, state: TokenState, return_ssm_out: bool
-    ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
-        """Layer ``i`` on the state's tokens (see :func:`run_layers`)."""
-        kwargs = {}
-        if state.index is not None:
-            kwargs = dict(
-                positions=state.index,
-                seq_len=state.seq_len,
-                **scan_options(self.pruner),
-            )
-        return self.forward_layer(
-            i, state.tokens, return_ssm_out=return_ssm_out, **kwargs
+    def layer_kwargs(self, state: TokenState) -> dict:
+        """The kept tokens' positions in the full sequence when pruned."""
+        if state.index is None:
+            return {}
+        return dict(
+            positions=state.index,
+            seq_len=state.seq_len,
+            gap_mode=self.scan_gap_mode(),
         )
 
     def output(self, state: TokenState, i: int) -> Tensor:

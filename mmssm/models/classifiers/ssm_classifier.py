@@ -13,12 +13,6 @@ from torch import Tensor
 
 from mmssm.registry import MODELS
 
-# The backbone's ``out_type`` that gives one (B, C) vector per image, by the
-# backbone's class name; a backbone class may instead define an attribute
-# ``pooled_out_type``.
-POOLED_OUT_TYPES = {'PlainMamba': 'avg_featmap', 'Vim': 'cls_token'}
-
-
 class LinearHead(nn.Module):
     """A linear classifier ``fc`` (so that its keys are ``fc.*``).
 
@@ -57,10 +51,8 @@ def pooled_out_type(backbone_type: Union[str, type]) -> str:
             f'backbone type {backbone_type!r} is not registered '
             f'in mmssm.registry.MODELS'
         )
-    out_type = getattr(cls, 'pooled_out_type', None) or POOLED_OUT_TYPES.get(
-        cls.__name__
-    )
-    if out_type is None:
+    out_type = getattr(cls, 'pooled_out_type', '')
+    if not out_type:
         raise ValueError(
             f'no pooled out_type is known for the backbone '
             f'{cls.__name__}; give the class a '
@@ -76,7 +68,7 @@ class SSMClassifier(BaseModule):
     Args:
         backbone (dict): Config of the backbone, built with
             ``MODELS.build``. Its ``out_type`` is set to the backbone's pooled
-            type (:data:`POOLED_OUT_TYPES`); the last of its outputs is
+            type (its class attribute ``pooled_out_type``); the last of its outputs is
             classified.
         num_classes (int): Classes. Defaults to 1000.
         in_channels (int, optional): Feature channels; None takes the

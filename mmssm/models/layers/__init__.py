@@ -2,14 +2,6 @@ from .drop_path import DropPath
 from .mamba_init import dt_rank_of, init_dt_proj, s4d_real_log
 from .norm import RMSNorm, build_norm, build_token_norm, upcast
 from .pos_embed import insert_cls_slot, resize_pos_embed, split_cls_slot
-from .token_pruner import (
-    METRICS,
-    TokenPruner,
-    TokenState,
-    run_layers,
-    scan_options,
-    token_importance,
-)
 
 __all__ = [
     'DropPath',
@@ -23,10 +15,4 @@ __all__ = [
     'insert_cls_slot',
     'resize_pos_embed',
     'split_cls_slot',
-    'METRICS',
-    'TokenPruner',
-    'TokenState',
-    'run_layers',
-    'scan_options',
-    'token_importance',
 ]

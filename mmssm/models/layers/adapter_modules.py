@@ -409,7 +409,7 @@ class InteractionBlock(nn.Module):
 
     An injector before the group, an extractor after it and, in the last
     interaction of the original model, two extra extractors. The adapter
-    (:class:`mmssm.models.necks.ViTAdapter`) runs the backbone layers in
+    (:class:`mmssm.models.backbones.ViTAdapter`) runs the backbone layers in
     between.
 
     Args:

@@ -1,3 +1,0 @@
-from .vit_adapter import ViTAdapter
-
-__all__ = ['ViTAdapter']
