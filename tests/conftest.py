@@ -9,6 +9,8 @@ import torch
 from mmengine.config import Config
 from mmengine.registry import DefaultScope
 
+from mmssm.testing import TINY_PRUNE, shrink_prune_cfg, tiny_arch
+
 
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
@@ -62,30 +64,13 @@ CONFIG_PRUNING = {
     '-prune': 'paper',
     '-naive': dict(schedule='paper', align=False),
 }
-# The arch of each backbone shrunk to 4 layers of 64 channels; 'prune' is
-# the schedule that prune_cfg='paper' takes from the arch.
-TINY_PRUNE = dict(layers=(2,), keep_ratios=0.5)
+# The arch of each backbone shrunk to 4 layers of 64 channels.
 TINY_ARCH = {
-    'mmssm.PlainMamba': dict(
-        embed_dims=64,
-        num_layers=4,
-        num_convs=1,
-        dw_layers=[0],
-        d_state=8,
-        expand=1,
-        conv_size=3,
-        prune=TINY_PRUNE,
+    'mmssm.PlainMamba': tiny_arch(
+        'plainmamba', embed_dims=64, d_state=8, expand=1
     ),
-    'mmssm.Vim': dict(
-        embed_dims=64,
-        num_layers=4,
-        patch_size=16,
-        stride=16,
-        d_state=8,
-        expand=1,
-        d_conv=4,
-        cls_token=None,
-        prune=TINY_PRUNE,
+    'mmssm.Vim': tiny_arch(
+        'vim', embed_dims=64, d_state=8, expand=1, cls_token=None
     ),
 }
 
@@ -129,6 +114,7 @@ def shrink_backbone(cfg: Config) -> None:
     else:
         backbone.out_indices = (0, 1, 2, 3)
     backbone.arch = dict(TINY_ARCH[backbone.type])
+    backbone.prune_cfg = shrink_prune_cfg(backbone.prune_cfg)
     backbone.init_cfg = None
 
 
@@ -142,7 +128,7 @@ def check_pruner(cfg: Config, model) -> None:
         assert backbone.pruner is None
     else:
         assert backbone.pruner.layers == TINY_PRUNE['layers']
-        assert backbone.pruner.align is (pruning == 'paper')
+        assert backbone.pruner.align is pruning.get('align', True)
 
 
 def _check_ssm_backbone(

@@ -1,10 +1,7 @@
 """Token pruning of the PlainMamba and Vim backbones (``prune_cfg``)."""
 
 import dataclasses
-import importlib.util
-import os.path as osp
 
-import numpy as np
 import pytest
 import torch
 
@@ -21,15 +18,6 @@ from mmssm.testing import tiny_arch
 PM_TINY = tiny_arch('plainmamba')
 VIM_TINY = tiny_arch('vim')
 BACKBONES = ['plainmamba', 'vim']
-
-TOOL = osp.join(
-    osp.dirname(__file__),
-    '..',
-    '..',
-    'tools',
-    'analysis_tools',
-    'visualize_pruning.py',
-)
 
 
 def perturb(model, scale=0.1, seed=0):
@@ -315,9 +303,7 @@ def test_step_hooks_see_every_step(kind):
     for (_, mask), state in zip(seen, states):
         assert mask.shape == (2, 4, 5)
         extra = 1 if kind == 'vim' else 0  # the class token is left out
-        assert mask.sum((1, 2)).tolist() == [
-            state.tokens.shape[1] - extra
-        ] * 2
+        assert mask.sum((1, 2)).tolist() == [state.tokens.shape[1] - extra] * 2
     assert torch.equal(seen[-1][1], states[-1].patch_kept_mask())
     assert states[-1].patch_stride == 16
     handle.remove()
@@ -455,7 +441,9 @@ def test_paper_schedules():
         assert naive.pruner.scan_gap_mode == 'none'
         assert cls(arch).pruner is None
     # the registered type, named in the config
-    typed = Vim('t', prune_cfg=dict(type='mmssm.TokenPruner', schedule='paper'))
+    typed = Vim(
+        't', prune_cfg=dict(type='mmssm.TokenPruner', schedule='paper')
+    )
     assert typed.pruner.layers == (10, 20)
     with pytest.raises(ValueError, match='paper'):
         Vim('b', prune_cfg='paper')  # the paper prunes no Vim-B
@@ -529,66 +517,3 @@ def test_paper_flops_match_table_1():
         model = SSMClassifier(dict(backbone, prune_cfg='paper'))
         flops = count_flops(model, x).total / 1e9
         assert abs(flops / target - 1) < 0.02, (backbone, flops)
-
-
-# --------------------------------------------------------------------------
-# The visualisation tool
-# --------------------------------------------------------------------------
-def load_tool():
-    spec = importlib.util.spec_from_file_location('visualize_pruning', TOOL)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
-
-
-def test_find_backbone_cfg():
-    tool = load_tool()
-    pm = dict(type='mmssm.PlainMamba', arch='l1')
-    assert tool.find_backbone_cfg(pm) == (pm, '')
-    clf = dict(type='mmssm.SSMClassifier', backbone=pm)
-    assert tool.find_backbone_cfg(clf) == (pm, 'backbone.')
-    det = dict(
-        type='mmdet.NoSuchDetector',
-        backbone=dict(type='mmssm.NoSuchAdapter', backbone=pm),
-    )
-    assert tool.find_backbone_cfg(det) == (pm, 'backbone.backbone.')
-    with pytest.raises(ValueError, match='no mmssm backbone'):
-        tool.find_backbone_cfg(dict(type='mmdet.NoSuchDetector'))
-
-
-def test_visualize_pruning_tool(tmp_path):
-    from PIL import Image
-
-    tool = load_tool()
-    backbone = dict(
-        type='mmssm.Vim',
-        arch=VIM_TINY,
-        img_size=64,
-        prune_cfg=dict(layers=(1, 2), keep_ratios=(0.5, 0.5)),
-    )
-    config = tmp_path / 'cfg.py'
-    config.write_text(
-        'model = dict(type="mmssm.SSMClassifier", num_classes=10, '
-        f'backbone={backbone!r})\n'
-    )
-    from mmssm.models.classifiers import SSMClassifier
-
-    clf = SSMClassifier(backbone, num_classes=10)
-    ckpt = tmp_path / 'ckpt.pth'
-    torch.save({'state_dict': clf.state_dict()}, ckpt)
-    image = tmp_path / 'img.jpg'
-    pixels = np.random.default_rng(0).integers(0, 255, (70, 90, 3))
-    Image.fromarray(pixels.astype(np.uint8)).save(image)
-    out = tmp_path / 'vis' / 'out.png'
-    summary = tool.main(
-        [str(image), str(config), str(ckpt), '--out', str(out)]
-        + ['--shape', '64', '96']
-    )
-    assert summary == [(1, 12), (2, 6)]  # 4 x 6 patches
-    with Image.open(out) as png:
-        assert png.width > 2 * png.height
-    with pytest.raises(SystemExit, match='prune_cfg'):
-        tool.main(
-            [str(image), str(config), '--out', str(out)]
-            + ['--cfg-options', 'model.backbone.prune_cfg=None']
-        )

@@ -48,6 +48,7 @@ from .base_backbone import SSMBackbone
 # Rows of ``direction_Bs``: the move that arrived at a scan step.
 START, RIGHT, LEFT, UP, DOWN = range(5)
 
+
 # --------------------------------------------------------------------------
 # Scan orders
 # --------------------------------------------------------------------------
@@ -685,9 +686,7 @@ class PlainMamba(SSMBackbone):
         """The grid, and the kept tokens' raster positions when pruned."""
         kwargs = dict(hw_shape=tuple(state.hw))
         if state.index is not None:
-            kwargs.update(
-                positions=state.index, gap_mode=self.scan_gap_mode()
-            )
+            kwargs.update(positions=state.index, gap_mode=self.scan_gap_mode())
         return kwargs
 
     def output(self, state: TokenState, i: int) -> Tensor:

@@ -43,6 +43,7 @@ from mmssm.registry import MODELS
 
 from .base_backbone import SSMBackbone
 
+
 def causal_conv1d(
     x: Tensor,
     conv: nn.Conv1d,

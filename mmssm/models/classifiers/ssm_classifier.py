@@ -13,6 +13,7 @@ from torch import Tensor
 
 from mmssm.registry import MODELS
 
+
 class LinearHead(nn.Module):
     """A linear classifier ``fc`` (so that its keys are ``fc.*``).
 
@@ -67,9 +68,9 @@ class SSMClassifier(BaseModule):
 
     Args:
         backbone (dict): Config of the backbone, built with
-            ``MODELS.build``. Its ``out_type`` is set to the backbone's pooled
-            type (its class attribute ``pooled_out_type``); the last of its outputs is
-            classified.
+            ``MODELS.build``. Its ``out_type`` is set to the backbone's
+            pooled type (its class attribute ``pooled_out_type``); the last
+            of its outputs is classified.
         num_classes (int): Classes. Defaults to 1000.
         in_channels (int, optional): Feature channels; None takes the
             backbone's ``embed_dims``. Defaults to None.

@@ -28,9 +28,7 @@ ALIGN_GAP_MODES = ('prev', 'null')
 
 #: ``hook(pruner, step, before, after, scores)``: see
 #: :meth:`TokenPruner.register_step_hook`.
-StepHook = Callable[
-    ['TokenPruner', int, TokenState, TokenState, Tensor], None
-]
+StepHook = Callable[['TokenPruner', int, TokenState, TokenState, Tensor], None]
 
 
 def _is_int(value: object) -> bool:
@@ -107,7 +105,7 @@ class TokenPruner(BaseModule):
         self.scorer_cfg = scorer
         # 0-based layer after which a step runs -> step
         self._steps = {k - 1: s for s, k in enumerate(self.layers)}
-        self._step_hooks: 'OrderedDict[int, StepHook]' = OrderedDict()
+        self._step_hooks: OrderedDict[int, StepHook] = OrderedDict()
 
     # ------------------------------------------------------------ checking
     def _check_layers(
@@ -268,8 +266,8 @@ class TokenPruner(BaseModule):
         slots = self.select(scores, step, cls_slot)
         after = state
         if slots is not None:
-            index = slots if state.index is None else state.index.gather(
-                1, slots
+            index = (
+                slots if state.index is None else state.index.gather(1, slots)
             )
             tokens = state.tokens.gather(1, slots[..., None].expand(-1, -1, C))
             after = dataclasses.replace(

@@ -1,0 +1,83 @@
+"""tools/analysis_tools/visualize_pruning.py."""
+
+import importlib.util
+import os.path as osp
+
+import numpy as np
+import pytest
+import torch
+
+from mmssm.testing import tiny_arch
+
+VIM_TINY = tiny_arch('vim')
+TOOL = osp.join(
+    osp.dirname(__file__),
+    '..',
+    '..',
+    'tools',
+    'analysis_tools',
+    'visualize_pruning.py',
+)
+
+
+# --------------------------------------------------------------------------
+# The visualisation tool
+# --------------------------------------------------------------------------
+def load_tool():
+    spec = importlib.util.spec_from_file_location('visualize_pruning', TOOL)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def test_find_backbone_cfg():
+    tool = load_tool()
+    pm = dict(type='mmssm.PlainMamba', arch='l1')
+    assert tool.find_backbone_cfg(pm) == (pm, '')
+    clf = dict(type='mmssm.SSMClassifier', backbone=pm)
+    assert tool.find_backbone_cfg(clf) == (pm, 'backbone.')
+    det = dict(
+        type='mmdet.NoSuchDetector',
+        backbone=dict(type='mmssm.NoSuchAdapter', backbone=pm),
+    )
+    assert tool.find_backbone_cfg(det) == (pm, 'backbone.backbone.')
+    with pytest.raises(ValueError, match='no mmssm backbone'):
+        tool.find_backbone_cfg(dict(type='mmdet.NoSuchDetector'))
+
+
+def test_visualize_pruning_tool(tmp_path):
+    from PIL import Image
+
+    tool = load_tool()
+    backbone = dict(
+        type='mmssm.Vim',
+        arch=VIM_TINY,
+        img_size=64,
+        prune_cfg=dict(layers=(1, 2), keep_ratios=(0.5, 0.5)),
+    )
+    config = tmp_path / 'cfg.py'
+    config.write_text(
+        'model = dict(type="mmssm.SSMClassifier", num_classes=10, '
+        f'backbone={backbone!r})\n'
+    )
+    from mmssm.models.classifiers import SSMClassifier
+
+    clf = SSMClassifier(backbone, num_classes=10)
+    ckpt = tmp_path / 'ckpt.pth'
+    torch.save({'state_dict': clf.state_dict()}, ckpt)
+    image = tmp_path / 'img.jpg'
+    pixels = np.random.default_rng(0).integers(0, 255, (70, 90, 3))
+    Image.fromarray(pixels.astype(np.uint8)).save(image)
+    out = tmp_path / 'vis' / 'out.png'
+    summary = tool.main(
+        [str(image), str(config), str(ckpt), '--out', str(out)]
+        + ['--shape', '64', '96']
+    )
+    assert summary == [(1, 12), (2, 6)]  # 4 x 6 patches
+    with Image.open(out) as png:
+        assert png.width > 2 * png.height
+    with pytest.raises(SystemExit, match='prune_cfg'):
+        tool.main(
+            [str(image), str(config), '--out', str(out)]
+            + ['--cfg-options', 'model.backbone.prune_cfg=None']
+        )
