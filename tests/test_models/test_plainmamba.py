@@ -17,6 +17,7 @@ from mmssm.models.layers import resize_pos_embed
 from mmssm.models.utils.ckpt_convert import convert_plainmamba
 from mmssm.ops import ext_status, selective_scan_ref
 from mmssm.registry import MODELS
+from mmssm.testing import tiny_arch
 
 needs_ext = pytest.mark.skipif(
     ext_status() != 'built', reason='mmssm._ext is not built'
@@ -32,15 +33,7 @@ TOOL = osp.join(
 )
 
 # 16 channels, 2 layers, L1's layout (1 stem conv, DW block after layer 0)
-TINY = dict(
-    embed_dims=16,
-    num_layers=2,
-    num_convs=1,
-    dw_layers=[0],
-    d_state=4,
-    expand=2,
-    conv_size=7,
-)
+TINY = tiny_arch('plainmamba', num_layers=2, conv_size=7)
 
 
 def tiny(**kwargs):
@@ -151,7 +144,7 @@ def test_out_indices():
 
 
 def test_arch():
-    assert PlainMamba.arch_zoo['l1'] == PlainMamba.arch_zoo['L1']
+    assert PlainMamba('L1').arch_settings == PlainMamba.arch_zoo['l1']
     s = PlainMamba.arch_zoo['l3']
     assert (s['embed_dims'], s['num_layers'], s['num_convs']) == (448, 36, 2)
     with pytest.raises(ValueError, match='l4'):
@@ -263,15 +256,6 @@ def test_init_and_tags():
     assert mixer.in_proj.bias is not None and mixer.out_proj.bias is not None
 
 
-def test_get_layer_depth():
-    model = tiny()
-    assert model.get_layer_depth('backbone.pos_embed', 'backbone.') == (0, 4)
-    assert model.get_layer_depth('patch_embed.stem.0.weight') == (0, 4)
-    assert model.get_layer_depth('layers.1.mamba.D') == (2, 4)
-    assert model.get_layer_depth('ln1.weight') == (3, 4)
-    assert model.get_layer_depth('head.fc.weight', 'backbone.') == (3, 4)
-
-
 def test_real_arch_sizes():
     """Sizes of the released models (built on the meta device).
 
@@ -328,33 +312,29 @@ def make_mixer(scan_impl='ref'):
     return mixer
 
 
-@pytest.mark.parametrize(
-    'gap_mode,align',
-    [('prev', True), ('null', True), ('none', True), ('prev', False)],
-)
+@pytest.mark.parametrize('gap_mode', ['prev', 'null', 'none'])
 @pytest.mark.parametrize(
     'scan_impl,dtype', [('ref', torch.float64), ('auto', torch.float32)]
 )
-def test_all_tokens_kept_equals_dense(gap_mode, align, scan_impl, dtype):
+def test_all_tokens_kept_equals_dense(gap_mode, scan_impl, dtype):
     layer = PlainMambaLayer(8, dict(d_state=4, conv_size=3))
     layer.mamba = make_mixer(scan_impl)
     layer = layer.to(dtype).eval()
     hw = (3, 5)
     x = torch.randn(2, 15, 8, dtype=dtype)
     token_index = torch.arange(15).expand(2, -1)
-    dense, y_dense = layer(x, hw, return_ssm_out=True)
-    pruned, y = layer(
-        x, hw, token_index, gap_mode=gap_mode, align=align, return_ssm_out=True
-    )
+    dense, y_dense = layer(x, hw)
+    pruned, y = layer(x, hw, token_index, gap_mode=gap_mode)
     assert torch.equal(pruned, dense) and torch.equal(y, y_dense)
 
 
 def full_length_reference(mixer, x, hw, token_index, gap_mode):
     """The aligned pruned mixer as four full-length dense scans.
 
-    DESIGN section 2: 'prev' is the dense scan where a pruned step takes the
-    step size of the previous kept step and B u = 0; 'null' the dense scan
-    with u = 0, B = C = 0 and delta = softplus(bias) at pruned steps. Step s
+    The alignment identities: 'prev' is the dense scan where a pruned step
+    takes the step size of the previous kept step and B u = 0; 'null' the
+    dense scan with u = 0, B = C = 0 and delta = softplus(bias) at pruned
+    steps. Step s
     of the released model takes delta, B, C of the raster token s.
     """
     batch, K, _ = x.shape
@@ -417,7 +397,7 @@ def test_pruned_aligned_matches_full_length_reference(gap_mode):
     token_index = random_token_index(2, 11, 20)
     x = torch.randn(2, 11, 8, dtype=torch.float64)
     with torch.no_grad():
-        y = mixer.forward_ssm(x, hw, token_index, gap_mode=gap_mode)
+        _, y = mixer(x, hw, token_index, gap_mode=gap_mode)
         expected = full_length_reference(mixer, x, hw, token_index, gap_mode)
     torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-12)
 
@@ -428,21 +408,17 @@ def test_pruned_naive_and_batch_consistency():
     token_index = random_token_index(3, 9, 16, seed=1)
     x = torch.randn(3, 9, 8, dtype=torch.float64)
     with torch.no_grad():
-        naive = mixer(x, hw, token_index, align=False)
-        # the naive scan is the aligned one without gaps
-        torch.testing.assert_close(
-            naive, mixer(x, hw, token_index, gap_mode='none'), rtol=0, atol=0
-        )
-        aligned = mixer(x, hw, token_index)
+        naive, _ = mixer(x, hw, token_index, gap_mode='none')
+        aligned, _ = mixer(x, hw, token_index)
         assert (aligned - naive).abs().max() > 1e-6
         for b in range(3):  # per-image token sets
             torch.testing.assert_close(
                 aligned[b : b + 1],
-                mixer(x[b : b + 1], hw, token_index[b : b + 1]),
+                mixer(x[b : b + 1], hw, token_index[b : b + 1])[0],
                 rtol=1e-12,
                 atol=1e-12,
             )
-    with pytest.raises(ValueError, match='token_index'):
+    with pytest.raises(ValueError, match='positions'):
         mixer(x, hw)
     layer = PlainMambaLayer(8, dict(d_state=4), with_dwconv=True).double()
     with pytest.raises(ValueError, match='full token grid'):
@@ -472,7 +448,7 @@ def test_scan_impl_ref_vs_cpu():
     token_index = random_token_index(2, 13, 30)
     x = torch.randn(2, 13, 8, dtype=torch.float64)
     for gap_mode in ('prev', 'null'):
-        a, b = (m(x, (5, 6), token_index, gap_mode) for m in mixers)
+        a, b = (m(x, (5, 6), token_index, gap_mode)[0] for m in mixers)
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 

@@ -13,21 +13,13 @@ from mmssm.models.classifiers import SSMClassifier
 from mmssm.models.layers import resize_pos_embed
 from mmssm.models.utils.ckpt_convert import convert_vim
 from mmssm.ops import ext_status, selective_scan_ref
+from mmssm.testing import tiny_arch
 
 needs_ext = pytest.mark.skipif(
     ext_status() != 'built', reason='mmssm._ext is not built'
 )
 
-TINY = dict(
-    embed_dims=32,
-    num_layers=2,
-    patch_size=16,
-    stride=16,
-    d_state=4,
-    expand=2,
-    d_conv=4,
-    cls_token='middle',
-)
+TINY = tiny_arch('vim', embed_dims=32, num_layers=2)
 
 
 def tiny(**kwargs):
@@ -158,24 +150,6 @@ def test_official_names_and_init():
         model.cls_token,
     ):
         assert getattr(p, '_no_weight_decay', False)
-
-
-def test_get_layer_depth():
-    model = tiny(arch=dict(num_layers=3))
-    assert model.get_layer_depth('backbone.pos_embed', 'backbone.') == (0, 5)
-    assert model.get_layer_depth('backbone.cls_token', 'backbone.')[0] == 0
-    assert (
-        model.get_layer_depth('backbone.patch_embed.proj.weight', 'backbone.')[
-            0
-        ]
-        == 0
-    )
-    assert (
-        model.get_layer_depth('backbone.layers.2.mixer.D', 'backbone.')[0] == 3
-    )
-    assert model.get_layer_depth('backbone.norm_f.weight', 'backbone.')[0] == 4
-    assert model.get_layer_depth('head.fc.weight', 'backbone.')[0] == 4
-    assert model.get_layer_depth('layers.0.norm.weight')[0] == 1
 
 
 # --------------------------------------------------------------------------
@@ -489,29 +463,34 @@ def _mixer(impl='auto', dtype=torch.float64):
     return perturb(BiMambaV2(16, d_state=4, scan_impl=impl)).to(dtype)
 
 
+def mix(mixer, x, **kwargs):
+    """The mixer's output, without its SSM output."""
+    return mixer(x, **kwargs)[0]
+
+
 @pytest.mark.parametrize('impl', ['ref', pytest.param('cpu', marks=needs_ext)])
 def test_mixer_all_positions_equal_dense(impl):
     mixer = _mixer(impl)
     x = torch.randn(2, 11, 16, dtype=torch.float64)
-    dense = mixer(x)
+    dense = mix(mixer, x)
     pos = torch.arange(11)
-    assert torch.equal(mixer(x, positions=pos), dense)
+    assert torch.equal(mix(mixer, x, positions=pos), dense)
     assert torch.equal(
-        mixer(x, positions=pos.expand(2, 11), seq_len=11), dense
+        mix(mixer, x, positions=pos.expand(2, 11), seq_len=11), dense
     )
-    assert torch.equal(mixer(x, positions=pos, align=False), dense)
+    assert torch.equal(mix(mixer, x, positions=pos, gap_mode='none'), dense)
 
 
 def test_mixer_naive_is_the_compact_sequence():
     mixer = _mixer('ref')
     x = torch.randn(2, 7, 16, dtype=torch.float64)
     pos = torch.tensor([[0, 2, 3, 6, 7, 10, 12], [1, 2, 4, 5, 8, 9, 11]])
-    naive = mixer(x, positions=pos, seq_len=13, align=False)
-    torch.testing.assert_close(naive, mixer(x), rtol=0, atol=0)
-    aligned = mixer(x, positions=pos, seq_len=13)
+    naive = mix(mixer, x, positions=pos, seq_len=13, gap_mode='none')
+    torch.testing.assert_close(naive, mix(mixer, x), rtol=0, atol=0)
+    aligned = mix(mixer, x, positions=pos, seq_len=13)
     assert not torch.allclose(aligned, naive)
     # a common shift of the positions (or a longer seq_len) changes nothing
-    shifted = mixer(x, positions=pos + 3, seq_len=20)
+    shifted = mix(mixer, x, positions=pos + 3, seq_len=20)
     torch.testing.assert_close(shifted, aligned, rtol=1e-12, atol=1e-12)
 
 
@@ -566,10 +545,10 @@ def test_mixer_aligned_both_directions():
     assert mixer.dt_rank == 1
     x = torch.randn(2, 6, 16, dtype=torch.float64)
     pos = torch.tensor([[1, 2, 5, 6, 9, 10], [0, 3, 4, 7, 8, 11]])
-    ours = mixer(x, positions=pos, seq_len=12, gap_mode='null')
+    ours = mix(mixer, x, positions=pos, seq_len=12, gap_mode='null')
     ref = _null_gap_reference(mixer, x, pos, 12)
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
-    out, y = mixer(x, positions=pos, seq_len=12, return_ssm_out=True)
+    out, y = mixer(x, positions=pos, seq_len=12)
     assert y.shape == (2, 6, 32)
     torch.testing.assert_close(out, mixer.out_proj(y / 2))
 

@@ -1,50 +1,27 @@
 import copy
-import inspect
 import os.path as osp
 
 import pytest
 import torch
 
-from mmssm.models.backbones import PlainMamba, Vim
+from mmssm.models.backbones import PlainMamba, ViTAdapter
 from mmssm.models.layers.adapter_modules import (
     Injector,
     grid_reference_points,
     level_inputs,
     token_reference_points,
 )
-from mmssm.models.necks import ViTAdapter
 from mmssm.registry import MODELS
+from mmssm.testing import tiny_backbone_cfg
 
 # 32 channels (16 per deformable head), 4 layers; PlainMamba in L1's layout
-PM_TINY = dict(
-    embed_dims=32,
-    num_layers=4,
-    num_convs=1,
-    dw_layers=[0],
-    d_state=4,
-    expand=2,
-    conv_size=7,
-)
-VIM_TINY = dict(
-    embed_dims=32,
-    num_layers=4,
-    patch_size=16,
-    stride=16,
-    d_state=4,
-    expand=2,
-    d_conv=4,
-    cls_token=None,
-)
 BACKBONES = {
-    'plainmamba': dict(type='mmssm.PlainMamba', arch=PM_TINY, img_size=64),
-    'vim': dict(type='mmssm.Vim', arch=VIM_TINY, img_size=64),
+    'plainmamba': tiny_backbone_cfg(
+        'plainmamba', dict(embed_dims=32, conv_size=7)
+    ),
+    'vim': tiny_backbone_cfg('vim', dict(embed_dims=32, cls_token=None)),
 }
 
-# Whether the backbones take a pruning schedule yet.
-PRUNING = {
-    name: 'prune_cfg' in inspect.signature(cls.__init__).parameters
-    for name, cls in (('plainmamba', PlainMamba), ('vim', Vim))
-}
 # PlainMamba-L1's layout needs the full grid in layer 0: prune after 2, 3.
 PRUNE_CFG = dict(layers=[2, 3], keep_ratios=0.5)
 
@@ -57,12 +34,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def needs_pruning(name):
-    return pytest.mark.skipif(
-        not PRUNING[name], reason=f'{name} does not take prune_cfg yet'
-    )
 
 
 def adapter(name='plainmamba', backbone=None, **kwargs):
@@ -194,7 +165,12 @@ def test_backbone_init_cfg(tmp_path):
     ],
 )
 def test_default_interaction_indexes(num_layers, expected):
-    arch = dict(PM_TINY, embed_dims=16, num_layers=num_layers, d_state=2)
+    arch = dict(
+        BACKBONES['plainmamba']['arch'],
+        embed_dims=16,
+        num_layers=num_layers,
+        d_state=2,
+    )
     model = adapter(backbone=dict(arch=arch))
     assert [list(g) for g in model.interaction_indexes] == expected
     assert len(model.interactions) == 4
@@ -222,7 +198,12 @@ def test_two_interactions_without_extra_extractors():
 
 def test_vim_class_token_is_refused():
     with pytest.raises(ValueError, match='cls_token=None'):
-        adapter('vim', backbone=dict(arch=dict(VIM_TINY, cls_token='middle')))
+        adapter(
+            'vim',
+            backbone=dict(
+                arch=dict(BACKBONES['vim']['arch'], cls_token='middle')
+            ),
+        )
     with pytest.raises(ValueError, match='cls_token=None'):
         adapter('vim', backbone=dict(cls_token='middle'))
 
@@ -233,7 +214,9 @@ def test_final_norm_is_refused():
 
 
 def test_stride_8_grid_is_refused():
-    model = adapter('vim', backbone=dict(arch=dict(VIM_TINY, stride=8)))
+    model = adapter(
+        'vim', backbone=dict(arch=dict(BACKBONES['vim']['arch'], stride=8))
+    )
     with pytest.raises(ValueError, match='stride-16'):
         model(torch.randn(1, 3, 64, 64))
 
@@ -413,9 +396,7 @@ def test_with_cp_same_grads():
         torch.testing.assert_close(grads[1][n], g, msg=n)
 
 
-@pytest.mark.parametrize(
-    'name', [pytest.param(n, marks=needs_pruning(n)) for n in BACKBONES]
-)
+@pytest.mark.parametrize('name', list(BACKBONES))
 def test_grads_with_pruning(name):
     model = adapter(name, init_values=0.1, backbone=dict(prune_cfg=PRUNE_CFG))
     randomise(model)
@@ -425,9 +406,7 @@ def test_grads_with_pruning(name):
 # --------------------------------------------------------------------------
 # Pruning
 # --------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    'name', [pytest.param(n, marks=needs_pruning(n)) for n in BACKBONES]
-)
+@pytest.mark.parametrize('name', list(BACKBONES))
 def test_keep_all_equals_dense(name):
     dense = adapter(name, init_values=0.1).eval()
     randomise(dense)
@@ -443,9 +422,7 @@ def test_keep_all_equals_dense(name):
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize(
-    'name', [pytest.param(n, marks=needs_pruning(n)) for n in BACKBONES]
-)
+@pytest.mark.parametrize('name', list(BACKBONES))
 def test_pruning_injects_kept_tokens_and_extracts_full_grid(name):
     model = adapter(
         name,
@@ -523,7 +500,7 @@ def _mask_rcnn_cfg(backbone):
 
 @pytest.mark.parametrize(
     'prune',
-    [False, pytest.param(True, marks=needs_pruning('plainmamba'))],
+    [False, True],
 )
 def test_mask_rcnn_loss_and_predict(prune):
     backbone = dict(

@@ -29,11 +29,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from mmengine.model import ModuleList
+from timm.layers import DropPath
 from torch import Tensor
 
 from mmssm.errors import UserError
 from mmssm.models.layers import (
-    DropPath,
     build_norm,
     dt_rank_of,
     init_dt_proj,

@@ -25,11 +25,11 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import DropPath
 from torch import Tensor
 
 from mmssm.errors import UserError
 from mmssm.models.layers import (
-    DropPath,
     build_token_norm,
     dt_rank_of,
     init_dt_proj,

@@ -1,10 +1,8 @@
-from .drop_path import DropPath
 from .mamba_init import dt_rank_of, init_dt_proj, s4d_real_log
 from .norm import RMSNorm, build_norm, build_token_norm, upcast
 from .pos_embed import insert_cls_slot, resize_pos_embed, split_cls_slot
 
 __all__ = [
-    'DropPath',
     'dt_rank_of',
     'init_dt_proj',
     's4d_real_log',

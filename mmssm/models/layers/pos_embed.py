@@ -1,7 +1,10 @@
+"""Position-embedding helpers: the bicubic resize of a grid (timm's) and
+Vim's class slot in the middle of the sequence."""
+
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
 from torch import Tensor
 
 
@@ -9,15 +12,16 @@ def resize_pos_embed(
     pos_embed: Tensor,
     src_shape: Tuple[int, int],
     dst_shape: Tuple[int, int],
-    mode: str = 'bicubic',
 ) -> Tensor:
-    """Resize a grid of position embeddings.
+    """Resize a (1, H*W, C) grid of position embeddings bicubically.
+
+    timm's resampling, without anti-aliasing (as the released models
+    resize) and with the dtype kept.
 
     Args:
         pos_embed (Tensor): (1, H*W, C), the grid in raster order.
         src_shape (tuple[int, int]): (H, W) of ``pos_embed``.
         dst_shape (tuple[int, int]): (H', W') wanted.
-        mode (str): Interpolation mode. Defaults to 'bicubic'.
 
     Returns:
         Tensor: (1, H'*W', C).
@@ -32,12 +36,13 @@ def resize_pos_embed(
             f'pos_embed of shape {tuple(pos_embed.shape)} is '
             f'not a (1, {src_shape[0]}*{src_shape[1]}, C) grid'
         )
-    C = pos_embed.shape[-1]
-    grid = pos_embed.reshape(1, *src_shape, C).permute(0, 3, 1, 2)
-    grid = F.interpolate(
-        grid.float(), size=tuple(dst_shape), mode=mode, align_corners=False
-    ).to(pos_embed.dtype)
-    return grid.flatten(2).transpose(1, 2)
+    return resample_abs_pos_embed(
+        pos_embed,
+        list(dst_shape),
+        list(src_shape),
+        num_prefix_tokens=0,
+        antialias=False,
+    )
 
 
 def split_cls_slot(
