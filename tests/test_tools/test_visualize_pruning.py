@@ -1,37 +1,22 @@
 """tools/analysis_tools/visualize_pruning.py."""
 
-import importlib.util
 import os.path as osp
 
 import numpy as np
 import pytest
 import torch
 
-from mmssm.testing import tiny_arch
+from mmssm.testing import tiny_backbone_cfg
 
-VIM_TINY = tiny_arch('vim')
-TOOL = osp.join(
-    osp.dirname(__file__),
-    '..',
-    '..',
-    'tools',
-    'analysis_tools',
-    'visualize_pruning.py',
-)
+TOOL = osp.join('tools', 'analysis_tools', 'visualize_pruning.py')
 
 
-# --------------------------------------------------------------------------
-# The visualisation tool
-# --------------------------------------------------------------------------
-def load_tool():
-    spec = importlib.util.spec_from_file_location('visualize_pruning', TOOL)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
+@pytest.fixture(scope='module')
+def tool(tools):
+    return tools.load_script(TOOL)
 
 
-def test_find_backbone_cfg():
-    tool = load_tool()
+def test_find_backbone_cfg(tool):
     pm = dict(type='mmssm.PlainMamba', arch='l1')
     assert tool.find_backbone_cfg(pm) == (pm, '')
     clf = dict(type='mmssm.SSMClassifier', backbone=pm)
@@ -45,15 +30,13 @@ def test_find_backbone_cfg():
         tool.find_backbone_cfg(dict(type='mmdet.NoSuchDetector'))
 
 
-def test_visualize_pruning_tool(tmp_path):
+def test_visualize_pruning_tool(tool, tmp_path):
+    """The kept patches of each step, recorded by a step hook, on a
+    classifier's checkpoint; a dense backbone is a user error."""
     from PIL import Image
 
-    tool = load_tool()
-    backbone = dict(
-        type='mmssm.Vim',
-        arch=VIM_TINY,
-        img_size=64,
-        prune_cfg=dict(layers=(1, 2), keep_ratios=(0.5, 0.5)),
+    backbone = tiny_backbone_cfg(
+        'vim', prune_cfg=dict(layers=(1, 2), keep_ratios=(0.5, 0.5))
     )
     config = tmp_path / 'cfg.py'
     config.write_text(
@@ -76,7 +59,7 @@ def test_visualize_pruning_tool(tmp_path):
     assert summary == [(1, 12), (2, 6)]  # 4 x 6 patches
     with Image.open(out) as png:
         assert png.width > 2 * png.height
-    with pytest.raises(SystemExit, match='prune_cfg'):
+    with pytest.raises(SystemExit, match='^error: .*prune_cfg=paper'):
         tool.main(
             [str(image), str(config), '--out', str(out)]
             + ['--cfg-options', 'model.backbone.prune_cfg=None']
