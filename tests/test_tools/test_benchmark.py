@@ -7,6 +7,8 @@ import os.path as osp
 
 import pytest
 
+from mmssm.errors import UserError
+
 TOOL = osp.join('tools', 'analysis_tools', 'benchmark.py')
 
 
@@ -48,8 +50,10 @@ def test_select_rows(bench):
     assert rows[1].baseline == rows[0].key == rows[2].baseline
     assert rows[1].backbone == dict(prune_cfg='paper')
     assert rows[2].backbone['prune_cfg']['align'] is False
-    with pytest.raises(SystemExit, match='unknown rows'):
+    with pytest.raises(UserError, match='unknown rows'):
         bench.select_rows(['no-such-row'], None)
+    with pytest.raises(UserError, match='no row selected'):
+        bench.select_rows(['prune-'], ['no-such-impl'])
 
 
 def test_one_row_two_rounds(tools, tmp_path):
@@ -70,6 +74,7 @@ def test_one_row_two_rounds(tools, tmp_path):
     assert saved['results']['prune-vim-s-224-naive']['rounds_ms'] == [
         round(r['ms_per_iter'], 1) for r in runs
     ]
+    assert all(r['peak_fwd_mib'] > 0 for r in runs)
 
 
 def test_interleaved_group(bench, tools, tmp_path):
@@ -98,3 +103,6 @@ def test_interleaved_group(bench, tools, tmp_path):
 def test_bad_arguments(tools):
     proc = tools.run([TOOL, '--rounds', '0'])
     assert proc.returncode == 2 and '--rounds' in proc.stderr
+    proc = tools.run([TOOL, '--rows', 'no-such-row'])
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith('error: unknown')

@@ -63,30 +63,44 @@ def test_patch_coverage(tool):
 
 @pytest.mark.parametrize('model', ['plainmamba', 'vim'])
 def test_evaluate(tool, model):
-    """The evaluation path gives the classifier's logits, and the oracle
-    reference keeps the covered patches."""
+    """The evaluation gives the classifier's logits; the 'oracle' reference
+    (the 'given' scorer, fed the coverage) keeps the covered patches and
+    the 'random' one does not; the step hook is removed afterwards."""
     cfg = tool.backbone_cfg(model, 16, 3, 64)  # 4 x 4 grid
     sched = tool.schedule(3, 0.25)  # 16 -> 8 -> 4 tokens
-    clf = tool.SSMClassifier(
-        backbone=dict(cfg, prune_cfg=dict(sched, align=True)), num_classes=6
-    )
+
+    def classifier(metric):
+        prune_cfg = dict(sched, scorer=tool.scorer_cfg(metric, 0))
+        torch.manual_seed(0)
+        backbone = dict(cfg, prune_cfg=prune_cfg)
+        return tool.SSMClassifier(backbone=backbone, num_classes=6).eval()
+
+    clf = classifier('clip')
     images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
     with torch.no_grad():
-        labels = clf.eval()(tool.normalise(images)).argmax(1)
+        labels = clf(tool.normalise(images)).argmax(1)
     coverage = torch.zeros(3, 16)
     coverage[:, [1, 6, 9, 14]] = 1.0  # 4 object patches per image
     top1, kept = tool.evaluate(clf, images, labels, coverage, 2)
     assert top1 == 100.0 and 0 <= kept <= 100
-    pruner = clf.backbone.pruner
-    _, kept = tool.evaluate(
-        clf, images, labels, coverage, 2, reference='oracle'
-    )
+    assert not clf.backbone.pruner._step_hooks
+    _, kept = tool.evaluate(classifier('oracle'), images, labels, coverage, 2)
     assert kept == 100.0
-    assert clf.backbone.pruner is pruner  # restored
-    _, kept = tool.evaluate(
-        clf, images, labels, coverage, 2, reference='random'
-    )
+    _, kept = tool.evaluate(classifier('random'), images, labels, coverage, 2)
     assert kept < 100.0
+
+
+def test_no_decay_rule(tool):
+    """The SSM constructor spares norms, biases and the tagged parameters
+    (A_log, D, pos_embed, the class token) from weight decay, and decays
+    the other weights."""
+    cfg = tool.backbone_cfg('vim', 16, 3, 64)
+    clf = tool.SSMClassifier(backbone=cfg, num_classes=6)
+    groups = tool.build_optim_wrapper(clf, 1e-3).optimizer.param_groups
+    decay = {id(p): g['weight_decay'] for g in groups for p in g['params']}
+    for name, p in clf.named_parameters():
+        spared = p.ndim <= 1 or getattr(p, '_no_weight_decay', False)
+        assert (decay[id(p)] == 0) == spared, name
 
 
 def test_bad_arguments(tool):

@@ -1,48 +1,15 @@
-"""Backbone throughput and peak memory on the CPU, all rows side by side.
+"""Backbone and detector throughput and peak memory on the CPU, side by side.
 
-Each row is a small declarative spec (:class:`Row`): a config whose
-``model.backbone`` is built (with optional overrides, e.g. pruning), an
-input size, a batch and the scan implementation (``scan_impl``: 'cpu' is
-the compiled kernel ``mmssm._ext``, 'ref' the reference loop). Rows run one
-after the other, each in a fresh Python process, so that the memory of one
-row cannot hide or inflate another's; the results are printed as one
-markdown table, with the machine.
-
-Timing: the backbone in eval mode under ``torch.no_grad()``, ``--warmup``
-untimed forwards, then ``--iters`` timed ones; ms / iter is the median of
-the timed forwards and images/s = batch / that median (every forward's
-time is in the ``--json`` output). The reference loop ('ref' rows) takes
-minutes per forward, so those rows run ``--ref-warmup`` (default 0) and
-``--ref-iters`` (default 1) instead. The load average of the machine is
-printed with the table: on a shared machine, other processes slow the rows
-down. ``--rounds R`` runs every row R times, interleaved (round r starts at
-row r, so that no row is always measured first or last), and reports the
-median of the rounds: a virtual machine's speed drifts by tens of percent
-over minutes, which one pass in a fixed order would charge to the rows
-that happen to run late. ``--interleave`` goes further for the A/B
-comparisons: a dense row and its pruned variants are built in one process
-and their forwards alternate, so the comparison does not depend on how fast
-one process happened to be (then without memory columns).
-
-Peak memory: the resident set size (RSS) is what the CPU really holds
-(``tracemalloc`` does not see torch's allocations). In the row's process,
-after the model and the input are built, the kernel's RSS high-water mark
-is reset to the current RSS (``/proc/self/clear_refs`` = 5, Linux >= 4.0);
-after the forwards, ``peak fwd`` = high-water mark (``VmHWM``) - RSS before
-the forwards: the largest extra memory a forward needed (activations,
-scratch buffers, thread pools), above the weights and the input. ``peak
-RSS`` is the high-water mark of the whole process (Python, torch, weights,
-input and the forward). Where ``clear_refs`` is not writable, the
-high-water mark is not reset and ``peak fwd`` falls back to
-``ru_maxrss`` after - before, a lower bound (marked ``>=``).
-
-Rows (:data:`ROWS`): the scan kernel against the reference loop (the
-backbones), the paper's pruning against the dense model, aligned and naive
-(the same config with ``backbone`` overrides), and whole Mask R-CNN
-inference with the adapter, dense against aligned-pruned (``kind`` =
-'detector': ``predict`` on one image, boxes and masks included; the
-overrides then go to the adapter's inner backbone). A row's ``baseline``
-gives the speed-up column.
+Each row of :data:`ROWS` builds a config's backbone (with overrides such as
+the paper's pruning, aligned or naive, and the scan implementation: 'cpu'
+the compiled kernel, 'ref' the PyTorch reference) or a whole Mask R-CNN,
+and times its forward in eval mode under ``torch.no_grad()`` with
+``torch.utils.benchmark`` (the median of ``--iters`` forwards after
+``--warmup``) in a fresh process that also measures the peak memory;
+``--rounds`` repeats every row in a rotating order and ``--interleave``
+times a dense row and its pruned variants in one process, their forwards
+alternating. One markdown table is printed, with the machine; how the
+numbers are taken and how to read them is in ``docs/benchmark.md``.
 
 Example::
 
@@ -52,7 +19,6 @@ Example::
 """
 
 import argparse
-import copy
 import dataclasses
 import gc
 import json
@@ -64,7 +30,10 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
+
+from mmssm.errors import UserError
+from mmssm.utils.cli import exit_on_user_error
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 
@@ -80,10 +49,9 @@ class Row:
         shape (tuple[int, int]): Input (H, W).
         batch (int): Images per forward.
         scan_impl (str): ``scan_impl`` of the backbone ('cpu', 'ref', ...).
-        backbone (dict): Overrides merged into ``model.backbone``.
-        kind (str): What runs, a key of :data:`BUILDERS`.
-        baseline (str, optional): Key of the row the speed-up is relative
-            to.
+        backbone (dict): Overrides merged into the (inner) backbone.
+        kind (str): 'backbone' or 'detector' (``predict`` on the batch).
+        baseline (str, optional): The row the speed-up is relative to.
     """
 
     key: str
@@ -97,10 +65,8 @@ class Row:
     baseline: Optional[str] = None
 
 
-def _rows(
-    key: str, label: str, config: str, shape: Tuple[int, int], batch: int
-) -> List[Row]:
-    """The 'cpu' row (speed-up relative to 'ref') and the 'ref' row."""
+def _impl_rows(key, label, config, shape, batch) -> List[Row]:
+    """The kernel ('cpu', its speed-up relative to 'ref') and 'ref'."""
     return [
         Row(f'{key}-cpu', label, config, shape, batch, 'cpu',
             baseline=f'{key}-ref'),
@@ -108,14 +74,7 @@ def _rows(
     ]  # fmt: skip
 
 
-def _pruning_rows(
-    key: str,
-    label: str,
-    config: str,
-    shape: Tuple[int, int],
-    batch: int,
-    kind: str = 'backbone',
-) -> List[Row]:
+def _pruning_rows(key, label, config, shape, batch, kind='backbone'):
     """Dense, the paper's schedule aligned, and the same schedule naive."""
     dense = f'{key}-dense'
     return [
@@ -134,58 +93,51 @@ VIM_S = 'configs/vim/vim-s_in1k.py'
 MASK_RCNN = (
     'configs/mask_rcnn/mask-rcnn_plainmamba-{}_adapter-fpn_8xb2-1x_coco.py'
 )
+DET = (800, 1333)
 ROWS: List[Row] = [
-    # the compiled scan kernel against the reference loop
-    *_rows('pm-l1-224', 'PlainMamba-L1', PM.format('l1'), (224, 224), 8),
-    *_rows('pm-l3-224', 'PlainMamba-L3', PM.format('l3'), (224, 224), 8),
-    *_rows('vim-s-224', 'Vim-S', VIM_S, (224, 224), 8),
-    *_rows('pm-l1-det', 'PlainMamba-L1', PM.format('l1'), (800, 1333), 1),
+    # the compiled scan kernel against the reference
+    *_impl_rows('pm-l1-224', 'PlainMamba-L1', PM.format('l1'), (224, 224), 8),
+    *_impl_rows('pm-l3-224', 'PlainMamba-L3', PM.format('l3'), (224, 224), 8),
+    *_impl_rows('vim-s-224', 'Vim-S', VIM_S, (224, 224), 8),
+    *_impl_rows('pm-l1-det', 'PlainMamba-L1', PM.format('l1'), DET, 1),
     # token pruning: dense, aligned, naive
     *_pruning_rows('prune-vim-s-224', 'Vim-S', VIM_S, (224, 224), 8),
     *_pruning_rows('prune-pm-l3-224', 'PlainMamba-L3', PM.format('l3'),
                    (224, 224), 8),
     *_pruning_rows('prune-pm-l1-det', 'PlainMamba-L1', PM.format('l1'),
-                   (800, 1333), 1),
-    # whole Mask R-CNN inference with the adapter
+                   DET, 1),
+    # whole Mask R-CNN inference with the adapter: dense, aligned
     *_pruning_rows('maskrcnn-pm-l1', 'Mask R-CNN PlainMamba-L1',
-                   MASK_RCNN.format('l1'), (800, 1333), 1,
-                   'detector')[:2],
+                   MASK_RCNN.format('l1'), DET, 1, 'detector')[:2],
     *_pruning_rows('maskrcnn-pm-l3', 'Mask R-CNN PlainMamba-L3',
-                   MASK_RCNN.format('l3'), (800, 1333), 1,
-                   'detector')[:2],
+                   MASK_RCNN.format('l3'), DET, 1, 'detector')[:2],
 ]  # fmt: skip
 
 
-def build_backbone(row: Row):
-    """The config's backbone, with the row's overrides and ``scan_impl``."""
-    from mmengine.config import Config
-
-    import mmssm.models  # noqa: F401
-    from mmssm.registry import MODELS
-
-    cfg = Config.fromfile(osp.join(ROOT, row.config))
-    backbone = copy.deepcopy(cfg.model.get('backbone', cfg.model))
-    backbone.update(row.backbone)
-    backbone['scan_impl'] = row.scan_impl
-    return MODELS.build(backbone)
-
-
-def build_detector(row: Row):
-    """A whole mmdet detector (random weights, SyncBN as BN) whose forward
-    takes an image batch and runs ``predict``."""
+# --------------------------------------------------------------------------
+# The worker: rows built and timed in one process.
+# --------------------------------------------------------------------------
+def build(row: Row):
+    """The module that the row runs on its input batch: the config's
+    backbone (the inner one for a detector) gets the row's overrides; a
+    detector (random weights, SyncBN as BN) runs ``predict``."""
     import torch
-    from mmdet.registry import MODELS as DET_MODELS
-    from mmdet.structures import DetDataSample
     from mmengine.config import Config
     from mmengine.model import revert_sync_batchnorm
-    from mmengine.registry import init_default_scope
+    from mmengine.registry import MODELS, init_default_scope
 
     import mmssm.models  # noqa: F401
 
     cfg = Config.fromfile(osp.join(ROOT, row.config))
+    if row.kind == 'backbone':
+        backbone = dict(cfg.model.get('backbone', cfg.model), **row.backbone)
+        return MODELS.build(dict(backbone, scan_impl=row.scan_impl))
+    from mmdet.registry import MODELS as DET_MODELS
+
     init_default_scope(cfg.get('default_scope', 'mmdet'))
-    inner = cfg.model.backbone.backbone
-    inner.update(row.backbone, scan_impl=row.scan_impl, init_cfg=None)
+    cfg.model.backbone.backbone.update(
+        row.backbone, scan_impl=row.scan_impl, init_cfg=None
+    )
     detector = revert_sync_batchnorm(DET_MODELS.build(cfg.model))
 
     class Predict(torch.nn.Module):
@@ -194,29 +146,17 @@ def build_detector(row: Row):
             self.detector = detector
 
         def forward(self, x):
+            from mmdet.structures import DetDataSample
+
             h, w = x.shape[-2:]
-            meta = dict(
-                img_shape=(h, w),
-                ori_shape=(h, w),
-                pad_shape=(h, w),
-                scale_factor=(1.0, 1.0),
-            )
-            samples = [DetDataSample(metainfo=meta) for _ in range(len(x))]
+            meta = dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w),
+                        scale_factor=(1.0, 1.0))  # fmt: skip
+            samples = [DetDataSample(metainfo=meta) for _ in x]
             return self.detector.predict(x, samples)
 
     return Predict()
 
 
-#: kind -> function building the module that a row runs on its input.
-BUILDERS: Dict[str, Callable] = {
-    'backbone': build_backbone,
-    'detector': build_detector,
-}
-
-
-# --------------------------------------------------------------------------
-# The worker: one row, in its own process.
-# --------------------------------------------------------------------------
 def _status_kb(field: str) -> int:
     with open('/proc/self/status') as f:
         for line in f:
@@ -226,6 +166,7 @@ def _status_kb(field: str) -> int:
 
 
 def _reset_peak_rss() -> bool:
+    """Reset the kernel's RSS high-water mark to the current RSS."""
     try:
         with open('/proc/self/clear_refs', 'w') as f:
             f.write('5')
@@ -234,97 +175,74 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def run_row(row: Row, iters: int, warmup: int, threads: int) -> dict:
-    """Build and time one row; memory in MiB."""
+def run_rows(
+    rows: List[Row], iters: int, warmup: int, threads: int
+) -> List[dict]:
+    """Build the rows and time their forwards with ``torch.utils.benchmark``.
+
+    Forward ``i`` of every row runs before forward ``i + 1`` of any, in an
+    order rotating with ``i``, so that the rows share whatever the machine
+    does meanwhile. The peak memory (MiB) is measured for a single row.
+    """
     import torch
+    from torch.utils.benchmark import Measurement, Timer
 
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    model = BUILDERS[row.kind](row).eval()
-    x = torch.randn(row.batch, 3, *row.shape)
+    timers, models = [], []
+    for row in rows:
+        torch.manual_seed(0)
+        model = build(row).eval()
+        x = torch.randn(row.batch, 3, *row.shape)
+        models.append(model)
+        timers.append(
+            Timer(
+                'model(x)',
+                globals=dict(model=model, x=x),
+                label=row.key,
+                num_threads=threads,
+            )  # fmt: skip
+        )
     gc.collect()
     rss_before = _status_kb('VmRSS')
     maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     exact = _reset_peak_rss()
-    times = []
-    with torch.no_grad():
-        for i in range(warmup + iters):
-            start = time.perf_counter()
-            model(x)
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-    if exact:
-        peak_fwd = _status_kb('VmHWM') - rss_before
-    else:
-        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        peak_fwd = maxrss - maxrss_before
-    return dict(
-        key=row.key,
-        seconds=sum(times),
-        iters=len(times),
-        warmup=warmup,
-        # the median forward: one slow forward (another process woke up)
-        # does not move it
-        ms_per_iter=1e3 * statistics.median(times),
-        images_per_s=row.batch / statistics.median(times),
-        ms_all=[round(1e3 * t, 1) for t in times],
-        peak_fwd_mib=peak_fwd / 1024,
-        peak_rss_mib=_status_kb('VmHWM') / 1024,
-        exact_peak=exact,
-        params_m=sum(p.numel() for p in model.parameters()) / 1e6,
-    )
-
-
-def run_interleaved(
-    rows: List[Row], iters: int, warmup: int, threads: int
-) -> List[dict]:
-    """Build several rows in one process and time their forwards in turn.
-
-    Forward ``i`` of every row runs before forward ``i + 1`` of any, the
-    order rotating with ``i``: the rows share whatever the machine does
-    meanwhile. Memory is not measured (the rows share one process).
-    """
-    import torch
-
-    torch.set_num_threads(threads)
-    models, inputs = [], []
-    for row in rows:
-        torch.manual_seed(0)
-        models.append(BUILDERS[row.kind](row).eval())
-        inputs.append(torch.randn(row.batch, 3, *row.shape))
-    times: List[List[float]] = [[] for _ in rows]
+    runs: List[List[Measurement]] = [[] for _ in rows]
     order = list(range(len(rows)))
     with torch.no_grad():
         for i in range(warmup + iters):
             shift = i % len(order)
             for j in order[shift:] + order[:shift]:
-                start = time.perf_counter()
-                models[j](inputs[j])
+                measurement = timers[j].timeit(1)
                 if i >= warmup:
-                    times[j].append(time.perf_counter() - start)
+                    runs[j].append(measurement)
     results = []
-    for row, model, t in zip(rows, models, times):
-        med = statistics.median(t)
+    for row, model, measurements in zip(rows, models, runs):
+        (m,) = Measurement.merge(measurements)
         results.append(
             dict(
                 key=row.key,
-                iters=len(t),
+                iters=len(m.times),
                 warmup=warmup,
-                ms_per_iter=1e3 * med,
-                images_per_s=row.batch / med,
-                ms_all=[round(1e3 * v, 1) for v in t],
+                # the median forward: one slow forward does not move it
+                ms_per_iter=1e3 * m.median,
+                iqr_ms=1e3 * m.iqr,
+                images_per_s=row.batch / m.median,
+                ms_all=[round(1e3 * t, 1) for t in m.times],
                 params_m=sum(p.numel() for p in model.parameters()) / 1e6,
             )
         )
+    if len(rows) == 1:  # rows sharing a process share its memory
+        if exact:
+            peak_fwd = _status_kb('VmHWM') - rss_before
+        else:  # a lower bound
+            maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            peak_fwd = maxrss - maxrss_before
+        results[0].update(
+            peak_fwd_mib=peak_fwd / 1024,
+            peak_rss_mib=_status_kb('VmHWM') / 1024,
+            exact_peak=exact,
+        )
     return results
-
-
-def interleave_groups(rows: List[Row]) -> List[List[Row]]:
-    """Rows grouped with their baseline (dense with its pruned variants)."""
-    groups: Dict[str, List[Row]] = {}
-    for row in rows:
-        groups.setdefault(row.baseline or row.key, []).append(row)
-    return list(groups.values())
 
 
 # --------------------------------------------------------------------------
@@ -337,14 +255,10 @@ def machine_line(threads: int) -> str:
     from mmssm.ops import ext_status
 
     cpu = platform.processor() or platform.machine()
-    try:
+    if osp.isfile('/proc/cpuinfo'):
         with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    cpu = line.split(':', 1)[1].strip()
-                    break
-    except OSError:
-        pass
+            names = [ln for ln in f if ln.startswith('model name')]
+        cpu = names[0].split(':', 1)[1].strip() if names else cpu
     return (
         f'machine: {cpu} ({os.cpu_count()} logical CPUs visible), '
         f'{threads} threads, torch {torch.__version__}, '
@@ -352,76 +266,63 @@ def machine_line(threads: int) -> str:
     )
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv=None) -> argparse.Namespace:
     keys = sorted({r.key.rsplit('-', 1)[0] for r in ROWS})
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
+    add = parser.add_argument
+    add(
         '--rows',
         nargs='+',
-        default=None,
-        help=f'rows to run: row keys or their prefixes ({", ".join(keys)}; '
-        'with the impl suffix, e.g. pm-l1-224-cpu, one row). '
-        'Defaults to all.',
+        help=f'row keys or their prefixes ({", ".join(keys)}; with the '
+        'suffix, e.g. pm-l1-224-cpu, one row). Defaults to all.',
     )
-    parser.add_argument(
+    add(
         '--impls',
         nargs='+',
-        default=None,
-        help="keep only rows with these scan_impl (e.g. 'cpu'). "
-        'Defaults to all.',
+        help="keep only rows with these scan_impl (e.g. 'cpu')",
     )
-    parser.add_argument(
-        '--iters', type=int, default=3, help='timed forwards. Defaults to 3.'
-    )
-    parser.add_argument(
-        '--warmup',
-        type=int,
-        default=1,
-        help='untimed forwards first. Defaults to 1.',
-    )
-    parser.add_argument(
+    add('--iters', type=int, default=3, help='timed forwards (3)')
+    add('--warmup', type=int, default=1, help='untimed forwards first (1)')
+    add(
         '--ref-iters',
         type=int,
         default=1,
-        help="timed forwards of 'ref' rows. Defaults to 1.",
+        help="timed forwards of 'ref' rows (1)",
     )
-    parser.add_argument(
+    add(
         '--ref-warmup',
         type=int,
         default=0,
-        help="untimed forwards of 'ref' rows. Defaults to 0.",
+        help="untimed forwards of 'ref' rows (0)",
     )
-    parser.add_argument(
+    add(
         '--threads',
         type=int,
         default=2,
-        help='torch/OpenMP threads per row. Defaults to 2.',
+        help='torch/OpenMP threads per row (2)',
     )
-    parser.add_argument(
+    add(
         '--timeout',
         type=float,
         default=3600,
-        help='seconds allowed per row. Defaults to 3600.',
+        help='seconds allowed per process (3600)',
     )
-    parser.add_argument(
+    add(
         '--rounds',
         type=int,
         default=1,
-        help='passes over the rows, interleaved; the median is reported. '
-        'Defaults to 1.',
+        help='passes over the rows, in a rotating order; the median round '
+        'is reported (1)',
     )
-    parser.add_argument(
+    add(
         '--interleave',
         action='store_true',
         help='time each dense row and its pruned variants in one process, '
-        'their forwards alternating (an A/B comparison that the drift of '
-        'a shared machine cannot bias; no memory columns)',
+        'their forwards alternating (no memory columns)',
     )
-    parser.add_argument(
-        '--json', help='also write the raw results to this JSON file'
-    )
-    parser.add_argument('--worker', help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    add('--json', help='also write the raw results to this JSON file')
+    add('--worker', help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)  # fmt: skip
     if min(args.iters, args.ref_iters, args.threads, args.rounds) < 1:
         parser.error(
             '--iters, --ref-iters, --threads and --rounds must be >= 1'
@@ -434,33 +335,40 @@ def parse_args() -> argparse.Namespace:
 def select_rows(
     names: Optional[List[str]], impls: Optional[List[str]]
 ) -> List[Row]:
-    rows = ROWS
-    if names:
-        unknown = [
-            n for n in names if not any(r.key.startswith(n) for r in ROWS)
-        ]
-        if unknown:
-            raise SystemExit(
-                f'unknown rows {unknown}; rows are {[r.key for r in ROWS]}'
-            )
-        rows = [r for r in rows if any(r.key.startswith(n) for n in names)]
-    if impls:
-        rows = [r for r in rows if r.scan_impl in impls]
+    """The rows whose key starts with one of ``names``, of ``impls``."""
+    unknown = [n for n in names or [] if not any(
+        r.key.startswith(n) for r in ROWS)]  # fmt: skip
+    if unknown:
+        raise UserError(
+            f'unknown rows {unknown}; rows are {[r.key for r in ROWS]}'
+        )
+    rows = [
+        r
+        for r in ROWS
+        if (not names or any(r.key.startswith(n) for n in names))
+        and (not impls or r.scan_impl in impls)
+    ]
     if not rows:
-        raise SystemExit('no row selected')
+        raise UserError('no row selected')
     return rows
+
+
+def interleave_groups(rows: List[Row]) -> List[List[Row]]:
+    """Rows grouped with their baseline (dense with its pruned variants)."""
+    groups: Dict[str, List[Row]] = {}
+    for row in rows:
+        groups.setdefault(row.baseline or row.key, []).append(row)
+    return list(groups.values())
 
 
 def measure(rows: List[Row], args: argparse.Namespace) -> List[dict]:
     """Run one row, or several interleaved, in a fresh process."""
-    env = dict(os.environ)
-    env.update(
-        OMP_NUM_THREADS=str(args.threads),
-        MKL_NUM_THREADS=str(args.threads),
-        PYTHONPATH=os.pathsep.join(
-            p for p in (ROOT, env.get('PYTHONPATH')) if p
-        ),
+    threads = str(args.threads)
+    path = os.pathsep.join(
+        p for p in (ROOT, os.environ.get('PYTHONPATH')) if p
     )
+    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads,
+               PYTHONPATH=path)  # fmt: skip
     ref = any(row.scan_impl == 'ref' for row in rows)
     job = dict(
         rows=[dataclasses.asdict(row) for row in rows],
@@ -471,18 +379,15 @@ def measure(rows: List[Row], args: argparse.Namespace) -> List[dict]:
     cmd = [sys.executable, osp.abspath(__file__), '--worker', json.dumps(job)]
     start = time.perf_counter()
     try:
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, env=env, timeout=args.timeout
-        )
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                              timeout=args.timeout)  # fmt: skip
     except subprocess.TimeoutExpired:
         error = f'timed out after {args.timeout} s'
         return [dict(key=row.key, error=error) for row in rows]
     wall = time.perf_counter() - start
     if proc.returncode != 0:
-        lines = proc.stderr.strip().splitlines() or ['(no output)']
-        return [
-            dict(key=row.key, error=lines[-1], wall_s=wall) for row in rows
-        ]
+        error = (proc.stderr.strip().splitlines() or ['(no output)'])[-1]
+        return [dict(key=r.key, error=error, wall_s=wall) for r in rows]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     for result in results:  # the process's time, shared by its rows
         result['wall_s'] = wall / len(rows)
@@ -529,12 +434,10 @@ def format_table(rows: List[Row], results: Dict[str, dict]) -> str:
             lines.append(f'{head} failed: {res["error"]} | | | | | |')
             continue
         base = results.get(row.baseline or '', {})
-        speedup = (
-            f'{res["images_per_s"] / base["images_per_s"]:.2f}x '
-            f'vs {base["key"].rsplit("-", 1)[-1]}'
-            if 'images_per_s' in base
-            else ''
-        )
+        speedup = ''
+        if 'images_per_s' in base:
+            ratio = res['images_per_s'] / base['images_per_s']
+            speedup = f'{ratio:.2f}x vs {base["key"].rsplit("-", 1)[-1]}'
         memory = '- | -'  # interleaved rows share a process
         if 'peak_fwd_mib' in res:
             bound = '' if res['exact_peak'] else '>= '
@@ -548,18 +451,22 @@ def format_table(rows: List[Row], results: Dict[str, dict]) -> str:
     return '\n'.join(lines)
 
 
-def main() -> None:
-    args = parse_args()
+def write_json(path: str, report: dict) -> None:
+    """Written aside and renamed: a stopped run leaves no half a file."""
+    with open(f'{path}.tmp', 'w') as f:
+        json.dump(report, f, indent=1)
+    os.replace(f'{path}.tmp', path)
+
+
+@exit_on_user_error
+def main(argv=None) -> None:
+    args = parse_args(argv)
     if args.worker:
         job = json.loads(args.worker)
         rows = [
             Row(**dict(r, shape=tuple(r['shape']))) for r in job.pop('rows')
         ]
-        if len(rows) == 1:
-            results = [run_row(rows[0], **job)]
-        else:
-            results = run_interleaved(rows, **job)
-        print(json.dumps(results))
+        print(json.dumps(run_rows(rows, **job)))
         return
     rows = select_rows(args.rows, args.impls)
     load_before = os.getloadavg()
@@ -568,56 +475,45 @@ def main() -> None:
     # what one process measures: a row, or a group of rows interleaved
     units = interleave_groups(rows) if args.interleave else [[r] for r in rows]
     for r in range(args.rounds):
+        # round r starts at unit r: no row is always measured first
         for unit in units[r % len(units) :] + units[: r % len(units)]:
             names = ' + '.join(row.key for row in unit)
-            print(
-                f'[benchmark] round {r + 1}/{args.rounds} {names} ...',
-                file=sys.stderr,
-                flush=True,
-            )
+            print(f'[benchmark] round {r + 1}/{args.rounds} {names} ...',
+                  file=sys.stderr, flush=True)  # fmt: skip
             for res in measure(unit, args):
                 rounds[res['key']].append(res)
-                print(
-                    f'[benchmark] {res["key"]}: '
-                    + (
-                        res['error']
-                        if 'error' in res
-                        else f'{res["ms_per_iter"]:.0f} ms / iter'
-                    ),
-                    file=sys.stderr,
-                    flush=True,
+                done = (
+                    res.get('error') or f'{res["ms_per_iter"]:.0f} ms / iter'
                 )
+                print(f'[benchmark] {res["key"]}: {done}', file=sys.stderr,
+                      flush=True)  # fmt: skip
     results = {key: combine_rounds(runs) for key, runs in rounds.items()}
     total = time.perf_counter() - start
-    sys.path.insert(0, ROOT)
-    print(machine_line(args.threads))
-    load = ', '.join(f'{x:.1f}' for x in load_before + os.getloadavg())
+    machine = machine_line(args.threads)
+    load = load_before + os.getloadavg()
     mode = ', interleaved' if args.interleave else ''
+    print(machine)
     print(
         f'warm-up {args.warmup}, timed iterations {args.iters} (ref rows: '
         f'{args.ref_warmup}, {args.ref_iters}), rounds {args.rounds} '
         f'(median){mode}; total benchmark time {total:.0f} s; load '
-        f'average (1, 5, 15 min) before, after: {load}'
+        f'average (1, 5, 15 min) before, after: '
+        + ', '.join(f'{x:.1f}' for x in load)
     )
     print()
     print(format_table(rows, results))
     if args.json:
-        # written aside and renamed: a stopped run leaves no half a file
-        tmp = f'{args.json}.tmp'
-        with open(tmp, 'w') as f:
-            json.dump(
-                dict(
-                    machine=machine_line(args.threads),
-                    load_average=load_before + os.getloadavg(),
-                    total_s=total,
-                    rows=[dataclasses.asdict(r) for r in rows],
-                    results=results,
-                    rounds=rounds,
-                ),
-                f,
-                indent=1,
-            )
-        os.replace(tmp, args.json)
+        write_json(
+            args.json,
+            dict(
+                machine=machine,
+                load_average=load,
+                total_s=total,
+                rows=[dataclasses.asdict(r) for r in rows],
+                results=results,
+                rounds=rounds,
+            ),
+        )
 
 
 if __name__ == '__main__':
