@@ -24,7 +24,6 @@ import copy
 import os
 import os.path as osp
 import re
-import sys
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -35,6 +34,7 @@ from mmengine.config import Config, DictAction
 import mmssm  # noqa: F401  (allow-lists the types of mmengine checkpoints)
 from mmssm.errors import UserError
 from mmssm.registry import MODELS
+from mmssm.utils.cli import exit_on_user_error
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -236,13 +236,11 @@ def run(args: argparse.Namespace) -> List[Tuple[int, int]]:
     return [(layer, int(kept.sum())) for layer, kept, _ in steps]
 
 
+@exit_on_user_error
 def main(argv: Optional[Sequence[str]] = None) -> List[Tuple[int, int]]:
     """Run the tool; returns the layer and kept patches of each step."""
     args = parse_args(argv)
-    try:
-        summary = run(args)
-    except UserError as e:
-        sys.exit(f'error: {e}')
+    summary = run(args)
     for layer, count in summary:
         print(f'after layer {layer}: {count} patches kept')
     print(f'written: {args.out}')
