@@ -31,6 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from mmengine.logging import MMLogger
 from mmengine.optim import CosineAnnealingLR, LinearLR, OptimWrapper
 from torch import Tensor
 
@@ -474,6 +475,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
+    # the optimizer constructor lists every parameter without decay at INFO
+    MMLogger.get_instance('pruning_fidelity', log_level='WARNING')
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
     start = time.perf_counter()
