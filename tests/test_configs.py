@@ -1,16 +1,25 @@
 """Configs load with mmengine, build from the registry and run.
 
-So far: the ImageNet-1K classification configs (model only) of
-configs/plainmamba and configs/vim, and their FLOPs/params against the
-paper's Table 1.
+The ImageNet-1K classification configs (model only) of configs/plainmamba
+and configs/vim, and their FLOPs/params against the paper's Table 1; the
+detection configs of configs/mask_rcnn and configs/retinanet (settings,
+build and run, optimizer); and the conventions of every detection and
+segmentation config (inheritance, upstream bases, one primitive per
+family). The segmentation configs have their own settings and run tests
+in test_configs_seg.py.
 """
 
+import ast
 import glob
+import importlib.util
+import inspect
 import os.path as osp
 
 import pytest
 import torch
 from mmengine.config import Config
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmssm.registry import MODELS
 from mmssm.utils import count_flops
@@ -83,9 +92,21 @@ DET_CONFIGS = sorted(
 DET_FULL = [p for p in DET_CONFIGS if p.endswith('8xb2-1x_coco.py')]
 
 
+def _explicit_prune_cfg(cfg: Config) -> Config:
+    """``cfg`` with its SSM backbone's ``prune_cfg`` made explicit: the
+    dense configs leave it to the backbone's default, None (dense)."""
+    backbone = cfg.model.backbone
+    if backbone.type == 'mmssm.ViTAdapter':
+        backbone = backbone.backbone
+    default = inspect.signature(MODELS.get(backbone.type)).parameters
+    assert default['prune_cfg'].default is None
+    backbone.setdefault('prune_cfg', None)
+    return cfg
+
+
 def _det_shrink(cfg: Config, configs) -> Config:
     """A CPU-sized copy of a detection config's model."""
-    configs.shrink_backbone(cfg)
+    configs.shrink_backbone(_explicit_prune_cfg(cfg))
     cfg.model.neck.update(in_channels=[64] * 4, out_channels=32)
     if cfg.model.type == 'MaskRCNN':
         cfg.merge_from_dict(
@@ -125,10 +146,18 @@ def test_det_configs_are_all_there(configs):
 
 @pytest.mark.parametrize('path', DET_FULL, ids=_name)
 def test_det_config_settings(path, configs):
-    """The settings of DESIGN.md section 4 and the STYLE.md conventions."""
+    """The settings of the detectors released with PlainMamba.
+
+    Mask R-CNN (Shared4Conv1FC box head) or RetinaNet (FPN from stride 8,
+    extra convs on the outputs, gradient clipping at 35) on the ViT-Adapter,
+    an FPN of 5 levels of 256 channels on the adapter's 4 maps; AdamW lr
+    1e-4, weight decay 0.05 by the SSM constructor, none on norms and
+    biases (and on the SSM parameters: see
+    ``test_det_optimizer_spares_the_ssm_parameters``); 12 epochs, steps at
+    8 and 11; 8 GPUs x 2 images; 1333x800 resize and flip.
+    """
     algo, backbone_field = _name(path).split('_')[:2]
-    cfg = Config.fromfile(path)
-    assert configs.base_depth(path) <= 3
+    cfg = _explicit_prune_cfg(Config.fromfile(path))
     assert cfg.default_scope == 'mmdet'
     assert cfg.custom_imports == dict(
         imports=['mmssm.models', 'mmssm.engine'], allow_failed_imports=False
@@ -141,8 +170,12 @@ def test_det_config_settings(path, configs):
     assert cfg.model.neck.num_outs == 5
     # optimizer and schedule
     optim = cfg.optim_wrapper
-    configs.check_optimizer_settings(optim, lr=1e-4, weight_decay=0.05)
-    assert optim.paramwise_cfg.bias_decay_mult == 0
+    assert optim.constructor == 'mmssm.SSMOptimWrapperConstructor'
+    assert optim.optimizer == dict(
+        type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05
+    )
+    # nothing else: the SSM parameters are spared by their own flags
+    assert optim.paramwise_cfg == dict(norm_decay_mult=0, bias_decay_mult=0)
     assert cfg.train_cfg.max_epochs == 12
     warmup, steps = cfg.param_scheduler
     assert warmup.type == 'LinearLR' and not warmup.by_epoch
@@ -217,6 +250,195 @@ def test_det_config_builds_and_runs(path, one_thread, configs):
     assert len(feats) > 0
 
 
+# Parameters that the SSM optimizer must spare, by their own name: the
+# SSMs' A_log and D (and Vim's backward A_b_log and D_b), PlainMamba's
+# direction_Bs, the position embedding, the class token and the adapter's
+# level embedding.
+NO_DECAY_NAMES = (
+    'A_log',
+    'A_b_log',
+    'D',
+    'D_b',
+    'direction_Bs',
+    'pos_embed',
+    'cls_token',
+    'level_embed',
+)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(
+        module, (_BatchNorm, nn.LayerNorm, nn.GroupNorm)
+    ) or type(module).__name__.endswith('Norm')
+
+
+def _weight_decays(model: nn.Module, optim_wrapper: Config) -> tuple:
+    """The weight decay of each parameter of ``model`` in the optimizer
+    that ``optim_wrapper`` builds for it, and the names of the parameters
+    of its norm layers."""
+    from mmengine.optim import build_optim_wrapper
+
+    import mmssm.engine  # noqa: F401
+
+    wrapper = build_optim_wrapper(model, optim_wrapper)
+    by_id = {}
+    for group in wrapper.optimizer.param_groups:
+        assert group['lr'] == optim_wrapper.optimizer.lr
+        for p in group['params']:
+            by_id[id(p)] = group['weight_decay']
+    decays = {n: by_id[id(p)] for n, p in model.named_parameters()}
+    norms = {
+        f'{prefix}.{n}' if prefix else n
+        for prefix, module in model.named_modules()
+        if _is_norm(module)
+        for n, _ in module.named_parameters(recurse=False)
+    }
+    return decays, norms
+
+
+@pytest.mark.parametrize(
+    'name',
+    [
+        'mask-rcnn_plainmamba-l1-prune_adapter-fpn_8xb2-1x_coco',
+        'retinanet_vim-t-naive_adapter-fpn_8xb2-1x_coco',
+    ],
+)
+def test_det_optimizer_spares_the_ssm_parameters(name, configs):
+    """No weight decay on the parameters of NO_DECAY_NAMES, on norms (any
+    class whose name ends with Norm, batch norms included) nor on biases;
+    0.05 on every other parameter."""
+    from mmdet.registry import MODELS as DET_MODELS
+    from mmdet.utils import register_all_modules
+
+    register_all_modules()
+    folder = name.split('_')[0].replace('-', '_')
+    path = osp.join(ROOT, 'configs', folder, f'{name}.py')
+    cfg = _det_shrink(Config.fromfile(path), configs)
+    model = DET_MODELS.build(cfg.model)
+    decays, norms = _weight_decays(model, cfg.optim_wrapper)
+    spared = set()
+    for n, decay in decays.items():
+        if (
+            n.rsplit('.', 1)[-1] in NO_DECAY_NAMES
+            or n in norms
+            or n.endswith('.bias')
+        ):
+            spared.add(n.rsplit('.', 1)[-1])
+            assert decay == 0, n
+        else:
+            assert decay == 0.05, n
+    family = {'plainmamba': 'direction_Bs', 'vim': 'A_b_log'}
+    expected = {'A_log', 'D', 'pos_embed', 'level_embed', 'bias'}
+    expected.add(family[name.split('_')[1].split('-')[0]])
+    assert expected <= spared
+    assert norms
+
+
+# --------------------------------------------------------------------------
+# Conventions of the detection and segmentation configs
+# --------------------------------------------------------------------------
+DENSE_FOLDERS = DET_FOLDERS + ('upernet',)
+DENSE_CONFIGS = sorted(
+    path
+    for folder in DENSE_FOLDERS
+    for path in glob.glob(osp.join(ROOT, 'configs', folder, '*.py'))
+)
+
+
+def _bases(path: str) -> list:
+    """The ``_base_`` entries of a config file, as written."""
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == '_base_' for t in node.targets
+        ):
+            value = ast.literal_eval(node.value)
+            return [value] if isinstance(value, str) else list(value)
+    return []
+
+
+def _base_file(base: str, path: str) -> str:
+    """The file of a ``_base_`` entry of ``path``; ``scope::rel`` is
+    ``rel`` in the configs that the package of that scope installs (as
+    mmengine finds them)."""
+    if '::' in base:
+        scope, rel = base.split('::')
+        package = osp.dirname(importlib.util.find_spec(scope).origin)
+        return osp.join(package, '.mim', 'configs', rel)
+    return osp.normpath(osp.join(osp.dirname(path), base))
+
+
+def _base_depth(path: str) -> int:
+    """The longest chain of ``_base_`` files above a config."""
+    return max(
+        (1 + _base_depth(_base_file(b, path)) for b in _bases(path)),
+        default=0,
+    )
+
+
+def _family(path: str) -> str:
+    return _name(path).split('_')[1].split('-')[0]
+
+
+@pytest.mark.parametrize('path', DENSE_CONFIGS, ids=_name)
+def test_dense_config_conventions(path):
+    """How the detection and segmentation configs are written.
+
+    * at most 3 levels of ``_base_`` files above a config (an upstream
+      base counts as a level);
+    * upstream bases through ``mmdet::`` / ``mmseg::``, not as copies in
+      ``configs/_base_``, when the installed wheel ships them;
+    * the blocks that the primitives share, the ViT-Adapter and the SSM
+      optimizer, come from the ``configs/_base_`` fragments and are never
+      restated;
+    * no ``no_decay_names``: the optimizer constructor spares the
+      parameters that the models tag ``_no_weight_decay``;
+    * a ``-naive`` config is its dense config with the paper's schedule
+      without alignment, without ``_delete_``.
+    """
+    assert _base_depth(path) <= 3
+    for base in _bases(path):
+        assert osp.isfile(_base_file(base, path)), base
+        if '::' in base or '/_base_/' not in base:
+            continue
+        rel = base.split('/_base_/', 1)[1]
+        for scope in ('mmdet', 'mmseg'):
+            upstream = _base_file(f'{scope}::_base_/{rel}', path)
+            assert not osp.isfile(upstream), (base, upstream)
+    with open(path) as f:
+        text = f.read()
+    assert "type='mmssm.ViTAdapter'" not in text
+    assert 'mmssm.SSMOptimWrapperConstructor' not in text
+    assert 'no_decay_names' not in text
+    if '-naive' in _name(path):
+        dense = _name(path).replace('-naive', '')
+        assert _bases(path) == [f'./{dense}.py']
+        assert '_delete_' not in text
+
+
+@pytest.mark.parametrize('folder', DENSE_FOLDERS)
+def test_one_primitive_per_folder_and_family(folder):
+    """A folder has one primitive config per backbone family (its bases
+    are all upstream files or fragments); every other config inherits one
+    of its own family (a Vim config never replaces the backbone of a
+    PlainMamba one)."""
+    primitives = {}
+    for path in glob.glob(osp.join(ROOT, 'configs', folder, '*.py')):
+        local = [
+            base
+            for base in _bases(path)
+            if osp.dirname(_base_file(base, path)) == osp.dirname(path)
+        ]
+        if not local:
+            primitives.setdefault(_family(path), []).append(_name(path))
+        for base in local:
+            assert _family(_base_file(base, path)) == _family(path), path
+    assert sorted(primitives) == ['plainmamba', 'vim']
+    for family, names in primitives.items():
+        assert len(names) == 1, (family, names)
+
+
 # Parameters of the dense detectors released with PlainMamba (M).
 RELEASE_PARAMS = {
     ('mask-rcnn', 'l1'): 31,
@@ -279,7 +501,6 @@ def test_det_mini_config(monkeypatch, configs):
         'mask_rcnn',
         'mask-rcnn_plainmamba-l1-prune_adapter-fpn_1xb2-mini_coco-persons.py',
     )
-    assert configs.base_depth(path) <= 3
     cfg = Config.fromfile(path)
     assert 'SyncBN' not in str(cfg.model)  # one process: plain BN
     backbone = cfg.model.backbone.backbone

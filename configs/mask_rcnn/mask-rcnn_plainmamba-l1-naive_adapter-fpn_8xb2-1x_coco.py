@@ -6,11 +6,6 @@ as a shorter sequence, without hidden-state alignment (``align=False``).
 
 _base_ = './mask-rcnn_plainmamba-l1_adapter-fpn_8xb2-1x_coco.py'
 
-# `_delete_`: the base's prune_cfg is None, which a dict cannot merge into
 model = dict(
-    backbone=dict(
-        backbone=dict(
-            prune_cfg=dict(_delete_=True, schedule='paper', align=False)
-        )
-    )
+    backbone=dict(backbone=dict(prune_cfg=dict(schedule='paper', align=False)))
 )

@@ -1,9 +1,10 @@
 """RetinaNet 1x on COCO 2017 with a PlainMamba-L1 + ViT-Adapter backbone.
 
-The primitive config of this folder: every other RetinaNet config inherits
-it and changes the backbone (or only its ``prune_cfg``). The settings are
-those of the released PlainMamba detector: AdamW lr 1e-4, weight decay 0.05
-(none on embeddings, norms, biases and the SSM parameters), gradient
+The primitive config of the PlainMamba family in this folder: the other
+PlainMamba RetinaNet configs inherit it and change the backbone's arch (or
+only its ``prune_cfg``); the Vim family has its own (Vim-T). The settings
+are those of the released PlainMamba detector: AdamW lr 1e-4, weight decay
+0.05 (none on embeddings, norms, biases and the SSM parameters), gradient
 clipping at 35, 12 epochs with steps at 8 and 11, 1333x800 resize and flip,
 SyncBN in the adapter.
 
@@ -18,10 +19,12 @@ is 16).
 """
 
 _base_ = [
-    '../_base_/models/retinanet_r50_fpn.py',
-    '../_base_/datasets/coco_detection.py',
-    '../_base_/schedules/schedule_1x.py',
-    '../_base_/default_runtime_det.py',
+    'mmdet::_base_/models/retinanet_r50_fpn.py',
+    'mmdet::_base_/datasets/coco_detection.py',
+    'mmdet::_base_/schedules/schedule_1x.py',
+    'mmdet::_base_/default_runtime.py',
+    '../_base_/models/ssm_vit_adapter.py',
+    '../_base_/schedules/adamw_ssm.py',
 ]
 custom_imports = dict(
     imports=['mmssm.models', 'mmssm.engine'], allow_failed_imports=False
@@ -35,28 +38,20 @@ embed_dims = 192
 
 model = dict(
     backbone=dict(
+        _base_.vit_adapter,
         _delete_=True,
-        type='mmssm.ViTAdapter',
         backbone=dict(
             type='mmssm.PlainMamba',
             arch='l1',
             drop_path_rate=0.1,
             final_norm=False,
             norm_cfg=norm_cfg,
-            prune_cfg=None,  # dense; see the -prune / -naive configs
+            # dense: no prune_cfg (None by default); the -prune / -naive
+            # configs set it
             init_cfg=dict(
                 type='Pretrained', checkpoint=ckpt, prefix='backbone.'
             ),
         ),
-        conv_inplane=64,
-        n_points=4,
-        deform_num_heads=6,
-        cffn_ratio=0.25,
-        deform_ratio=1.0,
-        init_values=0.0,
-        interaction_indexes=[[0, 5], [6, 11], [12, 17], [18, 23]],
-        add_vit_feature=True,
-        norm_cfg=norm_cfg,
     ),
     # 4 adapter maps of embed_dims channels at strides 4..32; the stride-4
     # map is not used (start_level=1) -> 5 levels at strides 8..128
@@ -76,27 +71,13 @@ find_unused_parameters = True
 train_dataloader = dict(batch_size=2)  # x 8 GPUs = 16 images per step
 
 optim_wrapper = dict(
-    _delete_=True,
-    type='OptimWrapper',
-    # honours the backbones' `_no_weight_decay` flags (A_log, D, ...) and
-    # matches no_decay_names exactly (substring custom_keys would not)
-    constructor='mmssm.SSMOptimWrapperConstructor',
+    _base_.ssm_optim_wrapper,
+    _delete_=True,  # replaces schedule_1x's SGD
     optimizer=dict(
-        type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05
+        _base_.ssm_optim_wrapper.optimizer, lr=1e-4, weight_decay=0.05
     ),
     paramwise_cfg=dict(
-        norm_decay_mult=0.0,
-        bias_decay_mult=0.0,
-        no_decay_names=(
-            'pos_embed',
-            'level_embed',
-            'cls_token',
-            'A_log',
-            'A_b_log',
-            'D',
-            'D_b',
-            'direction_Bs',
-        ),
+        _base_.ssm_optim_wrapper.paramwise_cfg, bias_decay_mult=0.0
     ),
     clip_grad=dict(max_norm=35, norm_type=2),
 )

@@ -1,15 +1,12 @@
 """RetinaNet 1x on COCO 2017 with a Vim-S + ViT-Adapter backbone.
 
-Everything else as in the PlainMamba-L1 config; 8 GPUs x 2 images per step.
-Vim runs without its class token and final norm (as the official Vim
-detection and segmentation code). Make ``ckpt`` with ``python
-tools/model_converters/vim2mmssm.py --dense <official .pth> <ckpt>``
-(``--dense`` drops the class slot of ``pos_embed``, ``cls_token``,
-``norm_f`` and the head). The adapter's drop path is ViT-Adapter's for
+Everything else as in the Vim-T config; 8 GPUs x 2 images per step. Make
+``ckpt`` with ``python tools/model_converters/vim2mmssm.py --dense
+<official .pth> <ckpt>``. The adapter's drop path is ViT-Adapter's for
 DeiT-S.
 """
 
-_base_ = './retinanet_plainmamba-l1_adapter-fpn_8xb2-1x_coco.py'
+_base_ = './retinanet_vim-t_adapter-fpn_8xb2-1x_coco.py'
 
 ckpt = 'checkpoints/vim-s_in1k-dense.pth'  # noqa
 embed_dims = 384
@@ -17,19 +14,10 @@ embed_dims = 384
 model = dict(
     backbone=dict(
         backbone=dict(
-            _delete_=True,
-            type='mmssm.Vim',
             arch='small',
-            cls_token=None,
-            final_norm=False,
             drop_path_rate=0.2,
-            prune_cfg=None,  # dense; see the -prune / -naive configs
-            init_cfg=dict(
-                type='Pretrained', checkpoint=ckpt, prefix='backbone.'
-            ),
+            init_cfg=dict(checkpoint=ckpt),
         ),
-        deform_num_heads=6,
-        interaction_indexes=[[0, 5], [6, 11], [12, 17], [18, 23]],
     ),
     neck=dict(in_channels=[embed_dims] * 4),
 )

@@ -25,7 +25,8 @@ model = dict(
         drop_path_rate=0.1,
         final_norm=True,
         norm_cfg=norm_cfg,
-        prune_cfg=None,  # dense; see the -prune / -naive configs
+        # dense: no prune_cfg (None by default); the -prune / -naive
+        # configs set it
         init_cfg=dict(type='Pretrained', checkpoint=ckpt, prefix='backbone.'),
     ),
 )

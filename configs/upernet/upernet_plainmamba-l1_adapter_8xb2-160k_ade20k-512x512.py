@@ -1,16 +1,18 @@
 """UperNet 160k on ADE20K with a PlainMamba-L1 + ViT-Adapter backbone.
 
-The primitive config of this folder: every other UperNet config inherits
-it and changes the backbone (or only its ``prune_cfg``). The ViT-Adapter
-gives 4 maps of ``embed_dims`` channels at strides 4, 8, 16 and 32, all
-four used by the UperNet head; the auxiliary FCN head reads the stride-32
-map (index 3, loss weight 0.4), as PlainMamba's segmentation configs. The
-settings are those of the released PlainMamba segmentor: AdamW lr 6e-5,
-weight decay 0.01 (none on norms, embeddings and the SSM parameters),
-linear warm-up for 1500 iterations then poly (power 1) to 0, 160k
-iterations, 512x512 crops, SyncBN, single-scale ``whole`` inference. Label
-values that are not one of the 150 classes are ignored (255) like the
-unlabelled pixels (``mmssm.IgnoreOutOfRangeLabels``).
+The primitive config of the PlainMamba family in this folder: the other
+PlainMamba UperNet configs inherit it and change the backbone's arch (or
+only its ``prune_cfg``), or replace the adapter by the bare backbone; the
+Vim family has its own (Vim-T). The ViT-Adapter gives 4 maps of
+``embed_dims`` channels at strides 4, 8, 16 and 32, all four used by the
+UperNet head; the auxiliary FCN head reads the stride-32 map (index 3, loss
+weight 0.4), as PlainMamba's segmentation configs. The settings are those of
+the released PlainMamba segmentor: AdamW lr 6e-5, weight decay 0.01 (none on
+norms, embeddings and the SSM parameters), linear warm-up for 1500
+iterations then poly (power 1) to 0, 160k iterations, 512x512 crops, SyncBN,
+single-scale ``whole`` inference. Label values that are not one of the 150
+classes are ignored (255) like the unlabelled pixels
+(``mmssm.IgnoreOutOfRangeLabels``).
 
 Results assume 16 images per step: 8 GPUs x 2 images (``8xb2``); with
 another setup pass ``--auto-scale-lr`` (``auto_scale_lr.base_batch_size``
@@ -24,10 +26,12 @@ resized to the 512x512 grid when it is loaded.
 """
 
 _base_ = [
-    '../_base_/models/upernet_r50.py',
-    '../_base_/datasets/ade20k.py',
-    '../_base_/schedules/schedule_160k.py',
-    '../_base_/default_runtime_seg.py',
+    'mmseg::_base_/models/upernet_r50.py',
+    'mmseg::_base_/datasets/ade20k.py',
+    'mmseg::_base_/schedules/schedule_160k.py',
+    'mmseg::_base_/default_runtime.py',
+    '../_base_/models/ssm_vit_adapter.py',
+    '../_base_/schedules/adamw_ssm.py',
 ]
 custom_imports = dict(
     imports=['mmssm.models', 'mmssm.engine', 'mmssm.datasets.transforms'],
@@ -45,8 +49,8 @@ model = dict(
     data_preprocessor=data_preprocessor,
     pretrained=None,
     backbone=dict(
+        _base_.vit_adapter,
         _delete_=True,
-        type='mmssm.ViTAdapter',
         backbone=dict(
             type='mmssm.PlainMamba',
             arch='l1',
@@ -54,20 +58,12 @@ model = dict(
             drop_path_rate=0.1,
             final_norm=False,
             norm_cfg=norm_cfg,
-            prune_cfg=None,  # dense; see the -prune / -naive configs
+            # dense: no prune_cfg (None by default); the -prune / -naive
+            # configs set it
             init_cfg=dict(
                 type='Pretrained', checkpoint=ckpt, prefix='backbone.'
             ),
         ),
-        conv_inplane=64,
-        n_points=4,
-        deform_num_heads=6,
-        cffn_ratio=0.25,
-        deform_ratio=1.0,
-        init_values=0.0,
-        interaction_indexes=[[0, 5], [6, 11], [12, 17], [18, 23]],
-        add_vit_feature=True,
-        norm_cfg=norm_cfg,
     ),
     # 4 adapter maps of embed_dims channels at strides 4, 8, 16, 32
     decode_head=dict(
@@ -118,26 +114,10 @@ val_dataloader = dict(batch_size=1, dataset=dict(pipeline=test_pipeline))
 test_dataloader = val_dataloader
 
 optim_wrapper = dict(
-    _delete_=True,
-    type='OptimWrapper',
-    # honours the backbones' `_no_weight_decay` flags (A_log, D, ...) and
-    # matches no_decay_names exactly (substring custom_keys would not)
-    constructor='mmssm.SSMOptimWrapperConstructor',
+    _base_.ssm_optim_wrapper,
+    _delete_=True,  # replaces schedule_160k's SGD
     optimizer=dict(
-        type='AdamW', lr=6e-5, betas=(0.9, 0.999), weight_decay=0.01
-    ),
-    paramwise_cfg=dict(
-        norm_decay_mult=0.0,
-        no_decay_names=(
-            'pos_embed',
-            'level_embed',
-            'cls_token',
-            'A_log',
-            'A_b_log',
-            'D',
-            'D_b',
-            'direction_Bs',
-        ),
+        _base_.ssm_optim_wrapper.optimizer, lr=6e-5, weight_decay=0.01
     ),
 )
 # linear warm-up for 1500 iterations, then poly (power 1) to 0 at 160k

@@ -6,11 +6,6 @@ as a shorter sequence, without hidden-state alignment (``align=False``).
 
 _base_ = './upernet_vim-t_adapter_8xb2-160k_ade20k-512x512.py'
 
-# `_delete_`: the base's prune_cfg is None, which a dict cannot merge into
 model = dict(
-    backbone=dict(
-        backbone=dict(
-            prune_cfg=dict(_delete_=True, schedule='paper', align=False)
-        )
-    )
+    backbone=dict(backbone=dict(prune_cfg=dict(schedule='paper', align=False)))
 )
