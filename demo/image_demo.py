@@ -20,7 +20,6 @@ unexpected keys, other shapes) is refused, naming the keys.
 import argparse
 import logging
 import os.path as osp
-import sys
 import warnings
 from typing import Optional
 
@@ -28,14 +27,13 @@ import mmcv
 import torch
 from mmengine.config import Config, DictAction
 from mmengine.logging import print_log
+from mmengine.registry import DefaultScope
 
 import mmssm  # noqa: F401  (allow-lists mmengine checkpoint types)
-from mmssm.utils.setup_env import (
-    InputError,
-    check_checkpoint,
-    config_task,
-    register_modules,
-)
+from mmssm.errors import UserError
+from mmssm.utils.checkpoint import load_checkpoint_strict
+from mmssm.utils.cli import exit_on_user_error
+from mmssm.utils.preflight import config_task
 
 
 def parse_args(argv=None):
@@ -89,7 +87,7 @@ def read_meta(filename: str) -> Optional[dict]:
     The file is memory-mapped, so its tensors are not read.
 
     Raises:
-        InputError: If the file cannot be loaded as a checkpoint.
+        UserError: If the file cannot be loaded as a checkpoint.
     """
     try:
         try:
@@ -101,11 +99,11 @@ def read_meta(filename: str) -> Optional[dict]:
                 filename, map_location='cpu', weights_only=True
             )
     except Exception as e:  # corrupt file, refused pickle global...
-        raise InputError(
+        raise UserError(
             f'cannot load checkpoint {filename!r} ({type(e).__name__}: {e})'
         ) from None
     if not isinstance(checkpoint, dict):
-        raise InputError(f'{filename!r} holds no checkpoint dict')
+        raise UserError(f'{filename!r} holds no checkpoint dict')
     meta = checkpoint.get('meta')
     return meta if isinstance(meta, dict) else None
 
@@ -134,7 +132,7 @@ def run_detector(cfg: Config, args, meta: Optional[dict]) -> None:
     model = init_detector(
         cfg, args.checkpoint, palette=args.palette, device=args.device
     )
-    check_checkpoint(model, args.checkpoint)
+    load_checkpoint_strict(model, args.checkpoint)
     report_pruning(model, meta)
     result = inference_detector(model, args.img)
     # the drawing is written to --out-file; no other storage backend
@@ -159,15 +157,15 @@ def run_segmentor(cfg: Config, args, meta: Optional[dict]) -> None:
     from mmseg.apis import inference_model, init_model, show_result_pyplot
 
     if not 0 < args.opacity <= 1:
-        raise InputError(f'--opacity must be in (0, 1], got {args.opacity}')
+        raise UserError(f'--opacity must be in (0, 1], got {args.opacity}')
     if meta is None:  # init_model reads checkpoint['meta'] unconditionally
-        raise InputError(
+        raise UserError(
             f"checkpoint {args.checkpoint!r} has no 'meta', which mmseg's "
             'init_model needs (training checkpoints and the files of '
             'tools/model_converters/publish_model.py have it)'
         )
     model = init_model(cfg, args.checkpoint, device=args.device)
-    check_checkpoint(model, args.checkpoint)
+    load_checkpoint_strict(model, args.checkpoint)
     report_pruning(model, meta)
     result = inference_model(model, args.img)
     with warnings.catch_warnings():  # it asks for a save_dir: not needed
@@ -188,40 +186,40 @@ def run_segmentor(cfg: Config, args, meta: Optional[dict]) -> None:
     print(f'classes in the result: {", ".join(names)}')
 
 
+@exit_on_user_error
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.out_file is None:
         stem = osp.splitext(osp.basename(args.img))[0]
         args.out_file = osp.join('outputs', f'{stem}.png')
-    try:
-        for what, path in (
-            ('image', args.img),
-            ('config file', args.config),
-            ('checkpoint', args.checkpoint),
-        ):
-            if not osp.isfile(path):
-                raise InputError(f'{what} {path!r} does not exist')
-        try:  # fail here, not deep in the pipeline
-            image = mmcv.imread(args.img)
-        except Exception as e:
-            raise InputError(f'cannot read image {args.img!r}: {e}') from e
-        if image is None:
-            raise InputError(
-                f'cannot read image {args.img!r}: the file is corrupt, '
-                'truncated or not an image'
-            )
-        cfg = Config.fromfile(args.config)
-        if args.cfg_options is not None:
-            cfg.merge_from_dict(args.cfg_options)
-        task = config_task(cfg)
-        meta = read_meta(args.checkpoint)
-        register_modules(task)
-        if task == 'mmdet':
-            run_detector(cfg, args, meta)
-        else:
-            run_segmentor(cfg, args, meta)
-    except InputError as e:
-        sys.exit(f'error: {e}')
+    for what, path in (
+        ('image', args.img),
+        ('config file', args.config),
+        ('checkpoint', args.checkpoint),
+    ):
+        if not osp.isfile(path):
+            raise UserError(f'{what} {path!r} does not exist')
+    try:  # fail here, not deep in the pipeline
+        image = mmcv.imread(args.img)
+    except Exception as e:
+        raise UserError(f'cannot read image {args.img!r}: {e}') from e
+    if image is None:
+        raise UserError(
+            f'cannot read image {args.img!r}: the file is corrupt, '
+            'truncated or not an image'
+        )
+    cfg = Config.fromfile(args.config)
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+    task = config_task(cfg)
+    meta = read_meta(args.checkpoint)
+    run = dict(mmdet=run_detector, mmseg=run_segmentor).get(task)
+    if run is None:
+        raise UserError(f'the demo does not draw results of {task} models')
+    # the config's scope for this run only (its registries import their
+    # modules): a caller in the same process keeps its own
+    with DefaultScope.overwrite_default_scope(task):
+        run(cfg, args, meta)
     print(f'result written to {args.out_file}')
 
 

@@ -10,14 +10,25 @@ Examples::
     bash tools/dist_test.sh <config>.py model.pth 8
 """
 
+import os.path as osp
+
 from mmengine.config import Config
 
 import mmssm  # noqa: F401  (allow-lists mmengine checkpoint types)
-from mmssm.utils import cli
-from mmssm.utils.setup_env import InputError, check_checkpoint, config_task
+from mmssm.errors import UserError
+from mmssm.utils.checkpoint import load_checkpoint_strict
+from mmssm.utils.cli import (
+    build_runner,
+    exit_on_user_error,
+    load_config,
+    runner_parser,
+)
+from mmssm.utils.distributed import end_distributed, setup_cpu_distributed
+from mmssm.utils.preflight import check_data_paths, config_task
 
 
-def _add_arguments(parser) -> None:
+def parse_args(argv=None):
+    parser = runner_parser(__doc__.splitlines()[0])
     parser.add_argument('checkpoint', help='checkpoint file')
     parser.add_argument(
         '--out',
@@ -29,68 +40,56 @@ def _add_arguments(parser) -> None:
         help='save images with the predictions drawn to this directory '
         '(mmdet: inside the work dir/timestamp)',
     )
-
-
-def parse_args(argv=None):
-    return cli.parse_tool_args(
-        argv,
-        description=__doc__.splitlines()[0],
-        config_help='test config file path',
-        work_dir_help='where to save the metrics',
-        cfg_options_help='override config settings, key=value',
-        add_arguments=_add_arguments,
-    )
+    return parser.parse_args(argv)
 
 
 def build_cfg(args) -> Config:
-    """The config after the command line; raises InputError on bad input."""
-    cfg = cli.load_config(
-        args.config,
-        args.launcher,
-        args.cfg_options,
-        args.work_dir,
-        checkpoint=args.checkpoint,
-    )
+    """The config after the command line."""
+    cfg = load_config(args)
+    if '://' not in args.checkpoint and not osp.isfile(args.checkpoint):
+        raise UserError(f'checkpoint {args.checkpoint!r} does not exist')
     cfg.load_from = args.checkpoint
     task = config_task(cfg)
     if args.show_dir:
         hook = cfg.default_hooks.get('visualization')
         if hook is None:
-            raise InputError(
+            raise UserError(
                 '--show-dir needs default_hooks.visualization in the config'
             )
         hook['draw'] = True
         hook['interval'] = 1  # every image, not every 50th
-        if task == 'mmdet':
-            hook['test_out_dir'] = args.show_dir
-        else:
+        if task == 'mmseg':
             cfg.visualizer['save_dir'] = args.show_dir
-    if args.out is not None:
-        if task == 'mmdet':
-            if not args.out.endswith(('.pkl', '.pickle')):
-                raise InputError('--out must be a .pkl file for mmdet')
         else:
+            hook['test_out_dir'] = args.show_dir
+    if args.out is not None:
+        if task == 'mmseg':
             cfg.test_evaluator['output_dir'] = args.out
             cfg.test_evaluator['keep_results'] = True
+        elif not args.out.endswith(('.pkl', '.pickle')):
+            raise UserError(f'--out must be a .pkl file for {task}')
     return cfg
 
 
+@exit_on_user_error
 def main(argv=None) -> None:
     args = parse_args(argv)
-    with cli.exit_on_input_error():
-        cfg = build_cfg(args)
-        task, _ = cli.prepare_run(cfg, 'test', args.launcher)
-    runner = cli.build_runner(cfg, args.config)
-    with cli.exit_on_input_error():
-        check_checkpoint(runner.model, args.checkpoint)
-    if args.out is not None and task == 'mmdet':
-        from mmdet.evaluation import DumpDetResults
-
+    cfg = build_cfg(args)
+    check_data_paths(cfg, 'test')
+    setup_cpu_distributed(cfg, args.launcher)
+    runner = build_runner(cfg, args.config)
+    load_checkpoint_strict(runner.model, args.checkpoint)
+    task = config_task(cfg)
+    if args.out is not None and task != 'mmseg':
+        if task == 'mmdet':  # masks as RLE, as mmdet's test.py writes them
+            from mmdet.evaluation import DumpDetResults as DumpResults
+        else:
+            from mmengine.evaluator import DumpResults
         runner.test_evaluator.metrics.append(
-            DumpDetResults(out_file_path=args.out)
+            DumpResults(out_file_path=args.out)
         )
     runner.test()
-    cli.end_distributed()
+    end_distributed()
 
 
 if __name__ == '__main__':

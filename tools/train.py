@@ -10,15 +10,28 @@ The config's ``default_scope`` decides which toolbox runs it. Examples::
 
 import os.path as osp
 
+import torch
 from mmengine.config import Config
 from mmengine.logging import print_log
 
 import mmssm  # noqa: F401  (allow-lists mmengine checkpoint types)
-from mmssm.utils import cli
-from mmssm.utils.setup_env import InputError
+from mmssm.errors import UserError
+from mmssm.utils.cli import (
+    build_runner,
+    exit_on_user_error,
+    load_config,
+    runner_parser,
+)
+from mmssm.utils.distributed import end_distributed, setup_cpu_distributed
+from mmssm.utils.preflight import (
+    check_data_paths,
+    check_pretrained,
+    config_task,
+)
 
 
-def _add_arguments(parser) -> None:
+def parse_args(argv=None):
+    parser = runner_parser(__doc__.splitlines()[0])
     parser.add_argument(
         '--resume',
         nargs='?',
@@ -38,35 +51,20 @@ def _add_arguments(parser) -> None:
         help='scale the lr by the actual batch size / auto_scale_lr.'
         'base_batch_size',
     )
-
-
-def parse_args(argv=None):
-    return cli.parse_tool_args(
-        argv,
-        description=__doc__.splitlines()[0],
-        config_help='train config file path',
-        work_dir_help='where to save logs and models',
-        cfg_options_help='override config settings, key=value (e.g. '
-        'train_cfg.max_epochs=1 model.backbone.backbone.arch=l2)',
-        add_arguments=_add_arguments,
-    )
+    return parser.parse_args(argv)
 
 
 def build_cfg(args) -> Config:
-    """The config after the command line; raises InputError on bad input."""
-    cfg = cli.load_config(
-        args.config, args.launcher, args.cfg_options, args.work_dir
-    )
+    """The config after the command line."""
+    cfg = load_config(args)
     if args.amp:
-        import torch
-
         if not torch.cuda.is_available():
-            raise InputError('--amp needs a CUDA device')
+            raise UserError('--amp needs a CUDA device')
         cfg.optim_wrapper.type = 'AmpOptimWrapper'
         cfg.optim_wrapper.loss_scale = 'dynamic'
     if args.auto_scale_lr:
         if 'base_batch_size' not in cfg.get('auto_scale_lr', {}):
-            raise InputError(
+            raise UserError(
                 '--auto-scale-lr needs auto_scale_lr.base_batch_size in '
                 'the config'
             )
@@ -77,22 +75,25 @@ def build_cfg(args) -> Config:
         cfg.load_from = None
     elif args.resume is not None:
         if not osp.isfile(args.resume):
-            raise InputError(f'--resume: {args.resume!r} does not exist')
+            raise UserError(f'--resume: {args.resume!r} does not exist')
         cfg.resume = True
         cfg.load_from = args.resume
     return cfg
 
 
+@exit_on_user_error
 def main(argv=None) -> None:
     args = parse_args(argv)
-    with cli.exit_on_input_error():
-        cfg = build_cfg(args)
-        _, note = cli.prepare_run(cfg, 'train', args.launcher)
-    runner = cli.build_runner(cfg, args.config)
+    cfg = build_cfg(args)
+    config_task(cfg)
+    check_data_paths(cfg, 'train')
+    check_pretrained(cfg)
+    note = setup_cpu_distributed(cfg, args.launcher)
+    runner = build_runner(cfg, args.config)
     if note:
         print_log(note, logger='current')
     runner.train()
-    cli.end_distributed()
+    end_distributed()
 
 
 if __name__ == '__main__':

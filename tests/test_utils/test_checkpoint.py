@@ -1,4 +1,9 @@
-"""mmengine checkpoints load with ``weights_only`` unpickling kept on."""
+"""mmengine checkpoints: ``weights_only`` unpickling kept on, strict loads.
+
+A checkpoint that does not hold exactly the weights of the model (tools/
+test.py, demo/image_demo.py) is refused in one line that names the file,
+the missing and unexpected keys and the shape mismatches.
+"""
 
 import os
 import pickle
@@ -11,6 +16,8 @@ from mmengine.runner import Runner, load_checkpoint
 from torch.utils.data import Dataset
 
 import mmssm  # noqa: F401  (allow-lists mmengine's checkpoint types)
+from mmssm.errors import UserError
+from mmssm.utils.checkpoint import load_checkpoint_strict
 
 
 class ToyModel(BaseModel):
@@ -34,6 +41,62 @@ class ToyDataset(Dataset):
     def __getitem__(self, i):
         x = torch.tensor([float(i), 1.0])
         return dict(inputs=x, targets=x.sum(0, keepdim=True))
+
+
+class _Net(torch.nn.Module):
+    def __init__(self, width=4):
+        super().__init__()
+        self.fc = torch.nn.Linear(width, 2)
+        self.bn = torch.nn.BatchNorm1d(2)
+
+
+def test_load_checkpoint_strict(tmp_path):
+    model = _Net()
+    good = tmp_path / 'good.pth'
+    torch.save(dict(state_dict=_Net().state_dict(), meta=dict()), good)
+    load_checkpoint_strict(model, str(good))
+    assert torch.equal(
+        model.fc.weight, torch.load(good)['state_dict']['fc.weight']
+    )
+    # as mmengine's wrappers save it, and without the running-stat counter
+    # (old checkpoints)
+    state = {
+        'module.' + k: v
+        for k, v in model.state_dict().items()
+        if 'num_batches_tracked' not in k
+    }
+    torch.save(state, tmp_path / 'module.pth')
+    load_checkpoint_strict(model, str(tmp_path / 'module.pth'))
+
+    with pytest.raises(UserError, match="'.*none.pth' does not exist"):
+        load_checkpoint_strict(model, str(tmp_path / 'none.pth'))
+
+    other = dict(model.state_dict())
+    other['head.weight'] = other.pop('fc.weight')
+    path = str(tmp_path / 'other.pth')
+    torch.save(dict(state_dict=other), path)
+    with pytest.raises(UserError) as info:
+        load_checkpoint_strict(model, path)
+    message = str(info.value)
+    assert message.startswith(f'checkpoint {path!r} does not match')
+    assert 'missing keys: fc.weight' in message
+    assert 'unexpected keys: head.weight' in message
+    assert '\n' not in message
+
+    path = str(tmp_path / 'wide.pth')
+    torch.save(dict(state_dict=_Net(width=8).state_dict()), path)
+    with pytest.raises(UserError, match='size mismatch for fc.weight: '):
+        load_checkpoint_strict(model, path)
+
+
+def test_load_checkpoint_strict_lists_many_keys_briefly(tmp_path):
+    model = torch.nn.Sequential(*[torch.nn.Linear(1, 1) for _ in range(10)])
+    path = tmp_path / 'empty.pth'
+    torch.save(dict(state_dict={}), path)
+    with pytest.raises(UserError) as info:
+        load_checkpoint_strict(model, str(path))
+    assert 'missing keys: 0.weight, 0.bias, ' in str(info.value)
+    assert '... (20 in all)' in str(info.value)
 
 
 def make_runner(work_dir, max_epochs, resume=False):

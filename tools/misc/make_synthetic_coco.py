@@ -11,30 +11,51 @@ Example::
 """
 
 import argparse
-import sys
 import time
 from typing import Optional, Sequence
 
 from mmssm.datasets import make_synthetic_coco
+from mmssm.errors import UserError
+from mmssm.utils.cli import exit_on_user_error
+
+
+def _at_least(minimum: int):
+    """An argparse type: an int of at least ``minimum``."""
+
+    def count(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f'{value} < {minimum}')
+        return value
+
+    return count
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('out_dir', help='the folder to write the set to')
     parser.add_argument(
-        '--num-train', type=int, default=400, help='training images (400)'
+        '--num-train',
+        type=_at_least(1),
+        default=400,
+        help='training images (400)',
     )
     parser.add_argument(
-        '--num-val', type=int, default=50, help='validation images (50)'
+        '--num-val',
+        type=_at_least(1),
+        default=50,
+        help='validation images (50)',
     )
     parser.add_argument(
         '--size',
-        type=int,
+        type=_at_least(1),
         nargs='+',
         default=[256],
         help='image side, or height width, in pixels (256)',
     )
-    parser.add_argument('--seed', type=int, default=0, help='seed (0)')
+    parser.add_argument(
+        '--seed', type=_at_least(0), default=0, help='seed (0)'
+    )
     parser.add_argument(
         '--overwrite',
         action='store_true',
@@ -46,6 +67,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
+@exit_on_user_error
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     size = args.size[0] if len(args.size) == 1 else tuple(args.size)
@@ -59,8 +81,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             seed=args.seed,
             overwrite=args.overwrite,
         )
-    except (FileExistsError, ValueError) as e:
-        sys.exit(f'error: {e}')
+    except FileExistsError as e:
+        raise UserError(str(e)) from None
     if written:
         print(
             f'wrote {args.out_dir}: {args.num_train} train + {args.num_val} '

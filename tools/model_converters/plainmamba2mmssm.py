@@ -17,12 +17,14 @@ from mmssm.models.utils.ckpt_convert import (
     convert_plainmamba,
     converter_parser,
 )
+from mmssm.utils.cli import exit_on_user_error
 
 
 def parse_args(argv=None):
     return converter_parser(__doc__.splitlines()[0]).parse_args(argv)
 
 
+@exit_on_user_error
 def main(argv=None) -> None:
     args = parse_args(argv)
     convert_file(

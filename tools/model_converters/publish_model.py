@@ -22,7 +22,6 @@ import argparse
 import os
 import os.path as osp
 import re
-import sys
 import tempfile
 import time
 from typing import List, Optional, Tuple
@@ -30,14 +29,12 @@ from typing import List, Optional, Tuple
 import torch
 
 import mmssm  # noqa: F401  (allow-lists the types of mmengine checkpoints)
+from mmssm.errors import UserError
 from mmssm.utils.checkpoint import sha256sum
+from mmssm.utils.cli import exit_on_user_error
 
 KEEP_KEYS = ('meta', 'state_dict')
 STAMP = re.compile(r'^(?P<name>.+)_(?P<stamp>\d{8}_\d{6})$')
-
-
-class PublishError(Exception):
-    """A problem with the input checkpoint or the output file."""
 
 
 def parse_args(argv=None):
@@ -79,7 +76,7 @@ def file_stem(
         str: The file name without the hash and the extension.
 
     Raises:
-        PublishError: If there is no config name or a stamp is malformed.
+        UserError: If there is no config name or a stamp is malformed.
     """
     name = stamp = None
     match = STAMP.match(str(meta.get('experiment_name') or ''))
@@ -88,7 +85,7 @@ def file_stem(
     if config:
         name = osp.splitext(osp.basename(config.rstrip('/')))[0]
     if not name:
-        raise PublishError(
+        raise UserError(
             "the checkpoint has no meta['experiment_name'] of the form "
             '<config>_<YYYYMMDD_HHMMSS> (was it saved by mmengine?): give '
             'the config name with --config'
@@ -98,25 +95,25 @@ def file_stem(
     elif stamp is None:
         stamp = meta.get('time') or time.strftime('%Y%m%d_%H%M%S')
     if not re.fullmatch(r'\d{8}_\d{6}', str(stamp)):
-        raise PublishError(f'time stamp {stamp!r} is not YYYYMMDD_HHMMSS')
+        raise UserError(f'time stamp {stamp!r} is not YYYYMMDD_HHMMSS')
     return f'{name}_{stamp}'
 
 
 def load(in_file: str) -> dict:
     """The checkpoint, loaded with ``weights_only=True`` on the CPU."""
     if not osp.isfile(in_file):
-        raise PublishError(f'{in_file!r} does not exist')
+        raise UserError(f'{in_file!r} does not exist')
     try:
         checkpoint = torch.load(in_file, map_location='cpu', weights_only=True)
     except Exception as e:  # unpickling errors name the refused global
-        raise PublishError(
+        raise UserError(
             f'cannot load {in_file!r} with weights_only=True '
             f'({type(e).__name__}: {e})'
         ) from None
     if not isinstance(checkpoint, dict) or not isinstance(
         checkpoint.get('state_dict'), dict
     ):
-        raise PublishError(
+        raise UserError(
             f"{in_file!r} has no 'state_dict': not an mmengine checkpoint"
         )
     return checkpoint
@@ -141,7 +138,7 @@ def publish(
         it holds, and the top-level keys of ``in_file`` that were dropped.
 
     Raises:
-        PublishError: On a bad input, or if the file already exists.
+        UserError: On a bad input, or if the file already exists.
     """
     checkpoint = load(in_file)
     meta = checkpoint.get('meta') or {}
@@ -156,12 +153,12 @@ def publish(
         try:
             os.link(tmp, out_file)  # atomic, and fails if it exists
         except FileExistsError:
-            raise PublishError(
+            raise UserError(
                 f'{out_file!r} exists already; not overwritten'
             ) from None
         except OSError:  # no hard links here: check, then rename
             if osp.exists(out_file):
-                raise PublishError(
+                raise UserError(
                     f'{out_file!r} exists already; not overwritten'
                 ) from None
             os.replace(tmp, out_file)
@@ -172,14 +169,15 @@ def publish(
     return out_file, published, dropped
 
 
+@exit_on_user_error
 def main(argv=None) -> None:
     args = parse_args(argv)
     try:
         out_file, published, dropped = publish(
             args.in_file, args.out_dir, args.config, args.timestamp
         )
-    except (PublishError, OSError) as e:
-        sys.exit(f'error: {e}')
+    except OSError as e:  # the output folder: missing rights, full disk
+        raise UserError(f'cannot write to {args.out_dir!r}: {e}') from None
     meta = published['meta']
     print(f'{args.in_file} -> {out_file}')
     print(

@@ -26,6 +26,7 @@ from mmssm.models.utils.ckpt_convert import (
     convert_vim,
     converter_parser,
 )
+from mmssm.utils.cli import exit_on_user_error
 
 
 def parse_args(argv=None):
@@ -39,6 +40,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+@exit_on_user_error
 def main(argv=None) -> None:
     args = parse_args(argv)
     target = (

@@ -10,13 +10,13 @@ import argparse
 import os
 import os.path as osp
 import re
-import sys
 import tempfile
 from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
+from mmssm.errors import UserError
 from mmssm.utils.checkpoint import sha256sum
 from mmssm.version import __version__
 
@@ -276,7 +276,7 @@ def convert_file(
     ``src`` is loaded with ``weights_only=True``; ``dst`` holds
     ``state_dict`` and ``meta`` (the converter, mmssm's version, the source
     file's name and SHA-256, then ``meta``) and is written atomically.
-    A problem ends the tool with ``error: <message>``.
+    A problem with the files raises :class:`~mmssm.errors.UserError`.
 
     Args:
         src (str): The official checkpoint.
@@ -289,24 +289,27 @@ def convert_file(
         meta (dict, optional): More ``meta``. Defaults to None.
         safe_globals (Sequence): Globals to allow-list while loading
             ``src``. Defaults to ().
+
+    Raises:
+        UserError: If ``src`` is missing, cannot be loaded or converted, or
+            ``dst`` cannot be written.
     """
     if not osp.isfile(src):
-        sys.exit(f'error: {src}: no such file')
+        raise UserError(f'{src}: no such file')
     try:
         with torch.serialization.safe_globals(list(safe_globals)):
             checkpoint = torch.load(src, map_location='cpu', weights_only=True)
     except Exception as e:  # an unpickling error names the refused global
-        sys.exit(
-            f'error: cannot load {src} with weights_only=True '
+        raise UserError(
+            f'cannot load {src} with weights_only=True '
             f'({type(e).__name__}: {e})'
-        )
+        ) from None
     try:
         state_dict = convert(checkpoint)
     except (KeyError, TypeError) as e:
-        sys.exit(
-            f'error: {src} is not a {source} checkpoint that can be '
-            f'converted: {e}'
-        )
+        raise UserError(
+            f'{src} is not a {source} checkpoint that can be converted: {e}'
+        ) from None
     meta = dict(
         converter=converter,
         mmssm_version=__version__,
@@ -317,5 +320,5 @@ def convert_file(
     try:
         save_atomic(dict(state_dict=state_dict, meta=meta), dst)
     except OSError as e:
-        sys.exit(f'error: cannot write {dst}: {e}')
+        raise UserError(f'cannot write {dst}: {e}') from None
     print(f'{src} -> {dst}: {len(state_dict)} tensors')

@@ -1,20 +1,15 @@
-"""The checks that tools/train.py and tools/test.py run before the Runner."""
+"""mmssm.utils.preflight: the checks that the tools run before the Runner."""
 
 import os.path as osp
-import socket
 
 import pytest
-import torch
 from mmengine.config import Config
-from torch import nn
 
-from mmssm.utils.setup_env import (
-    InputError,
-    check_checkpoint,
+from mmssm.errors import UserError
+from mmssm.utils.preflight import (
     check_data_paths,
     check_pretrained,
     config_task,
-    setup_cpu_distributed,
 )
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
@@ -50,9 +45,9 @@ def _det_cfg(
 def test_config_task():
     assert config_task(Config(dict(default_scope='mmdet'))) == 'mmdet'
     assert config_task(Config(dict(default_scope='mmseg'))) == 'mmseg'
-    with pytest.raises(InputError, match='default_scope of the config is'):
+    with pytest.raises(UserError, match='default_scope of the config is'):
         config_task(Config(dict(default_scope='mmpretrain')))
-    with pytest.raises(InputError, match='None'):
+    with pytest.raises(UserError, match='None'):
         config_task(Config(dict()))
 
 
@@ -63,7 +58,7 @@ def test_data_paths_present():
 
 def test_missing_data_root_is_named(tmp_path):
     missing = str(tmp_path / 'nowhere') + '/'
-    with pytest.raises(InputError) as info:
+    with pytest.raises(UserError) as info:
         check_data_paths(_det_cfg(data_root=missing), 'train')
     message = str(info.value)
     assert 'train_dataloader.dataset.data_root' in message
@@ -73,7 +68,7 @@ def test_missing_data_root_is_named(tmp_path):
 
 
 def test_missing_ann_file_and_prefix_are_named():
-    with pytest.raises(InputError) as info:
+    with pytest.raises(UserError) as info:
         check_data_paths(
             _det_cfg(ann='annotations/x.json', img='train/'), 'test'
         )
@@ -99,7 +94,7 @@ def test_wrapped_datasets_are_walked(tmp_path):
         datasets=[dict(type='RepeatDataset', times=2, dataset=inner)],
     )
     with pytest.raises(
-        InputError,
+        UserError,
         match=r'train_dataloader\.dataset\.'
         r'datasets\[0\]\.dataset\.data_root',
     ):
@@ -120,93 +115,21 @@ def test_seg_data_prefix(tmp_path):
     )
     check_data_paths(cfg, 'test')
     cfg.test_dataloader.dataset.data_prefix.seg_map_path = 'annotations/x'
-    with pytest.raises(InputError, match='data_prefix.seg_map_path'):
+    with pytest.raises(UserError, match='data_prefix.seg_map_path'):
         check_data_paths(cfg, 'test')
+
+
+def test_unset_paths_are_not_checked():
+    cfg = _det_cfg()
+    cfg.test_dataloader.dataset.ann_file = ''
+    cfg.test_dataloader.dataset.data_prefix = dict(img='')
+    cfg.test_evaluator = dict(type='CocoMetric')
+    check_data_paths(cfg, 'test')
 
 
 def test_remote_data_is_not_checked():
     cfg = _det_cfg(data_root='s3://bucket/coco/')
     check_data_paths(cfg, 'train')
-
-
-def test_cpu_distributed_setup():
-    cfg = Config(
-        dict(
-            model=dict(
-                backbone=dict(norm_cfg=dict(type='SyncBN')),
-                neck=[dict(norm_cfg=dict(type='SyncBN'))],
-            ),
-            env_cfg=dict(dist_cfg=dict(backend='nccl')),
-        )
-    )
-    assert setup_cpu_distributed(cfg, 'none') is None
-    assert cfg.env_cfg.dist_cfg.backend == 'nccl'
-    if torch.cuda.is_available():
-        pytest.skip('the CPU setup only applies without CUDA')
-    with socket.socket() as s:  # a free port
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
-    env = dict(
-        MASTER_ADDR='127.0.0.1',
-        MASTER_PORT=str(port),
-        RANK='0',
-        WORLD_SIZE='1',
-        LOCAL_RANK='0',
-    )
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        try:
-            note = setup_cpu_distributed(cfg, 'pytorch')
-            assert torch.distributed.get_backend() == 'gloo'
-        finally:
-            if torch.distributed.is_initialized():
-                torch.distributed.destroy_process_group()
-    assert cfg.env_cfg.dist_cfg.backend == 'gloo'
-    assert cfg.model_wrapper_cfg.device_ids is None
-    assert cfg.model.backbone.norm_cfg.type == 'BN'
-    assert cfg.model.neck[0].norm_cfg.type == 'BN'
-    assert '2 SyncBN' in note
-
-
-class _Net(nn.Module):
-    def __init__(self, width=4):
-        super().__init__()
-        self.fc = nn.Linear(width, 2)
-        self.bn = nn.BatchNorm1d(2)
-
-
-def test_check_checkpoint(tmp_path):
-    model = _Net()
-    good = tmp_path / 'good.pth'
-    torch.save(dict(state_dict=model.state_dict(), meta=dict()), good)
-    check_checkpoint(model, str(good))
-    # as mmengine's wrappers save it, and with the running-stat counter
-    # missing (old checkpoints)
-    state = {
-        'module.' + k: v
-        for k, v in model.state_dict().items()
-        if 'num_batches_tracked' not in k
-    }
-    torch.save(state, tmp_path / 'module.pth')
-    check_checkpoint(model, str(tmp_path / 'module.pth'))
-
-    with pytest.raises(InputError, match='does not exist'):
-        check_checkpoint(model, str(tmp_path / 'none.pth'))
-
-    other = dict(model.state_dict())
-    other['head.weight'] = other.pop('fc.weight')
-    torch.save(dict(state_dict=other), tmp_path / 'other.pth')
-    with pytest.raises(InputError) as info:
-        check_checkpoint(model, str(tmp_path / 'other.pth'))
-    assert 'missing keys: fc.weight' in str(info.value)
-    assert 'unexpected keys: head.weight' in str(info.value)
-
-    torch.save(
-        dict(state_dict=_Net(width=8).state_dict()), tmp_path / 'wide.pth'
-    )
-    with pytest.raises(InputError, match='size mismatch for fc.weight'):
-        check_checkpoint(model, str(tmp_path / 'wide.pth'))
 
 
 def test_check_pretrained(tmp_path):
@@ -235,7 +158,7 @@ def test_check_pretrained(tmp_path):
             )
         )
     )
-    with pytest.raises(InputError) as info:
+    with pytest.raises(UserError) as info:
         check_pretrained(cfg)
     assert (
         f"model.backbone.backbone.init_cfg.checkpoint: file '{ckpt}' "
