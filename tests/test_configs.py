@@ -4,9 +4,9 @@ The ImageNet-1K classification configs (model only) of configs/plainmamba
 and configs/vim, and their FLOPs/params against the paper's Table 1; the
 detection configs of configs/mask_rcnn and configs/retinanet (settings,
 build and run, optimizer); and the conventions of every detection and
-segmentation config (inheritance, upstream bases, one primitive per
-family). The segmentation configs have their own settings and run tests
-in test_configs_seg.py.
+segmentation config (inheritance, shared fragments, pinned upstream
+bases, one primitive per family). The segmentation configs have their own
+settings and run tests in test_configs_seg.py.
 """
 
 import ast
@@ -14,6 +14,7 @@ import glob
 import importlib.util
 import inspect
 import os.path as osp
+import re
 
 import pytest
 import torch
@@ -387,8 +388,6 @@ def test_dense_config_conventions(path):
 
     * at most 3 levels of ``_base_`` files above a config (an upstream
       base counts as a level);
-    * upstream bases through ``mmdet::`` / ``mmseg::``, not as copies in
-      ``configs/_base_``, when the installed wheel ships them;
     * the blocks that the primitives share, the ViT-Adapter and the SSM
       optimizer, come from the ``configs/_base_`` fragments and are never
       restated;
@@ -400,12 +399,6 @@ def test_dense_config_conventions(path):
     assert _base_depth(path) <= 3
     for base in _bases(path):
         assert osp.isfile(_base_file(base, path)), base
-        if '::' in base or '/_base_/' not in base:
-            continue
-        rel = base.split('/_base_/', 1)[1]
-        for scope in ('mmdet', 'mmseg'):
-            upstream = _base_file(f'{scope}::_base_/{rel}', path)
-            assert not osp.isfile(upstream), (base, upstream)
     with open(path) as f:
         text = f.read()
     assert "type='mmssm.ViTAdapter'" not in text
@@ -415,6 +408,44 @@ def test_dense_config_conventions(path):
         dense = _name(path).replace('-naive', '')
         assert _bases(path) == [f'./{dense}.py']
         assert '_delete_' not in text
+
+
+PINNED = re.compile(
+    r'# Pinned copy of (mmdet|mmsegmentation) \S+ configs/(\S+)\.'
+)
+PINNED_END = '# (unchanged below this line)\n'
+
+
+def test_pinned_bases_are_unchanged_copies():
+    """A copy of an upstream base in configs/_base_ says which file it
+    copies and why the scoped base (``mmdet::`` / ``mmseg::``) is not used,
+    and is that file, unchanged, below its header."""
+    pinned = 0
+    for path in glob.glob(osp.join(ROOT, 'configs', '_base_', '**', '*.py')):
+        with open(path) as f:
+            text = f.read()
+        match = PINNED.match(text)
+        if match is None:
+            continue
+        pinned += 1
+        package, rel = match.groups()
+        scope = {'mmsegmentation': 'mmseg'}.get(package, package)
+        header, body = text.split(PINNED_END, 1)
+        assert f"'{scope}::{rel}'" in header, path  # the reason follows
+        with open(_base_file(f'{scope}::{rel}', path)) as f:
+            assert body == f.read(), path
+    assert pinned
+
+
+def test_scoped_bases_still_fail_to_load(tmp_path):
+    """Upstream bases are inherited through ``mmdet::`` / ``mmseg::`` where
+    mmengine can load them; the pinned copies stay only while it cannot.
+    When this fails, inherit the scoped bases and delete the copies."""
+    for scope in ('mmdet', 'mmseg'):
+        path = tmp_path / f'{scope}.py'
+        path.write_text(f"_base_ = '{scope}::_base_/default_runtime.py'\n")
+        with pytest.raises(ModuleNotFoundError, match='pkg_resources'):
+            Config.fromfile(str(path))
 
 
 @pytest.mark.parametrize('folder', DENSE_FOLDERS)

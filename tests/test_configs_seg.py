@@ -20,7 +20,7 @@ import torch
 from mmengine.config import Config
 
 from mmssm.registry import MODELS
-from mmssm.utils.setup_env import config_task
+from mmssm.utils.preflight import config_task
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 SEG_CONFIGS = sorted(glob.glob(osp.join(ROOT, 'configs', 'upernet', '*.py')))

@@ -1,4 +1,9 @@
-# Pinned copy of mmsegmentation 1.2.2 configs/_base_/datasets/ade20k.py (unchanged below this line).
+# Pinned copy of mmsegmentation 1.2.2 configs/_base_/datasets/ade20k.py.
+# Why not `_base_ = 'mmseg::_base_/datasets/ade20k.py'`: mmengine 0.10.7
+# finds an installed package's configs with pkg_resources, which the
+# setuptools of the project's venv (84; torch 2.14 asks for >= 77) no
+# longer ships, so the scoped base fails to load (ModuleNotFoundError).
+# (unchanged below this line)
 # dataset settings
 dataset_type = 'ADE20KDataset'
 data_root = 'data/ade/ADEChallengeData2016'

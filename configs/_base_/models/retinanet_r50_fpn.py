@@ -1,4 +1,9 @@
-# Pinned copy of mmdet 3.3.0 configs/_base_/models/retinanet_r50_fpn.py (unchanged below this line).
+# Pinned copy of mmdet 3.3.0 configs/_base_/models/retinanet_r50_fpn.py.
+# Why not `_base_ = 'mmdet::_base_/models/retinanet_r50_fpn.py'`: mmengine 0.10.7
+# finds an installed package's configs with pkg_resources, which the
+# setuptools of the project's venv (84; torch 2.14 asks for >= 77) no
+# longer ships, so the scoped base fails to load (ModuleNotFoundError).
+# (unchanged below this line)
 # model settings
 model = dict(
     type='RetinaNet',

@@ -1,4 +1,9 @@
-# Pinned copy of mmsegmentation 1.2.2 configs/_base_/models/upernet_r50.py (unchanged below this line).
+# Pinned copy of mmsegmentation 1.2.2 configs/_base_/models/upernet_r50.py.
+# Why not `_base_ = 'mmseg::_base_/models/upernet_r50.py'`: mmengine 0.10.7
+# finds an installed package's configs with pkg_resources, which the
+# setuptools of the project's venv (84; torch 2.14 asks for >= 77) no
+# longer ships, so the scoped base fails to load (ModuleNotFoundError).
+# (unchanged below this line)
 # model settings
 norm_cfg = dict(type='SyncBN', requires_grad=True)
 data_preprocessor = dict(

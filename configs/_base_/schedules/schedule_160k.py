@@ -1,4 +1,9 @@
-# Pinned copy of mmsegmentation 1.2.2 configs/_base_/schedules/schedule_160k.py (unchanged below this line).
+# Pinned copy of mmsegmentation 1.2.2 configs/_base_/schedules/schedule_160k.py.
+# Why not `_base_ = 'mmseg::_base_/schedules/schedule_160k.py'`: mmengine 0.10.7
+# finds an installed package's configs with pkg_resources, which the
+# setuptools of the project's venv (84; torch 2.14 asks for >= 77) no
+# longer ships, so the scoped base fails to load (ModuleNotFoundError).
+# (unchanged below this line)
 # optimizer
 optimizer = dict(type='SGD', lr=0.01, momentum=0.9, weight_decay=0.0005)
 optim_wrapper = dict(type='OptimWrapper', optimizer=optimizer, clip_grad=None)

@@ -1,4 +1,9 @@
-# Pinned copy of mmdet 3.3.0 configs/_base_/schedules/schedule_1x.py (unchanged below this line).
+# Pinned copy of mmdet 3.3.0 configs/_base_/schedules/schedule_1x.py.
+# Why not `_base_ = 'mmdet::_base_/schedules/schedule_1x.py'`: mmengine 0.10.7
+# finds an installed package's configs with pkg_resources, which the
+# setuptools of the project's venv (84; torch 2.14 asks for >= 77) no
+# longer ships, so the scoped base fails to load (ModuleNotFoundError).
+# (unchanged below this line)
 # training schedule for 1x
 train_cfg = dict(type='EpochBasedTrainLoop', max_epochs=12, val_interval=1)
 val_cfg = dict(type='ValLoop')
