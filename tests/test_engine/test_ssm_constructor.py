@@ -6,7 +6,7 @@ from mmengine.optim import build_optim_wrapper
 from torch import nn
 
 import mmssm.engine  # noqa: F401  (registers the constructor)
-from mmssm.models.backbones.vim import RMSNorm
+from mmssm.models.layers import RMSNorm
 from mmssm.registry import MODELS
 
 WD = 0.05

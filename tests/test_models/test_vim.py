@@ -199,7 +199,7 @@ def test_cls_token_in_the_middle():
 
     stream = {}
     model.layers[-1].register_forward_hook(
-        lambda m, i, o: stream.setdefault('x', o)
+        lambda m, i, o: stream.update(x=o[0])
     )
     model.out_type = 'cls_token'
     with torch.no_grad():
@@ -227,7 +227,7 @@ def test_out_indices_tap_the_stream():
     )
     streams = []
     for layer in model.layers:
-        layer.register_forward_hook(lambda m, i, o: streams.append(o))
+        layer.register_forward_hook(lambda m, i, o: streams.append(o[0]))
     with torch.no_grad():
         outs = model(torch.randn(1, 3, 64, 48))
     assert len(outs) == 3

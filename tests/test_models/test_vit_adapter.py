@@ -232,29 +232,6 @@ def test_drop_path_follows_backbone():
     )
 
 
-def test_get_layer_depth():
-    model = adapter()
-    n = model.num_layers + 2
-    assert model.get_layer_depth(
-        'backbone.backbone.pos_embed', 'backbone.'
-    ) == (0, n)
-    assert model.get_layer_depth(
-        'backbone.backbone.patch_embed.stem.0.weight', 'backbone.'
-    ) == (0, n)
-    assert model.get_layer_depth(
-        'backbone.backbone.layers.2.mamba.D', 'backbone.'
-    ) == (3, n)
-    for name in (
-        'backbone.level_embed',
-        'backbone.spm.fc1.weight',
-        'backbone.interactions.0.injector.gamma',
-        'backbone.ad_norm1.weight',
-        'neck.fpn_convs.0.conv.weight',
-    ):
-        assert model.get_layer_depth(name, 'backbone.') == (n - 1, n)
-    assert model.get_layer_depth('backbone.layers.1.norm.weight') == (2, n)
-
-
 # --------------------------------------------------------------------------
 # Reference points and the pruned injector
 # --------------------------------------------------------------------------

@@ -399,30 +399,3 @@ class ViTAdapter(BaseModule):
             out = out[..., : -(-H // stride), : -(-W // stride)]
             results.append(getattr(self, f'ad_norm{i + 1}')(out))
         return tuple(results)
-
-    # ------------------------------------------------------------ training
-    def get_layer_depth(
-        self, param_name: str, prefix: str = ''
-    ) -> Tuple[int, int]:
-        """The layer depth of a parameter, for layer-wise lr decay.
-
-        Parameters of the inner backbone (``{prefix}backbone.*``) get the
-        backbone's depth (:meth:`PlainMamba.get_layer_depth`,
-        :meth:`Vim.get_layer_depth`); the adapter's own parameters (newly
-        initialised, as the head) and any other parameter get the last
-        depth, i.e. the full learning rate, as in the original adapter's
-        layer-decay rule.
-
-        Args:
-            param_name (str): The parameter's name.
-            prefix (str): The adapter's prefix in ``param_name``, e.g.
-                'backbone.'. Defaults to ''.
-
-        Returns:
-            tuple[int, int]: The layer depth and the number of depths.
-        """
-        inner = prefix + 'backbone.'
-        depth, num_depths = self.backbone.get_layer_depth(param_name, inner)
-        if not param_name.startswith(inner):
-            depth = num_depths - 1
-        return depth, num_depths
