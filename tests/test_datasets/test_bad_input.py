@@ -17,7 +17,7 @@ import pytest
 import torch
 from mmcv.transforms import LoadImageFromFile as MMCVLoadImageFromFile
 from mmengine.config import Config
-from mmengine.registry import init_default_scope
+from mmengine.registry import DefaultScope
 
 from mmssm.datasets import (
     ImageLoadError,
@@ -156,16 +156,15 @@ def _coco_copy(tmp_path):
 
 def _det_dataset(root, pipeline_head=None):
     from mmdet.registry import DATASETS
-    from mmdet.utils import register_all_modules
 
-    register_all_modules(init_default_scope=False)
-    init_default_scope('mmdet')
     cfg = Config.fromfile(osp.join(ROOT, DET_CFG))
     dataset = cfg.test_dataloader.dataset
     dataset.data_root = str(root) + '/'
     if pipeline_head is not None:
         dataset.pipeline[0] = pipeline_head
-    return DATASETS.build(dataset)
+    # the config's scope while building, not for the tests that follow
+    with DefaultScope.overwrite_default_scope(cfg.default_scope):
+        return DATASETS.build(dataset)
 
 
 def test_det_dataset_names_its_truncated_image(tmp_path):
@@ -198,14 +197,11 @@ def test_det_dataset_names_its_truncated_image(tmp_path):
 def test_seg_dataset_names_its_truncated_label_map(tmp_path):
     pytest.importorskip('mmseg')
     from mmseg.registry import DATASETS
-    from mmseg.utils import register_all_modules
 
     root = tmp_path / 'ade'
     shutil.copytree(osp.join(ROOT, 'data', 'ade20k_mini'), root)
     bad = root / 'annotations' / 'validation' / 'ADE_val_00000002.png'
     bad.write_bytes(bad.read_bytes()[:500])
-    register_all_modules(init_default_scope=False)
-    init_default_scope('mmseg')
     cfg = Config.fromfile(osp.join(ROOT, SEG_CFG))
     dataset = cfg.test_dataloader.dataset
     dataset.data_root = str(root) + '/'
@@ -216,7 +212,8 @@ def test_seg_dataset_names_its_truncated_label_map(tmp_path):
     dataset.pipeline[i] = dict(
         dataset.pipeline[i], type='mmssm.LoadSegAnnotations'
     )
-    dataset = DATASETS.build(dataset)
+    with DefaultScope.overwrite_default_scope(cfg.default_scope):
+        dataset = DATASETS.build(dataset)
     index = [
         dataset.get_data_info(i)['seg_map_path'] for i in range(len(dataset))
     ].index(str(bad))
@@ -310,13 +307,14 @@ def test_pretrained_init_names_missing_and_unexpected_keys(
     assert f'missing keys in source state_dict: {missing}' in text
 
 
-def test_check_checkpoint_names_missing_and_unexpected_keys(tmp_path):
+def test_strict_load_names_missing_and_unexpected_keys(tmp_path):
     """tools/test.py and demo/image_demo.py: refused, keys named."""
-    from mmssm.utils.setup_env import InputError, check_checkpoint
+    from mmssm.errors import UserError
+    from mmssm.utils.checkpoint import load_checkpoint_strict
 
     path, missing, unexpected = _bad_checkpoint(tmp_path)
-    with pytest.raises(InputError) as e:
-        check_checkpoint(_tiny_backbone(), path)
+    with pytest.raises(UserError) as e:
+        load_checkpoint_strict(_tiny_backbone(), path)
     message = str(e.value)
     assert f'missing keys: {missing}' in message
     assert f'unexpected keys: {unexpected}' in message

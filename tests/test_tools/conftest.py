@@ -13,6 +13,8 @@ from typing import Dict, List
 import pytest
 import torch
 
+from mmssm.testing import TINY_PRUNE
+
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 MINI_CFG = osp.join(
     'configs',
@@ -30,9 +32,9 @@ SEG_CFG = osp.join(
 )
 
 # The backbone of a CPU-sized run of the mini configs: a 4-layer PlainMamba
-# of 64 channels (pruned after its 2nd layer: the config's prune_cfg='paper'
-# takes the arch's 'prune' entry) in an adapter of two interactions. Keys
-# are --cfg-options keys.
+# of 64 channels, pruned after its 2nd layer (mmssm.testing.TINY_PRUNE
+# stands for the paper's schedule, which a tiny arch has none of), in an
+# adapter of two interactions. Keys are --cfg-options keys.
 BB = 'model.backbone.backbone'
 BACKBONE_SHRINK: Dict[str, object] = {
     f'{BB}.arch._delete_': True,
@@ -43,8 +45,8 @@ BACKBONE_SHRINK: Dict[str, object] = {
     f'{BB}.arch.d_state': 8,
     f'{BB}.arch.expand': 1,
     f'{BB}.arch.conv_size': 3,
-    f'{BB}.arch.prune.layers': [2],
-    f'{BB}.arch.prune.keep_ratios': 0.5,
+    f'{BB}.prune_cfg._delete_': True,
+    **{f'{BB}.prune_cfg.{k}': v for k, v in TINY_PRUNE.items()},
     'model.backbone.interaction_indexes': [[0, 1], [2, 3]],
     'model.backbone.deform_num_heads': 4,
     'model.backbone.conv_inplane': 16,

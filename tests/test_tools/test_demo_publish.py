@@ -16,6 +16,7 @@ import cv2
 import pytest
 import torch
 from mmengine.config import Config
+from mmengine.registry import DefaultScope
 
 from mmssm.engine.hooks import pruning_meta
 
@@ -37,11 +38,18 @@ TINY_PRUNING = {
         num_layers=4,
         layers=[2],
         keep_ratios=[0.5],
-        metric='clip',
+        scorer='clip',
         align=True,
         gap_mode='prev',
     )
 }
+
+
+@pytest.fixture
+def scope():
+    """A default scope for the test's in-process runs, restored after it
+    (mmdet's and mmseg's APIs set the scope of their config for good)."""
+    return DefaultScope.overwrite_default_scope
 
 
 @pytest.fixture(scope='module')
@@ -69,8 +77,6 @@ def det_run(tools, tmp_path_factory):
     """One iteration (one image) of the shrunk mini detector, in process."""
     from mmengine.runner import Runner
 
-    from mmssm.utils.setup_env import register_modules
-
     work_dir = tmp_path_factory.mktemp('det_run')
     cwd = os.getcwd()
     os.chdir(tools.root)  # the config's data paths are relative
@@ -87,8 +93,8 @@ def det_run(tools, tmp_path_factory):
         cfg.custom_hooks = [dict(type='mmssm.PruningMetaHook')]
         # no validation (mmengine validates after the last epoch)
         cfg.val_cfg = cfg.val_dataloader = cfg.val_evaluator = None
-        register_modules('mmdet')
-        Runner.from_cfg(cfg).train()
+        with DefaultScope.overwrite_default_scope(cfg.default_scope):
+            Runner.from_cfg(cfg).train()
     finally:
         os.chdir(cwd)
     return work_dir
@@ -213,14 +219,17 @@ def test_publish_names_without_experiment_name(publish_model, tmp_path):
     assert "has no 'state_dict'" in str(e.value)
 
 
-def test_init_detector_and_inference_detector(tools, published):
+def test_init_detector_and_inference_detector(tools, published, scope):
     from mmdet.apis import inference_detector, init_detector
 
     cwd = os.getcwd()
     os.chdir(tools.root)
     try:
-        model = init_detector(_det_cfg(tools), str(published), device='cpu')
-        result = inference_detector(model, IMG)
+        with scope('mmdet'):
+            model = init_detector(
+                _det_cfg(tools), str(published), device='cpu'
+            )
+            result = inference_detector(model, IMG)
     finally:
         os.chdir(cwd)
     assert model.dataset_meta['classes'] == ('person',)  # from the meta
@@ -303,32 +312,29 @@ def seg_ckpt(tools, tmp_path_factory):
     """
     from mmseg.registry import DATASETS, MODELS
 
-    from mmssm.utils.setup_env import register_modules
-
     cfg = Config.fromfile(osp.join(tools.root, tools.seg_cfg))
     cfg.merge_from_dict(_seg_shrink(tools))
-    register_modules('mmseg')
-    model = MODELS.build(cfg.model)
-    model.init_weights()
     dataset = dict(cfg.test_dataloader.dataset, lazy_init=True)
-    meta = dict(
-        dataset_meta=DATASETS.build(dataset).metainfo,
-        pruning=pruning_meta(model),
-    )
+    with DefaultScope.overwrite_default_scope(cfg.default_scope):
+        model = MODELS.build(cfg.model)
+        model.init_weights()
+        dataset_meta = DATASETS.build(dataset).metainfo
+    meta = dict(dataset_meta=dataset_meta, pruning=pruning_meta(model))
     path = tmp_path_factory.mktemp('seg') / 'upernet.pth'
     torch.save(dict(meta=meta, state_dict=model.state_dict()), path)
     return path
 
 
-def test_init_model_and_inference_model(tools, seg_ckpt):
+def test_init_model_and_inference_model(tools, seg_ckpt, scope):
     from mmseg.apis import inference_model, init_model
 
     cfg = Config.fromfile(osp.join(tools.root, tools.seg_cfg))
     cfg.merge_from_dict(_seg_shrink(tools))
-    model = init_model(cfg, str(seg_ckpt), device='cpu')
+    with scope('mmseg'):
+        model = init_model(cfg, str(seg_ckpt), device='cpu')
+        result = inference_model(model, osp.join(tools.root, IMG))
     assert len(model.dataset_meta['classes']) == 150  # ADE20K, from meta
     assert pruning_meta(model) == TINY_PRUNING
-    result = inference_model(model, osp.join(tools.root, IMG))
     seg = result.pred_sem_seg.data
     assert seg.shape == (1, 300, 400)
     assert 0 <= int(seg.min()) and int(seg.max()) < 150
@@ -346,7 +352,8 @@ def test_init_model_and_inference_model(tools, seg_ckpt):
     pipeline = [dict(t, type=swap.get(t['type'], t['type'])) for t in pipeline]
     pipeline[1]['scale'] = SEG_HEADS['test_pipeline.1.scale']
     model.cfg.test_pipeline = pipeline
-    again = inference_model(model, osp.join(tools.root, IMG))
+    with scope('mmseg'):
+        again = inference_model(model, osp.join(tools.root, IMG))
     assert torch.equal(again.pred_sem_seg.data, seg)
 
 
