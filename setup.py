@@ -1,11 +1,17 @@
 """Install mmssm and build its compiled ops (``mmssm._ext``) from kernels/.
 
 One extension holds the CPU kernels (the selective scan and the causal
-conv1d). It is always built (``MMSSM_WITH_OPS=0`` skips it; mmssm then
-falls back to its PyTorch scan and conv with a warning). There are no CUDA
-sources of our own: on CUDA tensors the scan runs through mamba-ssm (extra
-``cuda``) and the conv through PyTorch.
-``MMSSM_NATIVE=0`` builds for a generic x86-64 instead of this machine's CPU.
+conv1d) and their bindings (``kernels/bindings.cpp``). It is always built
+(``MMSSM_WITH_OPS=0`` skips it; mmssm then falls back to its PyTorch scan and
+conv with a warning). There are no CUDA sources of our own: on CUDA tensors
+the scan runs through mamba-ssm (extra ``cuda``) and the conv through
+PyTorch.
+
+The kernels are compiled for a generic x86-64 by default, so that an
+extension built on one machine runs on any other (an editable install or a
+shared home directory can move between CPUs). ``MMSSM_NATIVE=1`` compiles
+them with ``-march=native`` instead: for this CPU only (an illegal
+instruction, SIGILL, on a CPU without its instruction set extensions).
 """
 
 import os
@@ -15,12 +21,10 @@ from setuptools import find_packages, setup
 
 
 def read_requirements(name):
+    """The requirements in ``requirements/<name>``, comments dropped."""
     with open(os.path.join('requirements', name)) as f:
-        return [
-            line.strip()
-            for line in f
-            if line.strip() and not line.startswith('#')
-        ]
+        lines = (line.split('#', 1)[0].strip() for line in f)
+        return [line for line in lines if line]
 
 
 def get_version():
@@ -35,15 +39,14 @@ def make_extensions():
         return [], {}
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
-    flags = ['-O3', '-std=c++20', '-fopenmp']
-    if os.getenv('MMSSM_NATIVE', '1') != '0':
+    # -Wno-psabi: the 64-byte vector types of kernels/common/vec16.h only
+    # pass between inline functions, never across an ABI boundary.
+    flags = ['-O3', '-std=c++20', '-fopenmp', '-Wno-psabi']
+    if os.getenv('MMSSM_NATIVE', '0') == '1':
         flags.append('-march=native')
     ext = CppExtension(
         name='mmssm._ext',
-        sources=sorted(
-            glob('kernels/selective_scan/*.cpp')
-            + glob('kernels/causal_conv1d/*.cpp')
-        ),
+        sources=['kernels/bindings.cpp', *sorted(glob('kernels/*/*.cpp'))],
         depends=sorted(glob('kernels/*/*.h')),
         extra_compile_args={'cxx': flags},
         extra_link_args=['-fopenmp'],

@@ -11,6 +11,8 @@
 #   MMSSM_WHEEL_CACHE  mmcv wheel cache (default: ~/.cache/mmssm/wheels)
 #   MMSSM_EXTRAS       extras of mmssm to install, e.g. "cuda" on a GPU machine
 #   MMSSM_WITH_OPS=0   do not build mmssm's compiled kernel
+#   MMSSM_NATIVE=1     build the kernel with -march=native (for this CPU only;
+#                      the default is a generic x86-64 build that runs anywhere)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

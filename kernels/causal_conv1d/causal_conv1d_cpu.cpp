@@ -8,7 +8,7 @@
 // over the taps t = 0..min(k-1, i) with d = p_i - p_{i-t} <= k-1,
 //
 // which is the dense causal conv over the full length with zeros at the
-// pruned positions, read at the kept ones (mmssm/ops/causal_conv1d.py has that
+// pruned positions, read at the kept ones (mmssm/ops/reference.py has that
 // formulation as the reference). Since the positions increase strictly,
 // d >= t: tap t of token i uses one of the weights d = t..k-1. For each pair
 // (t, d), t >= 1, a 0/1 mask over i (per batch row, shared by all channels)
@@ -30,13 +30,17 @@
 
 #include "causal_conv1d_cpu.h"
 
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <vector>
 
 #include "../common/check_tensor.h"
-#include "../common/exp_simd.h"
+#include "../common/vec16.h"
+#include "../common/vectorized_exp.h"
 
 namespace mmssm {
 namespace {
@@ -137,10 +141,10 @@ void conv_row(const ConvArgs<T>& a, int64_t b, int64_t e, T* __restrict y) {
 // y = silu(y).
 template <typename T>
 void silu_inplace(T* __restrict y, int64_t K) {
-  for (int64_t i = 0; i < K; ++i) y[i] = y[i] / (T(1) + exp_simd(-y[i]));
+  for (int64_t i = 0; i < K; ++i) y[i] = y[i] / (T(1) + fast_exp(-y[i]));
 }
 
-// float32: 16 at a time (the compiler does not vectorise exp_simd).
+// float32: 16 at a time (the compiler does not vectorise fast_exp).
 template <>
 void silu_inplace<float>(float* __restrict y, int64_t K) {
   int64_t i = 0;
@@ -148,14 +152,14 @@ void silu_inplace<float>(float* __restrict y, int64_t K) {
     const vf16 v = load16(y + i);
     store16(y + i, v / (1.0f + exp16(-v)));
   }
-  for (; i < K; ++i) y[i] = y[i] / (1.0f + exp_simd(-y[i]));
+  for (; i < K; ++i) y[i] = y[i] / (1.0f + fast_exp(-y[i]));
 }
 
 // g = dout * silu'(a), in place of a: silu'(a) = s (1 + a (1 - s)).
 template <typename T>
 void silu_grad(const T* __restrict dout, T* __restrict g, int64_t K) {
   for (int64_t i = 0; i < K; ++i) {
-    const T s = T(1) / (T(1) + exp_simd(-g[i]));
+    const T s = T(1) / (T(1) + fast_exp(-g[i]));
     g[i] = dout[i] * s * (T(1) + g[i] * (T(1) - s));
   }
 }
@@ -170,7 +174,7 @@ void silu_grad<float>(const float* __restrict dout, float* __restrict g,
     store16(g + i, load16(dout + i) * s * (1.0f + a * (1.0f - s)));
   }
   for (; i < K; ++i) {
-    const float s = 1.0f / (1.0f + exp_simd(-g[i]));
+    const float s = 1.0f / (1.0f + fast_exp(-g[i]));
     g[i] = dout[i] * s * (1.0f + g[i] * (1.0f - s));
   }
 }
@@ -280,9 +284,12 @@ void check_dtype(const at::Tensor& x) {
               x.scalar_type());
 }
 
-at::Tensor fwd(const at::Tensor& x, const at::Tensor& weight,
-               const std::optional<at::Tensor>& bias,
-               const std::optional<at::Tensor>& positions, bool silu) {
+}  // namespace
+
+at::Tensor causal_conv1d_fwd(const at::Tensor& x, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias,
+                             const std::optional<at::Tensor>& positions,
+                             bool silu) {
   check_dtype(x);
   auto out = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_fwd", [&] {
@@ -292,7 +299,7 @@ at::Tensor fwd(const at::Tensor& x, const at::Tensor& weight,
   return out;
 }
 
-std::vector<std::optional<at::Tensor>> bwd(
+std::vector<std::optional<at::Tensor>> causal_conv1d_bwd(
     const at::Tensor& x, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& positions, const at::Tensor& dout,
@@ -316,21 +323,6 @@ std::vector<std::optional<at::Tensor>> bwd(
                             bias ? dbias->data_ptr<scalar_t>() : nullptr);
   });
   return {dx, dw, dbias};
-}
-
-}  // namespace
-
-void register_causal_conv1d(pybind11::module_& m) {
-  m.def("causal_conv1d_fwd", &fwd,
-        "depthwise causal conv1d, optionally position-aware and with SiLU, "
-        "forward (CPU)",
-        pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias"),
-        pybind11::arg("positions"), pybind11::arg("silu"));
-  m.def("causal_conv1d_bwd", &bwd,
-        "depthwise causal conv1d, backward (CPU): dx, dweight, dbias",
-        pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias"),
-        pybind11::arg("positions"), pybind11::arg("dout"),
-        pybind11::arg("silu"));
 }
 
 }  // namespace mmssm

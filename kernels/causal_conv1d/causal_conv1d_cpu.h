@@ -1,12 +1,25 @@
 // Depthwise causal conv1d, optionally position-aware: CPU kernel.
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <vector>
 
 namespace mmssm {
 
-// Adds causal_conv1d_fwd / causal_conv1d_bwd to the extension module (one
-// module, mmssm._ext, whose PYBIND11_MODULE is in selective_scan_cpu.cpp).
-void register_causal_conv1d(pybind11::module_& m);
+// x: (batch, E, K), weight: (E, k), bias: (E), positions: int64 (batch, K),
+// all contiguous, float32 or float64. Returns the conv (then SiLU if silu).
+at::Tensor causal_conv1d_fwd(const at::Tensor& x, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias,
+                             const std::optional<at::Tensor>& positions,
+                             bool silu);
+
+// Returns {dx, dweight, dbias (none without a bias)}.
+std::vector<std::optional<at::Tensor>> causal_conv1d_bwd(
+    const at::Tensor& x, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& positions, const at::Tensor& dout,
+    bool silu);
 
 }  // namespace mmssm

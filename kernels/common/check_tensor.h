@@ -3,7 +3,7 @@
 // kernels/causal_conv1d.
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <cstdint>
 #include <vector>

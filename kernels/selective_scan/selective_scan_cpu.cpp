@@ -3,8 +3,8 @@
 // One (batch, channel) row is one independent recurrence; rows run in
 // parallel with OpenMP, and the state dimension N is the SIMD axis. The
 // kernel takes the original positions of the K scanned tokens and folds the
-// gap before each token into that token's decay (see mmssm/ops/
-// selective_scan.py for the math):
+// gap before each token into that token's decay (see docs/scan.md for the
+// math):
 //
 //   e_k = delta_k + g_k * gap_delta_k,  h_k = exp(e_k A) h_{k-1} + delta_k B_k u_k
 //
@@ -16,7 +16,10 @@
 // (batch, dim, K); A: (dim, N); Bt, Ct: (batch, K, N); D, delta_bias: (dim);
 // positions: int64 (batch, K).
 
-#include <torch/extension.h>
+#include "selective_scan_cpu.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <bit>
@@ -31,16 +34,15 @@
 #endif
 
 #include "../common/check_tensor.h"
-#include "../common/exp_simd.h"
-
-#include "../causal_conv1d/causal_conv1d_cpu.h"
+#include "../common/vec16.h"
+#include "../common/vectorized_exp.h"
 
 namespace mmssm {
 namespace {
 
 enum GapMode : int64_t { kGapNone = 0, kGapPrev = 1, kGapNull = 2 };
 
-// log for float32, branch-free like exp_simd (kernels/common/exp_simd.h).
+// log for float32, branch-free like fast_exp (kernels/common/vectorized_exp.h).
 // Whether GCC vectorises these scalar forms depends on the loop (with our
 // flags it often does not); the hot float32 N = 16 path uses the explicit
 // 16-lane versions instead.
@@ -70,15 +72,16 @@ inline float log_1to2(float x) {
 }
 
 inline float softplus(float x) {
-  return std::max(x, 0.0f) + log_1to2(1.0f + exp_simd(-std::abs(x)));
+  return std::max(x, 0.0f) + log_1to2(1.0f + fast_exp(-std::abs(x)));
 }
-inline float sigmoid(float x) { return 1.0f / (1.0f + exp_simd(-x)); }
+inline float sigmoid(float x) { return 1.0f / (1.0f + fast_exp(-x)); }
 
 // The hot path, float32 with N = 16: one state vector per channel, written
 // with GCC vector extensions so that it compiles to whole-register code
 // (one zmm with AVX-512, two ymm with AVX2) whatever the compiler's
 // vectoriser decides. The scalar functions above are its reference.
-// vf16, vi16, splat, load16, store16 and exp16: kernels/common/exp_simd.h.
+// vf16, vi16, splat, load16, store16: kernels/common/vec16.h; exp16:
+// kernels/common/vectorized_exp.h.
 
 // The sums of the lanes of a and of b, reduced together.
 inline void sum2x16(vf16 a, vf16 b, float& sa, float& sb) {
@@ -283,7 +286,7 @@ inline void scan_rows_impl(const ScanArgs<T>& a, int64_t b, int64_t d0,
       T yk = 0;
 #pragma omp simd reduction(+ : yk)
       for (int64_t n = 0; n < N; ++n) {
-        const T decay = exp_simd(ek * Ar[n]);
+        const T decay = fast_exp(ek * Ar[n]);
         const T hn = decay * hr[n] + xk * Bk[n];
         hr[n] = hn;
         yk += Ck[n] * hn;
@@ -601,7 +604,7 @@ void backward_impl(const ScanArgs<T>& a, const GradArgs<T>& g, int64_t batch,
 
 }  // namespace
 
-at::Tensor fwd(const at::Tensor& u, const at::Tensor& delta,
+at::Tensor selective_scan_fwd(const at::Tensor& u, const at::Tensor& delta,
                const at::Tensor& A, const at::Tensor& Bt, const at::Tensor& Ct,
                const std::optional<at::Tensor>& D,
                const std::optional<at::Tensor>& z,
@@ -626,7 +629,7 @@ at::Tensor fwd(const at::Tensor& u, const at::Tensor& delta,
   return out;
 }
 
-std::vector<std::optional<at::Tensor>> bwd(
+std::vector<std::optional<at::Tensor>> selective_scan_bwd(
     const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
     const at::Tensor& Bt, const at::Tensor& Ct,
     const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
@@ -675,12 +678,3 @@ std::vector<std::optional<at::Tensor>> bwd(
 }
 
 }  // namespace mmssm
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() =
-      "mmssm compiled ops (CPU): the aligned selective scan and the "
-      "position-aware causal conv1d";
-  m.def("fwd", &mmssm::fwd, "aligned selective scan, forward (CPU)");
-  m.def("bwd", &mmssm::bwd, "aligned selective scan, backward (CPU)");
-  mmssm::register_causal_conv1d(m);
-}

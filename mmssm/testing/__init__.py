@@ -13,7 +13,13 @@ from .models import (
     tiny_arch,
     tiny_backbone_cfg,
 )
-from .ops import assert_close_rel, output_and_grads, random_positions
+from .ops import (
+    assert_close_rel,
+    in_ci,
+    needs_ext,
+    output_and_grads,
+    random_positions,
+)
 
 __all__ = [
     'BACKBONE_TYPES',
@@ -24,6 +30,8 @@ __all__ = [
     'tiny_arch',
     'tiny_backbone_cfg',
     'assert_close_rel',
+    'in_ci',
+    'needs_ext',
     'output_and_grads',
     'random_positions',
 ]

@@ -1,14 +1,36 @@
 """Helpers for testing the ops against their references (as mmdet.testing).
 
-Used by tests/test_ops: random kept-token positions, the output of an op
-with the gradients of a fixed random projection of it, and a relative
-comparison.
+Used by tests/test_ops: the ``needs_ext`` mark, random kept-token
+positions, the output of an op with the gradients of a fixed random
+projection of it, and a relative comparison.
 """
 
+import os
 from typing import Callable, Dict, List, Optional, Tuple
 
+import pytest
 import torch
 from torch import Tensor
+
+from mmssm.ops import ext_status
+
+
+def in_ci() -> bool:
+    """Whether the tests run in CI (the environment variable ``CI``)."""
+    return os.environ.get('CI', '').lower() in ('1', 'true', 'yes')
+
+
+def _needs_ext() -> pytest.MarkDecorator:
+    status = ext_status()
+    # In CI the extension must be there: a test of the kernel then runs and
+    # fails (with the import error) instead of being skipped.
+    skip = status != 'built' and not in_ci()
+    return pytest.mark.skipif(skip, reason=f'mmssm._ext is {status}')
+
+
+#: Mark for tests of the compiled kernels: skipped when ``mmssm._ext`` is
+#: not available, except in CI (``CI=true``), where they fail.
+needs_ext = _needs_ext()
 
 
 def random_positions(batch: int, K: int, L: int) -> Tensor:

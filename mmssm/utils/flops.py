@@ -1,126 +1,39 @@
-"""Count the FLOPs and parameters of what a model really computes.
+"""Count the FLOPs and parameters of what a model really runs.
 
-:func:`count_flops` runs the model once on the given input and counts the
-operations that actually execute, with the shapes they actually get: a
-token-pruned model, whose layers run on fewer tokens, is counted on those
-tokens. All figures are multiply-accumulates (MACs), the convention of the
-published PlainMamba and Vim tables (and of mmcv/fvcore): "FLOPs" below and
-in the tools means MACs.
-
-What is counted, and how:
-
-* **linear**: every call of ``torch.nn.functional.linear`` (which
-  ``nn.Linear`` calls), ``in_features * out_features`` per input row, i.e.
-  ``output.numel() * in_features``. Bias additions are not counted. Calls
-  are seen at the function level (a ``TorchFunctionMode``), not by forward
-  hooks on ``nn.Linear``: the backbones call some layers functionally with
-  a module's weight (``dt_proj``, whose bias goes to the scan, and Vim's
-  causal ``conv1d``), and a hook on the module would miss them.
-* **conv**: every call of ``torch.conv1d/2d/3d``, ``output.numel() *
-  (in_channels / groups) * prod(kernel)``, from the actual output size, so
-  strides, padding and groups (depthwise convs) are accounted for;
-  transposed convolutions count ``input.numel() * (out_channels / groups) *
-  prod(kernel)``. :func:`mmssm.ops.causal_conv1d` (Vim's depthwise conv,
-  position-aware when pruned) counts ``output.numel() * k``: ``k`` taps for
-  each of the K tokens it returns, whichever implementation runs.
-* **scan**: every call of :func:`mmssm.ops.selective_scan` (reported through
-  :func:`mmssm.ops.scan_listener`) with ``u`` of shape (batch, dim, K) and
-  ``N`` states counts ``coef * K * dim * N`` per sequence, i.e.
-  ``coef * batch * K * dim * N``. K is the number of tokens actually
-  scanned (the kept tokens of a pruned scan; the state advance across the
-  pruned gaps is not counted). ``coef`` is the *scan convention*:
-
-  - ``'plainmamba'``: 9, the count of VMamba's ``flops_selective_scan_fn``
-    (``9 * B * L * D * N``, after state-spaces/mamba issue #110; its extra
-    ``B * D * L`` for the ``D`` skip is element-wise and not counted here).
-    With it, PlainMamba's published figures (3.0 / 8.1 / 14.4 G for L1 /
-    L2 / L3) are reproduced to within 0.5%.
-  - ``'vim'``: 3, a lighter count (one multiply-accumulate each for the
-    decay, the input and the output per state). Vim's published figures
-    (1.50 / 5.10 G for Vim-T / Vim-S, taken from another paper's table)
-    fit it (1.47 / 5.20 G), not the heavier one.
-
-  The two families' numbers were thus produced with different
-  conventions; a report keeps the scan's element count, so that its total
-  under either convention is available (:meth:`FlopsReport.total_for`).
-
-Not counted: norms, activations (SiLU, GELU, softplus), ``exp``,
-element-wise additions and products (residuals, gating, ``D * u``, position
-embeddings), pooling, interpolation, ``grid_sample`` (the deformable
-attention's sampling), gathers/scatters, and explicit ``matmul``/``bmm``/
-``einsum`` (none of the counted models uses them outside the scan's
-reference implementations). Parameters are all the model's parameters
-(trainable or frozen, shared ones once); buffers are not counted.
-
-Example::
-
-    >>> from mmssm.utils import count_flops
-    >>> report = count_flops(model, torch.randn(1, 3, 224, 224))
-    >>> print(report.table())
-    >>> report.total / 1e9, report.params / 1e6
+:func:`count_flops` runs the model once under PyTorch's
+``torch.utils.flop_counter.FlopCounterMode`` with formulas in
+multiply-accumulates (MACs, the unit of the published PlainMamba and Vim
+tables) for matrix products (linear layers), convolutions and mmssm's
+custom ops, with the shapes they actually get: a token-pruned model is
+counted on its kept tokens. The scan is counted under a scan convention
+(9 or 3 MACs per scanned element, 'plainmamba' or 'vim'), the model
+family's by default (the ``scan_convention`` attribute of the backbone's
+class); docs/flops.md says what is counted, what is not, and where the two
+conventions come from.
 """
 
 import contextlib
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from math import prod
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch import Tensor
-from torch.overrides import TorchFunctionMode
+from torch.utils.flop_counter import FlopCounterMode
 
-from mmssm.ops import ScanCall, causal_conv1d, scan_listener
+from mmssm.ops import SCAN_CONVENTIONS
+from mmssm.ops.flop_formulas import causal_conv_macs, scan_elements
 
-#: Multiply-accumulates per scanned element (sequence x token x channel x
-#: state) of each scan convention.
-SCAN_CONVENTIONS: Dict[str, int] = {'plainmamba': 9, 'vim': 3}
-
-#: The scan convention of a model family, by module class name: the one its
-#: published figures use. A module class may instead define an attribute
-#: ``flops_scan_convention``.
-FAMILY_CONVENTIONS: Dict[str, str] = {
-    'PlainMamba': 'plainmamba',
-    'PlainMambaMixer': 'plainmamba',
-    'Vim': 'vim',
-    'BiMambaV2': 'vim',
-}
+__all__ = [
+    'SCAN_CONVENTIONS',
+    'FlopsReport',
+    'count_flops',
+    'count_params',
+    'infer_scan_convention',
+]
 
 CATEGORIES = ('linear', 'conv', 'scan')
-
-
-def _linear_macs(args: tuple, kwargs: dict, out: Tensor) -> int:
-    weight = args[1] if len(args) > 1 else kwargs['weight']
-    return out.numel() * weight.shape[-1]
-
-
-def _conv_macs(args: tuple, kwargs: dict, out: Tensor) -> int:
-    weight = args[1] if len(args) > 1 else kwargs['weight']
-    return out.numel() * weight[0].numel()
-
-
-def _causal_conv_macs(args: tuple, kwargs: dict, out: Tensor) -> int:
-    weight = args[1] if len(args) > 1 else kwargs['weight']
-    return out.numel() * weight.shape[-1]
-
-
-def _conv_transpose_macs(args: tuple, kwargs: dict, out: Tensor) -> int:
-    inputs = args[0] if args else kwargs['input']
-    weight = args[1] if len(args) > 1 else kwargs['weight']
-    return inputs.numel() * weight[0].numel()
-
-
-# function -> (category, MACs of one call from its arguments and output)
-_RULES: Dict[Callable, Tuple[str, Callable[[tuple, dict, Tensor], int]]] = {
-    F.linear: ('linear', _linear_macs),
-    **{getattr(torch, f'conv{d}d'): ('conv', _conv_macs) for d in (1, 2, 3)},
-    **{
-        getattr(torch, f'conv_transpose{d}d'): ('conv', _conv_transpose_macs)
-        for d in (1, 2, 3)
-    },
-    causal_conv1d: ('conv', _causal_conv_macs),
-}
 
 
 def _check_convention(scan_convention: str) -> None:
@@ -136,7 +49,7 @@ class FlopsReport:
     """The operations counted in one run of a model.
 
     Attributes:
-        linear (int): MACs of linear layers.
+        linear (int): MACs of linear layers (matrix products).
         conv (int): MACs of convolutions.
         scan_elements (int): Sum over scan calls of ``batch * K * dim * N``;
             the scan's MACs are ``coef * scan_elements``.
@@ -239,41 +152,66 @@ class FlopsReport:
         return '\n'.join(lines)
 
 
-class _Counter(TorchFunctionMode):
-    """Counts linear/conv calls and scans, by the innermost module."""
+class _Recorder:
+    """Turns the counter's formula calls into a :class:`FlopsReport`.
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.report = FlopsReport()
+    Each formula returns an op's MACs to ``FlopCounterMode`` and also
+    records them here by category and by the innermost running module
+    (``stack[-1]``).
+    """
+
+    def __init__(self, scan_convention: str) -> None:
+        self.coef = SCAN_CONVENTIONS[scan_convention]
+        self.report = FlopsReport(scan_convention=scan_convention)
         self.by_module: Dict[str, Dict[str, int]] = defaultdict(
             lambda: defaultdict(int)
         )
         self.stack: List[str] = ['']
 
-    def __torch_function__(
-        self,
-        func: Callable,
-        types: tuple,
-        args: tuple = (),
-        kwargs: Optional[dict] = None,
-    ) -> Any:
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        rule = _RULES.get(func)
-        if rule is not None:
-            category, macs_fn = rule
-            macs = int(macs_fn(args, kwargs, out))
-            setattr(
-                self.report, category, getattr(self.report, category) + macs
-            )
-            self.by_module[self.stack[-1]][category] += macs
-        return out
+    def add(self, category: str, macs: int) -> int:
+        setattr(self.report, category, getattr(self.report, category) + macs)
+        self.by_module[self.stack[-1]][category] += macs
+        return macs
 
-    def on_scan(self, call: ScanCall) -> None:
-        elements = call.batch * call.length * call.dim * call.d_state
+    def add_scan(self, elements: int) -> int:
         self.report.scan_elements += elements
         self.report.scan_calls += 1
         self.by_module[self.stack[-1]]['scan_elements'] += elements
+        return self.coef * elements
+
+    def formulas(self) -> Dict[Any, Callable]:
+        """``custom_mapping`` of ``FlopCounterMode``: op -> MACs formula
+        (the arguments' tensors replaced by their shapes)."""
+
+        def matmul(a, b, *args, out_shape=None, **kwargs):  # mm, bmm
+            return self.add('linear', prod(out_shape) * a[-1])
+
+        def matmul_add(bias, a, b, *args, out_shape=None, **kwargs):
+            return self.add('linear', prod(out_shape) * a[-1])
+
+        def conv(x, w, bias, stride, pad, dil, transposed, *args, **kwargs):
+            # MACs per output element of a conv, per input element of a
+            # transposed one: the weight's (C / groups) x prod(kernel)
+            spatial = x if transposed else kwargs['out_shape']
+            return self.add('conv', prod(spatial) * prod(w[1:]))
+
+        def causal_conv(x, w, *args, out_shape=None, **kwargs):
+            return self.add('conv', causal_conv_macs(out_shape, w))
+
+        def scan(u, delta, A, *args, **kwargs):
+            return self.add_scan(scan_elements(u, A))
+
+        aten = torch.ops.aten
+        return {
+            aten.mm: matmul,
+            aten.bmm: matmul,
+            aten.addmm: matmul_add,
+            aten.baddbmm: matmul_add,
+            aten.convolution: conv,
+            aten._convolution: conv,
+            torch.ops.mmssm.causal_conv1d: causal_conv,
+            torch.ops.mmssm.selective_scan: scan,
+        }
 
 
 @contextlib.contextmanager
@@ -303,8 +241,8 @@ def _module_names(model: nn.Module, stack: List[str]) -> Iterator[None]:
 def infer_scan_convention(model: nn.Module) -> Optional[str]:
     """The scan convention of the model's family, or None if unknown.
 
-    The first submodule whose class defines ``flops_scan_convention`` or
-    is named in :data:`FAMILY_CONVENTIONS` decides.
+    The first submodule whose class sets a ``scan_convention`` (the
+    backbones do: the convention of their published figures) decides.
 
     Args:
         model (nn.Module): The model.
@@ -314,10 +252,8 @@ def infer_scan_convention(model: nn.Module) -> Optional[str]:
         backbone, 'vim' for Vim.
     """
     for module in model.modules():
-        convention = getattr(module, 'flops_scan_convention', None)
-        if convention is None:
-            convention = FAMILY_CONVENTIONS.get(type(module).__name__)
-        if convention is not None:
+        convention = getattr(type(module), 'scan_convention', None)
+        if convention:  # a base class may set '' (no family)
             _check_convention(convention)
             return convention
     return None
@@ -337,7 +273,7 @@ def count_flops(
     """Run ``model`` once on ``inputs`` and count what it computes.
 
     The model runs in eval mode under ``torch.no_grad()`` (its mode is
-    restored afterwards). See the module docstring for what is counted.
+    restored afterwards). See docs/flops.md for what is counted.
 
     Args:
         model (nn.Module): The model; its parameters are counted.
@@ -359,9 +295,8 @@ def count_flops(
         if inferred is None:
             raise ValueError(
                 f'cannot infer the scan convention of '
-                f'{type(model).__name__}: no module of a known family '
-                f'({sorted(FAMILY_CONVENTIONS)}); pass one of '
-                f'{list(SCAN_CONVENTIONS)}'
+                f'{type(model).__name__}: no module whose class sets '
+                f'scan_convention; pass one of {list(SCAN_CONVENTIONS)}'
             )
         scan_convention = inferred
     _check_convention(scan_convention)
@@ -370,23 +305,24 @@ def count_flops(
         def forward(m: nn.Module, x: Any) -> Any:
             return m(*x) if isinstance(x, tuple) else m(x)
 
-    counter = _Counter()
+    recorder = _Recorder(scan_convention)
+    counter = FlopCounterMode(
+        display=False, custom_mapping=recorder.formulas()
+    )
     was_training = model.training
     model.eval()
     try:
         with (
             torch.no_grad(),
-            _module_names(model, counter.stack),
-            scan_listener(counter.on_scan),
+            _module_names(model, recorder.stack),
             counter,
         ):
             forward(model, inputs)
     finally:
         model.train(was_training)
-    report = counter.report
-    report.scan_convention = scan_convention
+    report = recorder.report
     report.params = count_params(model)
     report.by_module = {
-        name: dict(counts) for name, counts in counter.by_module.items()
+        name: dict(counts) for name, counts in recorder.by_module.items()
     }
     return report

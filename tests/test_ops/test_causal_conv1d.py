@@ -4,21 +4,17 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from mmssm.ops import causal_conv1d, causal_conv1d_ref, ext_status
+from mmssm.ops import causal_conv1d, causal_conv1d_ref
 from mmssm.testing import (
     assert_close_rel,
+    needs_ext,
     output_and_grads,
     random_positions,
 )
 
-conv_module = importlib.import_module('mmssm.ops.causal_conv1d')
-scan_module = importlib.import_module('mmssm.ops.selective_scan')
-
-needs_ext = pytest.mark.skipif(
-    ext_status() != 'built', reason='mmssm._ext is not built'
-)
+ext_module = importlib.import_module('mmssm.ops.ext')
 
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
@@ -313,8 +309,9 @@ def test_bad_impl(monkeypatch):
 
 
 def test_auto_falls_back_with_one_warning(monkeypatch):
-    monkeypatch.setattr(scan_module, '_ext', None)
-    monkeypatch.setattr(scan_module, '_warned', set())
+    monkeypatch.setattr(ext_module, '_ext', None)
+    monkeypatch.setattr(ext_module, '_error', 'ImportError: test')
+    monkeypatch.setattr(ext_module, '_warned', set())
     inputs = make_inputs(2, 3, 6)
     with pytest.warns(UserWarning, match="missing.*'ref' conv"):
         y = causal_conv1d(**inputs)
@@ -327,49 +324,66 @@ def test_auto_falls_back_with_one_warning(monkeypatch):
 
 
 def test_stale_extension_is_reported(monkeypatch):
-    monkeypatch.setattr(scan_module, '_ext', object())
-    monkeypatch.setattr(scan_module, '_warned', set())
+    monkeypatch.setattr(ext_module, '_ext', object())
+    monkeypatch.setattr(ext_module, '_warned', set())
     inputs = make_inputs(1, 2, 3)
     with pytest.warns(UserWarning, match='without the causal conv1d'):
         causal_conv1d(**inputs)
 
 
+class _CountingExt:
+    """The loaded extension, counting the calls of the conv's forward."""
+
+    def __init__(self, ext):
+        self.ext = ext
+        self.calls = 0
+
+    def __getattr__(self, name):
+        return getattr(self.ext, name)
+
+    def causal_conv1d_fwd(self, *args):
+        self.calls += 1
+        return self.ext.causal_conv1d_fwd(*args)
+
+
 @needs_ext
 def test_auto_is_the_kernel_on_cpu(monkeypatch):
-    calls = []
-    apply = conv_module.CausalConv1dFn.apply
-    monkeypatch.setattr(
-        conv_module.CausalConv1dFn,
-        'apply',
-        lambda *a: calls.append(1) or apply(*a),
-    )
+    counting = _CountingExt(ext_module.load_ext())
+    monkeypatch.setattr(ext_module, '_ext', counting)
     inputs = make_inputs(1, 2, 3)
     causal_conv1d(**inputs)
-    assert len(calls) == 1
+    assert counting.calls == 1
     with torch.device('cpu'):  # a TorchFunctionMode: still the kernel
         causal_conv1d(**inputs)
-    assert len(calls) == 2
+    assert counting.calls == 2
     monkeypatch.setenv('MMSSM_CONV_IMPL', 'ref')
     causal_conv1d(**inputs)
-    assert len(calls) == 2
+    assert counting.calls == 2
 
 
-class _RecordFunctions(TorchFunctionMode):
+class _RecordOps(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.seen = []
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.seen.append(func)
         return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize('impl', ['ref', pytest.param('cpu', marks=needs_ext)])
-def test_a_function_mode_sees_one_call(impl):
+def test_a_dispatch_mode_sees_one_op(impl):
+    """The conv is one custom op, whichever implementation runs: a
+    dispatch mode (such as the FLOP counter) sees it and not the
+    operations inside it."""
     inputs = make_inputs(2, 3, 5)
     positions = torch.tensor([0, 2, 3, 6, 7])
     expected = causal_conv1d(**inputs, positions=positions, impl=impl)
-    with torch.no_grad(), _RecordFunctions() as mode:
+    with torch.no_grad(), _RecordOps() as mode:
         out = causal_conv1d(**inputs, positions=positions, impl=impl)
-    assert mode.seen == [causal_conv1d]  # not the conv inside the 'ref'
+    ours = [f for f in mode.seen if f.namespace == 'mmssm']
+    assert ours == [torch.ops.mmssm.causal_conv1d.default]
+    aten = torch.ops.aten  # the reference's scatter / conv / gather
+    inner = {aten.scatter.src, aten.convolution.default, aten.gather.default}
+    assert not inner & set(mode.seen)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)

@@ -7,23 +7,18 @@ import torch.nn.functional as F
 
 from mmssm.ops import (
     align_to_dense,
-    ext_status,
     selective_scan,
     selective_scan_chunked,
     selective_scan_ref,
 )
 from mmssm.testing import (
     assert_close_rel,
+    needs_ext,
     output_and_grads,
     random_positions,
 )
 
-# the module, which its function of the same name shadows in mmssm.ops
-scan_module = importlib.import_module('mmssm.ops.selective_scan')
-
-needs_ext = pytest.mark.skipif(
-    ext_status() != 'built', reason='mmssm._ext is not built'
-)
+ext_module = importlib.import_module('mmssm.ops.ext')
 
 NAMES = ('u', 'delta', 'A', 'B', 'C', 'D', 'z', 'delta_bias')
 
@@ -71,7 +66,12 @@ def compare(impl, inputs, rtol, **kwargs):
 
 
 # ---------------------------------------------------------------------------
-# The identities of the alignment (DESIGN.md section 2), on the reference.
+# The identities of the alignment, on the reference: with every token kept
+# the aligned scan is the dense scan; 'null' is the dense full-length scan
+# with zero input, zero B and C and delta = softplus(delta_bias) at the
+# pruned positions; 'prev' is the dense full-length scan in which each
+# pruned position takes the delta of the previous kept one (B u = 0 there);
+# both read at the kept positions.
 # ---------------------------------------------------------------------------
 @pytest.mark.parametrize(
     'impl', ['ref', 'chunked', pytest.param('cpu', marks=needs_ext)]
@@ -421,8 +421,9 @@ def test_nan_input_propagates_without_crash(impl):
 
 
 def test_auto_falls_back_with_one_warning(monkeypatch):
-    monkeypatch.setattr(scan_module, '_ext', None)
-    monkeypatch.setattr(scan_module, '_warned', set())
+    monkeypatch.setattr(ext_module, '_ext', None)
+    monkeypatch.setattr(ext_module, '_error', 'ImportError: test')
+    monkeypatch.setattr(ext_module, '_warned', set())
     monkeypatch.delenv('MMSSM_SCAN_IMPL', raising=False)
     inputs = make_inputs(1, 2, 5, 3)
     with pytest.warns(UserWarning, match="missing.*'chunked'"):

@@ -9,35 +9,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from mmengine.registry import DefaultScope
+from torch.utils.flop_counter import FlopCounterMode
 
-from mmssm.ops import causal_conv1d, ext_status, scan_listener, selective_scan
+from mmssm.ops import causal_conv1d, selective_scan
 from mmssm.registry import MODELS
-from mmssm.utils import count_flops, infer_scan_convention
+from mmssm.testing import needs_ext, tiny_arch
+from mmssm.utils.flops import count_flops, infer_scan_convention
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-needs_ext = pytest.mark.skipif(
-    ext_status() != 'built', reason='mmssm._ext is not built'
-)
 
-TINY_PM = dict(
-    embed_dims=16,
-    num_layers=2,
-    num_convs=1,
-    dw_layers=[0],
-    d_state=4,
-    expand=2,
-    conv_size=7,
-)
-TINY_VIM = dict(
-    embed_dims=16,
-    num_layers=2,
-    patch_size=16,
-    stride=16,
-    d_state=4,
-    expand=2,
-    d_conv=4,
-    cls_token='middle',
-)
+# the catalogue's tiny archs, 2 layers (and PlainMamba's 7x7 depthwise
+# conv), for the hand-computed counts below
+TINY_PM = tiny_arch('plainmamba', num_layers=2, conv_size=7)
+TINY_VIM = tiny_arch('vim', num_layers=2)
 
 
 class Toy(nn.Module):
@@ -98,7 +82,9 @@ def _scan_inputs(batch=2, dim=3, K=5, N=4):
     )
 
 
-@pytest.mark.parametrize('impl', ['ref', 'chunked'])
+@pytest.mark.parametrize(
+    'impl', ['ref', 'chunked', pytest.param('cpu', marks=needs_ext), 'auto']
+)
 def test_scan_conventions(impl):
     inputs = _scan_inputs()
 
@@ -124,17 +110,24 @@ def test_scan_conventions(impl):
         report.total_for('mamba')
 
 
-def test_scan_listener_nests_and_is_removed():
-    calls = []
-    with scan_listener(calls.append):
-        with pytest.raises(RuntimeError):
-            with scan_listener(lambda c: calls.append(c.length)):
-                selective_scan(**_scan_inputs(K=2), impl='ref')
-                raise RuntimeError
-        selective_scan(**_scan_inputs(K=3), impl='ref')
-    selective_scan(**_scan_inputs(K=4), impl='ref')  # nobody listens
-    assert [c if isinstance(c, int) else c.length for c in calls] == [2, 2, 3]
-    assert calls[0] == (2, 3, 2, 4, None, 'prev')
+def test_count_flops_leaves_the_global_formulas_alone():
+    """count_flops counts the scan with its convention's formula in its own
+    counter; a plain FlopCounterMode afterwards still has the registered
+    formula (torch's unit, 2 FLOPs per MAC, 'plainmamba' 9 MACs per
+    element), and a scan outside any counter is counted by nobody."""
+    inputs = _scan_inputs(K=3)
+
+    def forward(model, x):
+        selective_scan(**x, impl='ref')
+
+    report = count_flops(nn.Identity(), inputs, 'vim', forward)
+    assert report.scan_calls == 1
+    assert report.total == 3 * 2 * 3 * 3 * 4
+    selective_scan(**inputs, impl='ref')  # nobody counts
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        selective_scan(**inputs, impl='chunked')
+    assert counter.get_total_flops() == 2 * 9 * 2 * 3 * 3 * 4
+    assert report.scan_calls == 1
 
 
 def _classifier(backbone_type, arch):
@@ -179,7 +172,7 @@ def test_tiny_vim_counted():
 class _PrunedCausalConv(nn.Module):
     """Vim's causal conv over 5 kept tokens of 8."""
 
-    flops_scan_convention = 'vim'
+    scan_convention = 'vim'
 
     def __init__(self, impl):
         super().__init__()

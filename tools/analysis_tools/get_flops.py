@@ -1,10 +1,11 @@
 """Count the parameters and FLOPs (multiply-accumulates) of a config's model.
 
 The model is built from the config and run once on a random input; what
-really runs is counted (see :mod:`mmssm.utils.flops`). Models of mmssm
-(``type='mmssm.*'``, e.g. the classifiers) are counted whole; models of a
-config with a ``default_scope`` (mmdet, mmseg) count the parameters of the
-whole model and the FLOPs of ``extract_feat`` (backbone and neck).
+really runs is counted (see :mod:`mmssm.utils.flops` and docs/flops.md).
+Models of mmssm (``type='mmssm.*'``, e.g. the classifiers) are counted
+whole; models of a config with a ``default_scope`` (mmdet, mmseg) count the
+parameters of the whole model and the FLOPs of ``extract_feat`` (backbone
+and neck).
 
 The last two lines printed are ``Params: <x.xx> M`` and ``FLOPs: <x.xx> G``.
 
@@ -23,7 +24,7 @@ import torch
 import torch.nn as nn
 from mmengine.config import Config, DictAction
 
-from mmssm.utils import (
+from mmssm.utils.flops import (
     SCAN_CONVENTIONS,
     count_flops,
     count_params,

@@ -1,5 +1,5 @@
-// exp for the CPU kernels (scalar and 16-wide), shared by
-// kernels/selective_scan and kernels/causal_conv1d.
+// A vectorised exp for float32 (16 lanes, exp16) and its scalar form
+// (fast_exp), shared by kernels/selective_scan and kernels/causal_conv1d.
 #pragma once
 
 #include <algorithm>
@@ -7,12 +7,14 @@
 #include <cmath>
 #include <cstdint>
 
+#include "vec16.h"
+
 namespace mmssm {
 
 // exp for float32 (Cody-Waite range reduction and Cephes' polynomial; max
 // relative error ~2 ulp). exp(x) for x < -87.3 is flushed to ~1e-38, which is
 // 0 to the recurrence. NaN propagates.
-inline float exp_simd(float x) {
+inline float fast_exp(float x) {
   x = std::min(std::max(x, -87.3f), 88.3f);
   const float n = std::floor(x * 1.44269504088896341f + 0.5f);
   const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
@@ -27,16 +29,9 @@ inline float exp_simd(float x) {
   return p * std::bit_cast<float>(bits);
 }
 
-// The same exp on 16 floats with GCC vector extensions, so that it compiles
-// to whole-register code (one zmm with AVX-512, two ymm with AVX2) whatever
-// the compiler's vectoriser decides (it does not vectorise exp_simd above).
-using vf16 = float __attribute__((vector_size(64), aligned(4)));
-using vi16 = int32_t __attribute__((vector_size(64), aligned(4)));
-
-inline vf16 splat(float v) { return vf16{} + v; }
-inline vf16 load16(const float* p) { return *reinterpret_cast<const vf16*>(p); }
-inline void store16(float* p, vf16 v) { *reinterpret_cast<vf16*>(p) = v; }
-
+// The same exp on 16 floats (vec16.h), so that it compiles to
+// whole-register code whatever the compiler's vectoriser decides (it does
+// not vectorise fast_exp above).
 inline vf16 exp16(vf16 x) {
   x = x < splat(-87.3f) ? splat(-87.3f) : x;
   x = x > splat(88.3f) ? splat(88.3f) : x;
@@ -56,6 +51,6 @@ inline vf16 exp16(vf16 x) {
 }
 
 // float64 is for checking against the references: plain libm.
-inline double exp_simd(double x) { return std::exp(x); }
+inline double fast_exp(double x) { return std::exp(x); }
 
 }  // namespace mmssm

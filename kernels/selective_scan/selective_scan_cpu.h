@@ -1,0 +1,34 @@
+// Selective scan with pruning-aware hidden-state alignment: CPU kernel.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+namespace mmssm {
+
+// u, delta, z: (batch, dim, K); A: (dim, N); Bt, Ct: (batch, K, N);
+// D, delta_bias: (dim); positions: int64 (batch, K); all contiguous, one
+// dtype (float32 or float64). gap_mode: 0 none, 1 prev, 2 null.
+at::Tensor selective_scan_fwd(const at::Tensor& u, const at::Tensor& delta,
+                              const at::Tensor& A, const at::Tensor& Bt,
+                              const at::Tensor& Ct,
+                              const std::optional<at::Tensor>& D,
+                              const std::optional<at::Tensor>& z,
+                              const std::optional<at::Tensor>& delta_bias,
+                              const std::optional<at::Tensor>& positions,
+                              bool softplus, int64_t gap_mode);
+
+// Returns {du, ddelta, dA, dBt, dCt, dD, dz, ddelta_bias}; the optional
+// ones are none when their input is.
+std::vector<std::optional<at::Tensor>> selective_scan_bwd(
+    const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+    const at::Tensor& Bt, const at::Tensor& Ct,
+    const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+    const std::optional<at::Tensor>& delta_bias,
+    const std::optional<at::Tensor>& positions, const at::Tensor& dout,
+    bool softplus, int64_t gap_mode);
+
+}  // namespace mmssm

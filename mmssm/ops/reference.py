@@ -1,0 +1,327 @@
+"""The ops in plain PyTorch: the references and the fallbacks.
+
+:func:`selective_scan_ref` (a sequential loop, float64-capable: the ground
+truth), :func:`selective_scan_chunked` (a parallel scan, the fallback when
+the compiled kernel is missing), :func:`align_to_dense` (the aligned scan as
+an ordinary selective scan, for mamba-ssm's kernel) and
+:func:`causal_conv1d_ref` (the position-aware causal conv by scatter, conv,
+gather). The math is in docs/scan.md. The public functions check their
+arguments; the ``*_unchecked`` ones are what the custom ops run.
+"""
+
+from functools import partial
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .checks import check_conv_inputs, check_scan_inputs
+
+# (u, delta, decay_delta, A, B, C) -> C_k . h_k, (batch, dim, K)
+Recurrence = Callable[..., Tensor]
+
+
+# --------------------------------------------------------------------------
+# Selective scan.
+# --------------------------------------------------------------------------
+def gaps_of(positions: Tensor) -> Tensor:
+    """Pruned tokens before each kept token; the leading gap counts 0.
+
+    ``h_0 = 0``, so a leading gap changes nothing.
+    """
+    return positions.diff(dim=-1, prepend=positions[:, :1] - 1) - 1
+
+
+def _prepare_delta(
+    delta: Tensor, delta_bias: Optional[Tensor], delta_softplus: bool
+) -> Tensor:
+    if delta_bias is not None:
+        delta = delta + delta_bias[..., None]
+    return F.softplus(delta) if delta_softplus else delta
+
+
+def _effective_delta(
+    delta: Tensor,
+    delta_bias: Optional[Tensor],
+    delta_softplus: bool,
+    gaps: Optional[Tensor],
+    gap_mode: str,
+) -> Tensor:
+    """``delta_k + g_k * gap_delta_k``: the exponent of the step's decay."""
+    if gaps is None or gap_mode == 'none':
+        return delta
+    gaps = gaps[:, None, :].to(delta.dtype)
+    if gap_mode == 'prev':
+        gap_delta = F.pad(delta[..., :-1], (1, 0))
+    else:  # 'null': a token with zero input
+        if delta_bias is None:
+            gap_delta = delta.new_zeros(delta.shape[1])
+        else:
+            gap_delta = delta_bias.to(delta.dtype)
+        if delta_softplus:
+            gap_delta = F.softplus(gap_delta)
+        gap_delta = gap_delta[:, None]
+    return delta + gaps * gap_delta
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """float64 for float64 inputs, float32 for every other float type."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def finish_scan(
+    y: Tensor, u: Tensor, D: Optional[Tensor], z: Optional[Tensor]
+) -> Tensor:
+    """Add the skip ``D u`` and apply the gate ``silu(z)``."""
+    if D is not None:
+        y = y + u * D[:, None]
+    if z is not None:
+        y = y * F.silu(z)
+    return y
+
+
+def selective_scan_ref(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    z: Optional[Tensor] = None,
+    delta_bias: Optional[Tensor] = None,
+    delta_softplus: bool = False,
+    positions: Optional[Tensor] = None,
+    gap_mode: str = 'prev',
+) -> Tensor:
+    """The aligned selective scan as a plain sequential loop: the reference.
+
+    Computes in float64 for float64 ``u`` and in float32 otherwise. See
+    :func:`mmssm.ops.selective_scan` for the arguments.
+    """
+    positions = check_scan_inputs(
+        u, delta, A, B, C, D, z, delta_bias, positions, gap_mode
+    )
+    inputs = (u, delta, A, B, C, D, z, delta_bias)
+    return scan_unchecked(
+        recurrence_loop, inputs, delta_softplus, positions, gap_mode
+    )
+
+
+def selective_scan_chunked(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    z: Optional[Tensor] = None,
+    delta_bias: Optional[Tensor] = None,
+    delta_softplus: bool = False,
+    positions: Optional[Tensor] = None,
+    gap_mode: str = 'prev',
+    chunk_size: int = 32,
+) -> Tensor:
+    """The aligned selective scan as a parallel scan in PyTorch.
+
+    Inside chunks of ``chunk_size`` tokens the linear recurrence is an
+    inclusive Hillis-Steele scan of ``(decay, input)`` pairs (only products
+    of decays <= 1, so it is stable in float32); the chunks' final states are
+    then carried across sequentially. Materialises (batch, dim, K, N).
+    """
+    positions = check_scan_inputs(
+        u, delta, A, B, C, D, z, delta_bias, positions, gap_mode
+    )
+    inputs = (u, delta, A, B, C, D, z, delta_bias)
+    return scan_unchecked(
+        partial(recurrence_chunked, chunk_size=chunk_size),
+        inputs,
+        delta_softplus,
+        positions,
+        gap_mode,
+    )
+
+
+def scan_unchecked(
+    recurrence: Recurrence,
+    inputs: tuple,
+    delta_softplus: bool,
+    positions: Optional[Tensor],
+    gap_mode: str,
+) -> Tensor:
+    """Prepare checked inputs, run ``recurrence``, add D and the gate.
+
+    ``inputs`` are ``(u, delta, A, B, C, D, z, delta_bias)``; ``positions``
+    is None or (batch, K). ``recurrence(u, delta, decay_delta, A, B, C)``
+    returns ``C_k . h_k`` (batch, dim, K) for the softplus'd steps
+    ``delta`` and the exponents ``decay_delta`` of the steps' decays (gaps
+    included).
+    """
+    u, delta, A, B, C, D, z, delta_bias = inputs
+    out_dtype = u.dtype
+    dtype = compute_dtype(u)
+    u, delta, A, B, C = (t.to(dtype) for t in (u, delta, A, B, C))
+    D, z, delta_bias = (
+        None if t is None else t.to(dtype) for t in (D, z, delta_bias)
+    )
+    gaps = None if positions is None else gaps_of(positions)
+    delta = _prepare_delta(delta, delta_bias, delta_softplus)
+    decay_delta = _effective_delta(
+        delta, delta_bias, delta_softplus, gaps, gap_mode
+    )
+    if u.shape[-1] == 0:
+        y = u.new_zeros(u.shape)
+    else:
+        y = recurrence(u, delta, decay_delta, A, B, C)
+    return finish_scan(y, u, D, z).to(out_dtype)
+
+
+def recurrence_loop(u, delta, decay_delta, A, B, C) -> Tensor:
+    """One step at a time: the ground truth."""
+    batch, dim, K = u.shape
+    h = u.new_zeros(batch, dim, A.shape[1])
+    ys = []
+    for k in range(K):
+        decay = torch.exp(decay_delta[:, :, k, None] * A)
+        h = (
+            decay * h
+            + (delta[:, :, k] * u[:, :, k])[..., None] * B[:, None, :, k]
+        )
+        ys.append(torch.einsum('bdn,bn->bd', h, C[:, :, k]))
+    return torch.stack(ys, dim=-1)
+
+
+def recurrence_chunked(
+    u, delta, decay_delta, A, B, C, chunk_size: int = 32
+) -> Tensor:
+    """Hillis-Steele scans inside chunks, a loop across them."""
+    batch, dim, K = u.shape
+    N = A.shape[1]
+    T = min(chunk_size, K)
+    pad = (-K) % T
+    decay = torch.exp(decay_delta[..., None] * A[:, None, :])
+    x = (delta * u)[..., None] * B.transpose(1, 2)[:, None]
+    if pad:  # identity steps: decay 1, input 0
+        decay = F.pad(decay, (0, 0, 0, pad), value=1.0)
+        x = F.pad(x, (0, 0, 0, pad))
+    num_chunks = (K + pad) // T
+    decay = decay.view(batch, dim, num_chunks, T, N)
+    x = x.view(batch, dim, num_chunks, T, N)
+    step = 1
+    while step < T:  # within chunks: x = local state, decay = cumulative
+        x = torch.cat(
+            [
+                x[:, :, :, :step],
+                decay[:, :, :, step:] * x[:, :, :, :-step] + x[:, :, :, step:],
+            ],
+            dim=3,
+        )
+        decay = torch.cat(
+            [
+                decay[:, :, :, :step],
+                decay[:, :, :, step:] * decay[:, :, :, :-step],
+            ],
+            dim=3,
+        )
+        step *= 2
+    carry = x.new_zeros(batch, dim, N)
+    carries = []
+    for c in range(num_chunks):  # across chunks: the state entering chunk c
+        carries.append(carry)
+        carry = decay[:, :, c, -1] * carry + x[:, :, c, -1]
+    h = x + decay * torch.stack(carries, dim=2)[:, :, :, None]
+    h = h.view(batch, dim, num_chunks * T, N)[:, :, :K]
+    return torch.einsum('bdkn,bnk->bdk', h, C)
+
+
+def align_to_dense(
+    u: Tensor,
+    delta: Tensor,
+    delta_bias: Optional[Tensor],
+    delta_softplus: bool,
+    positions: Optional[Tensor],
+    gap_mode: str,
+) -> Tuple[Tensor, Tensor]:
+    """Reparametrise the aligned scan as an ordinary selective scan.
+
+    With ``delta'_k = delta_k + g_k gap_delta_k`` and ``u'_k = u_k delta_k /
+    delta'_k``, the ordinary scan of ``(u', delta')`` (no bias, no softplus,
+    no ``D``) equals the aligned scan of ``(u, delta)`` without its ``D u``
+    term. This lets any standard kernel, mamba-ssm's included, run it.
+    ``positions`` must already be (batch, K).
+    """
+    delta = _prepare_delta(delta, delta_bias, delta_softplus)
+    gaps = None if positions is None else gaps_of(positions)
+    eff = _effective_delta(delta, delta_bias, delta_softplus, gaps, gap_mode)
+    return u * delta / eff, eff
+
+
+# --------------------------------------------------------------------------
+# Causal conv1d.
+# --------------------------------------------------------------------------
+def _dense_causal(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """Depthwise conv of ``x`` padded by ``k - 1`` on the left.
+
+    float64 uses a sum of shifted products: PyTorch's float64 depthwise
+    convolution on the CPU runs one slow kernel per channel.
+    """
+    k = weight.shape[-1]
+    xp = F.pad(x, (k - 1, 0))
+    if x.dtype != torch.float64:
+        return F.conv1d(xp, weight[:, None], bias, groups=weight.shape[0])
+    L = x.shape[-1]
+    out = weight[:, :1] * xp[..., :L]
+    for j in range(1, k):
+        out = out + weight[:, j : j + 1] * xp[..., j : j + L]
+    return out if bias is None else out + bias[:, None]
+
+
+def causal_conv1d_ref(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    positions: Optional[Tensor] = None,
+    seq_len: Optional[int] = None,
+    activation: Optional[str] = None,
+) -> Tensor:
+    """The position-aware causal conv by scatter / conv / gather.
+
+    The K tokens are scattered to their positions in a zero (batch, E,
+    seq_len) tensor, the dense causal conv runs over the full length and the
+    K positions are read back. See :func:`mmssm.ops.causal_conv1d` for the
+    arguments.
+    """
+    weight, positions, seq_len = check_conv_inputs(
+        x, weight, bias, positions, seq_len, activation
+    )
+    return conv_unchecked(
+        x, weight, bias, positions, seq_len, activation == 'silu'
+    )
+
+
+def conv_unchecked(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    positions: Optional[Tensor],
+    seq_len: Optional[int],
+    silu: bool,
+) -> Tensor:
+    """:func:`causal_conv1d_ref` on checked inputs: ``weight`` (E, k),
+    ``positions`` None or (batch, K). The result does not depend on
+    ``seq_len``; None (unknown, e.g. while tracing) runs the conv on the
+    positions with every gap capped at ``k``: the taps reach the same
+    tokens, and the length is known without reading the positions."""
+    if positions is None:
+        out = _dense_causal(x, weight, bias)
+    else:
+        B, E, K = x.shape
+        if seq_len is None:
+            k = weight.shape[-1]
+            gaps = positions.diff(dim=-1).clamp_max(k)
+            positions = F.pad(gaps.cumsum(dim=-1), (1, 0))
+            seq_len = (K - 1) * k + 1 if K else 0
+        index = positions[:, None, :].expand(B, E, K)
+        full = x.new_zeros(B, E, seq_len).scatter(2, index, x)
+        out = _dense_causal(full, weight, bias).gather(2, index)
+    return F.silu(out) if silu else out
