@@ -1,13 +1,10 @@
 import ast
-import contextlib
-import copy
 import os.path as osp
 from types import SimpleNamespace
 
 import pytest
 import torch
 from mmengine.config import Config
-from mmengine.registry import DefaultScope
 
 from mmssm.testing import TINY_PRUNE, shrink_prune_cfg, tiny_arch
 
@@ -22,30 +19,6 @@ def _seed_and_threads():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@contextlib.contextmanager
-def _default_scope_restored():
-    saved = copy.copy(DefaultScope._instance_dict)
-    try:
-        yield
-    finally:
-        DefaultScope._instance_dict = saved
-
-
-@pytest.fixture(autouse=True)
-def _restore_default_scope():
-    """A test that sets mmengine's default scope must not leak it."""
-    with _default_scope_restored():
-        yield
-
-
-@pytest.fixture(autouse=True, scope='module')
-def _restore_default_scope_of_module():
-    """Nor must a module's fixtures (a Runner, ``register_all_modules``):
-    set up before them, this autouse fixture is torn down after them."""
-    with _default_scope_restored():
-        yield
 
 
 # --------------------------------------------------------------------------

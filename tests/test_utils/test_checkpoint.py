@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from mmengine.model import BaseModel
+from mmengine.registry import DefaultScope
 from mmengine.runner import Runner, load_checkpoint
 from torch.utils.data import Dataset
 
@@ -129,21 +130,21 @@ def test_default_load_is_weights_only():
 
 
 def test_training_checkpoint_loads_and_resumes(tmp_path):
-    runner = make_runner(tmp_path, max_epochs=2)
-    runner.train()
+    # a Runner sets its default scope ('mmengine'): for this test only
+    with DefaultScope.overwrite_default_scope('mmengine'):
+        runner = make_runner(tmp_path, max_epochs=2)
+        runner.train()
+        resumed = make_runner(tmp_path, max_epochs=3, resume=True)
+        resumed.train()
+    assert resumed.epoch == 3 and resumed.iter == 6
+    assert (tmp_path / 'epoch_3.pth').exists()
     ckpt = tmp_path / 'epoch_2.pth'
     raw = torch.load(ckpt, weights_only=True)  # numpy and HistoryBuffer
     assert raw['meta']['epoch'] == 2
     assert 'message_hub' in raw and 'optimizer' in raw
-
     model = ToyModel()
     load_checkpoint(model, str(ckpt), strict=True)
     torch.testing.assert_close(model.linear.weight, runner.model.linear.weight)
-
-    resumed = make_runner(tmp_path, max_epochs=3, resume=True)
-    resumed.train()
-    assert resumed.epoch == 3 and resumed.iter == 6
-    assert (tmp_path / 'epoch_3.pth').exists()
 
 
 def test_numpy_values_in_meta_load(tmp_path):
