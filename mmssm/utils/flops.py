@@ -190,10 +190,10 @@ class _Recorder:
             return self.add('linear', prod(out_shape) * a[-1])
 
         def conv(x, w, bias, stride, pad, dil, transposed, *args, **kwargs):
-            # MACs per output element of a conv, per input element of a
-            # transposed one: the weight's (C / groups) x prod(kernel)
-            spatial = x if transposed else kwargs['out_shape']
-            return self.add('conv', prod(spatial) * prod(w[1:]))
+            # per output element of a conv, per input element of a
+            # transposed one: the weight's (C / groups) x prod(kernel) MACs
+            elements = prod(x if transposed else kwargs['out_shape'])
+            return self.add('conv', elements * prod(w[1:]))
 
         def causal_conv(x, w, *args, out_shape=None, **kwargs):
             return self.add('conv', causal_conv_macs(out_shape, w))
