@@ -1,10 +1,9 @@
-import ast
-import os.path as osp
 from types import SimpleNamespace
 
 import pytest
 import torch
 from mmengine.config import Config
+from mmengine.registry import DefaultScope
 
 from mmssm.testing import TINY_PRUNE, shrink_prune_cfg, tiny_arch
 
@@ -19,6 +18,20 @@ def _seed_and_threads():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def det_scope():
+    """mmdet as mmengine's default scope for one test, restored after it."""
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        yield
+
+
+@pytest.fixture
+def seg_scope():
+    """mmseg as mmengine's default scope for one test, restored after it."""
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        yield
 
 
 # --------------------------------------------------------------------------
@@ -48,24 +61,6 @@ TINY_ARCH = {
 }
 
 
-def base_depth(path: str) -> int:
-    """The longest chain of ``_base_`` files above a config."""
-    with open(path) as f:
-        tree = ast.parse(f.read())
-    bases = []
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(
-            isinstance(t, ast.Name) and t.id == '_base_' for t in node.targets
-        ):
-            value = ast.literal_eval(node.value)
-            bases = [value] if isinstance(value, str) else list(value)
-    folder = osp.dirname(path)
-    return max(
-        (1 + base_depth(osp.normpath(osp.join(folder, b))) for b in bases),
-        default=0,
-    )
-
-
 def is_adapter(backbone: Config) -> bool:
     """Whether a det/seg config's backbone is the ViT-Adapter (else an SSM
     backbone on its own, as the adapter-free UperNet configs)."""
@@ -87,7 +82,7 @@ def shrink_backbone(cfg: Config) -> None:
     else:
         backbone.out_indices = (0, 1, 2, 3)
     backbone.arch = dict(TINY_ARCH[backbone.type])
-    backbone.prune_cfg = shrink_prune_cfg(backbone.prune_cfg)
+    backbone.prune_cfg = shrink_prune_cfg(backbone.get('prune_cfg'))
     backbone.init_cfg = None
 
 
@@ -96,7 +91,7 @@ def check_pruner(cfg: Config, model) -> None:
     backbone_cfg, backbone = cfg.model.backbone, model.backbone
     if is_adapter(backbone_cfg):
         backbone_cfg, backbone = backbone_cfg.backbone, backbone.backbone
-    pruning = backbone_cfg.prune_cfg
+    pruning = backbone_cfg.get('prune_cfg')
     if pruning is None:
         assert backbone.pruner is None
     else:
@@ -116,7 +111,8 @@ def _check_ssm_backbone(
         == {'plainmamba': 'mmssm.PlainMamba', 'vim': 'mmssm.Vim'}[family]
     )
     assert backbone.arch == {'t': 'tiny', 's': 'small'}.get(size, size)
-    assert backbone.prune_cfg == CONFIG_PRUNING[pruning]
+    # a dense config leaves prune_cfg to the backbone's default, None
+    assert backbone.get('prune_cfg') == CONFIG_PRUNING[pruning]
     if family == 'vim':
         assert backbone.cls_token is None
     # weights: a converted checkpoint named at the top, prefix backbone.
@@ -129,9 +125,10 @@ def _check_ssm_backbone(
 def check_adapter_settings(cfg: Config, backbone_field: str) -> None:
     """The adapter and its SSM backbone of a full det or seg config.
 
-    The settings of DESIGN.md section 4 that the detection and segmentation
-    configs share; ``backbone_field`` is the config name's backbone field
-    (``plainmamba-l1-prune``, ``vim-t``...).
+    The released adapter's hyper-parameters (64 stem channels, 4 points, 6
+    heads, 8 for L3, interaction groups by quarter, cffn 0.25, SyncBN) that
+    the detection and segmentation configs share; ``backbone_field`` is
+    the config name's backbone field (``plainmamba-l1-prune``, ``vim-t``).
     """
     adapter = cfg.model.backbone
     assert adapter.type == 'mmssm.ViTAdapter'
@@ -164,34 +161,14 @@ def check_plain_backbone_settings(cfg: Config, backbone_field: str) -> None:
     )
 
 
-def check_optimizer_settings(
-    optim: Config, lr: float, weight_decay: float
-) -> None:
-    """AdamW by the SSM constructor, without decay on norms and SSM params."""
-    assert optim.constructor == 'mmssm.SSMOptimWrapperConstructor'
-    assert optim.optimizer == dict(
-        type='AdamW', lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay
-    )
-    assert optim.paramwise_cfg.norm_decay_mult == 0
-    assert set(optim.paramwise_cfg.no_decay_names) >= {
-        'pos_embed',
-        'level_embed',
-        'A_log',
-        'D',
-        'direction_Bs',
-    }
-
-
 @pytest.fixture(scope='session')
 def configs():
     """The helpers above, for the det and seg config tests."""
     return SimpleNamespace(
         backbones=CONFIG_BACKBONES,
         pruning=CONFIG_PRUNING,
-        base_depth=base_depth,
         shrink_backbone=shrink_backbone,
         check_pruner=check_pruner,
         check_adapter_settings=check_adapter_settings,
         check_plain_backbone_settings=check_plain_backbone_settings,
-        check_optimizer_settings=check_optimizer_settings,
     )

@@ -4,17 +4,15 @@ The ImageNet-1K classification configs (model only) of configs/plainmamba
 and configs/vim, and their FLOPs/params against the paper's Table 1; the
 detection configs of configs/mask_rcnn and configs/retinanet (settings,
 build and run, optimizer); and the conventions of every detection and
-segmentation config (inheritance, shared fragments, pinned upstream
-bases, one primitive per family). The segmentation configs have their own
-settings and run tests in test_configs_seg.py.
+segmentation config (inheritance, shared fragments, upstream bases
+inherited by scope, one primitive per family). The segmentation configs
+have their own settings and run tests in test_configs_seg.py.
 """
 
 import ast
 import glob
 import importlib.util
-import inspect
 import os.path as osp
-import re
 
 import pytest
 import torch
@@ -23,7 +21,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmssm.registry import MODELS
-from mmssm.utils import count_flops
+from mmssm.utils.flops import count_flops
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CLS_CONFIGS = sorted(
@@ -93,21 +91,9 @@ DET_CONFIGS = sorted(
 DET_FULL = [p for p in DET_CONFIGS if p.endswith('8xb2-1x_coco.py')]
 
 
-def _explicit_prune_cfg(cfg: Config) -> Config:
-    """``cfg`` with its SSM backbone's ``prune_cfg`` made explicit: the
-    dense configs leave it to the backbone's default, None (dense)."""
-    backbone = cfg.model.backbone
-    if backbone.type == 'mmssm.ViTAdapter':
-        backbone = backbone.backbone
-    default = inspect.signature(MODELS.get(backbone.type)).parameters
-    assert default['prune_cfg'].default is None
-    backbone.setdefault('prune_cfg', None)
-    return cfg
-
-
 def _det_shrink(cfg: Config, configs) -> Config:
     """A CPU-sized copy of a detection config's model."""
-    configs.shrink_backbone(_explicit_prune_cfg(cfg))
+    configs.shrink_backbone(cfg)
     cfg.model.neck.update(in_channels=[64] * 4, out_channels=32)
     if cfg.model.type == 'MaskRCNN':
         cfg.merge_from_dict(
@@ -158,7 +144,7 @@ def test_det_config_settings(path, configs):
     8 and 11; 8 GPUs x 2 images; 1333x800 resize and flip.
     """
     algo, backbone_field = _name(path).split('_')[:2]
-    cfg = _explicit_prune_cfg(Config.fromfile(path))
+    cfg = Config.fromfile(path)
     assert cfg.default_scope == 'mmdet'
     assert cfg.custom_imports == dict(
         imports=['mmssm.models', 'mmssm.engine'], allow_failed_imports=False
@@ -208,15 +194,12 @@ def one_thread():
 
 
 @pytest.mark.parametrize('path', DET_FULL, ids=_name)
-def test_det_config_builds_and_runs(path, one_thread, configs):
+def test_det_config_builds_and_runs(path, one_thread, configs, det_scope):
     """Build (shrunk, no pretrained weights) and run loss/predict/tensor."""
     from mmdet.registry import MODELS as DET_MODELS
     from mmdet.testing import demo_mm_inputs
-    from mmdet.utils import register_all_modules
 
     import mmssm.engine  # noqa: F401
-
-    register_all_modules()
 
     cfg = _det_shrink(Config.fromfile(path), configs)
     model = DET_MODELS.build(cfg.model)
@@ -304,14 +287,12 @@ def _weight_decays(model: nn.Module, optim_wrapper: Config) -> tuple:
         'retinanet_vim-t-naive_adapter-fpn_8xb2-1x_coco',
     ],
 )
-def test_det_optimizer_spares_the_ssm_parameters(name, configs):
+def test_det_optimizer_spares_the_ssm_parameters(name, configs, det_scope):
     """No weight decay on the parameters of NO_DECAY_NAMES, on norms (any
     class whose name ends with Norm, batch norms included) nor on biases;
     0.05 on every other parameter."""
     from mmdet.registry import MODELS as DET_MODELS
-    from mmdet.utils import register_all_modules
 
-    register_all_modules()
     folder = name.split('_')[0].replace('-', '_')
     path = osp.join(ROOT, 'configs', folder, f'{name}.py')
     cfg = _det_shrink(Config.fromfile(path), configs)
@@ -410,42 +391,29 @@ def test_dense_config_conventions(path):
         assert '_delete_' not in text
 
 
-PINNED = re.compile(
-    r'# Pinned copy of (mmdet|mmsegmentation) \S+ configs/(\S+)\.'
-)
-PINNED_END = '# (unchanged below this line)\n'
-
-
-def test_pinned_bases_are_unchanged_copies():
-    """A copy of an upstream base in configs/_base_ says which file it
-    copies and why the scoped base (``mmdet::`` / ``mmseg::``) is not used,
-    and is that file, unchanged, below its header."""
-    pinned = 0
-    for path in glob.glob(osp.join(ROOT, 'configs', '_base_', '**', '*.py')):
-        with open(path) as f:
-            text = f.read()
-        match = PINNED.match(text)
-        if match is None:
-            continue
-        pinned += 1
-        package, rel = match.groups()
-        scope = {'mmsegmentation': 'mmseg'}.get(package, package)
-        header, body = text.split(PINNED_END, 1)
-        assert f"'{scope}::{rel}'" in header, path  # the reason follows
-        with open(_base_file(f'{scope}::{rel}', path)) as f:
-            assert body == f.read(), path
-    assert pinned
-
-
-def test_scoped_bases_still_fail_to_load(tmp_path):
-    """Upstream bases are inherited through ``mmdet::`` / ``mmseg::`` where
-    mmengine can load them; the pinned copies stay only while it cannot.
-    When this fails, inherit the scoped bases and delete the copies."""
-    for scope in ('mmdet', 'mmseg'):
-        path = tmp_path / f'{scope}.py'
-        path.write_text(f"_base_ = '{scope}::_base_/default_runtime.py'\n")
-        with pytest.raises(ModuleNotFoundError, match='pkg_resources'):
-            Config.fromfile(str(path))
+def test_upstream_bases_are_inherited_not_copied():
+    """The toolboxes' own bases are inherited through ``mmdet::`` /
+    ``mmseg::`` (the wheels ship them): configs/_base_ holds only mmssm's
+    fragments, and every scoped base a config names loads."""
+    ours = sorted(
+        osp.relpath(p, osp.join(ROOT, 'configs', '_base_'))
+        for p in glob.glob(osp.join(ROOT, 'configs', '_base_', '**', '*.py'))
+    )
+    assert ours == [
+        'models/plainmamba_cls.py',
+        'models/ssm_vit_adapter.py',
+        'models/vim_cls.py',
+        'schedules/adamw_ssm.py',
+    ]
+    scoped = {
+        b
+        for p in glob.glob(osp.join(ROOT, 'configs', '*', '*.py'))
+        for b in _bases(p)
+        if '::' in b
+    }
+    assert {b.split('::')[0] for b in scoped} == {'mmdet', 'mmseg'}
+    for base in scoped:
+        assert osp.isfile(_base_file(base, ROOT)), base
 
 
 @pytest.mark.parametrize('folder', DENSE_FOLDERS)
@@ -488,7 +456,7 @@ def dense_det_params():
     from mmdet.utils import register_all_modules
     from mmengine.registry import DefaultScope
 
-    from mmssm.utils import count_params
+    from mmssm.utils.flops import count_params
 
     # the 'mmdet' scope only while building: this module's later tests
     # build unscoped (tests/conftest.py restores the scope only after the

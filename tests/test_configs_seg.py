@@ -12,7 +12,6 @@ family) is tested with the detection configs in test_configs.py.
 """
 
 import glob
-import inspect
 import os.path as osp
 
 import pytest
@@ -40,21 +39,9 @@ def _name(path: str) -> str:
     return osp.splitext(osp.basename(path))[0]
 
 
-def _explicit_prune_cfg(cfg: Config) -> Config:
-    """``cfg`` with its SSM backbone's ``prune_cfg`` made explicit: the
-    dense configs leave it to the backbone's default, None (dense)."""
-    backbone = cfg.model.backbone
-    if backbone.type == 'mmssm.ViTAdapter':
-        backbone = backbone.backbone
-    default = inspect.signature(MODELS.get(backbone.type)).parameters
-    assert default['prune_cfg'].default is None
-    backbone.setdefault('prune_cfg', None)
-    return cfg
-
-
 def _seg_shrink(cfg: Config, configs) -> Config:
     """A CPU-sized copy of a segmentation config's model."""
-    configs.shrink_backbone(_explicit_prune_cfg(cfg))
+    configs.shrink_backbone(cfg)
     cfg.model.decode_head.update(in_channels=[64] * 4, channels=32)
     cfg.model.auxiliary_head.update(in_channels=64, channels=16)
     cfg.model.data_preprocessor.size = (64, 64)
@@ -105,7 +92,7 @@ def test_seg_config_settings(path, configs):
     """
     backbone_field = _name(path).split('_')[1]
     family, size = backbone_field.split('-')[:2]
-    cfg = _explicit_prune_cfg(Config.fromfile(path))
+    cfg = Config.fromfile(path)
     model = cfg.model
     assert model.type == 'EncoderDecoder'
     assert model.get('pretrained') is None
@@ -205,14 +192,11 @@ def _inputs(sizes, ori_sizes=None, seed=0):
 
 
 @pytest.mark.parametrize('path', SEG_CONFIGS, ids=_name)
-def test_seg_config_builds_and_runs(path, configs):
+def test_seg_config_builds_and_runs(path, configs, seg_scope):
     """Build (shrunk, no pretrained weights), loss/backward/predict/tensor."""
     from mmseg.registry import MODELS as SEG_MODELS
-    from mmseg.utils import register_all_modules
 
     import mmssm.engine  # noqa: F401
-
-    register_all_modules()
 
     cfg = _seg_shrink(Config.fromfile(path), configs)
     model = SEG_MODELS.build(cfg.model)
@@ -260,20 +244,18 @@ def test_seg_config_builds_and_runs(path, configs):
         'upernet_plainmamba-l2-naive_8xb2-160k_ade20k-512x512',
     ],
 )
-def test_seg_optimizer_spares_the_ssm_parameters(name, configs):
+def test_seg_optimizer_spares_the_ssm_parameters(name, configs, seg_scope):
     """No weight decay on the SSMs' A_log and D (and Vim's A_b_log and
     D_b), PlainMamba's direction_Bs, the position and level embeddings,
     nor on norms (any class whose name ends with Norm, batch norms
     included); 0.01 on every other parameter, biases included."""
     from mmengine.optim import build_optim_wrapper
     from mmseg.registry import MODELS as SEG_MODELS
-    from mmseg.utils import register_all_modules
     from torch import nn
     from torch.nn.modules.batchnorm import _BatchNorm
 
     import mmssm.engine  # noqa: F401
 
-    register_all_modules()
     path = osp.join(ROOT, 'configs', 'upernet', f'{name}.py')
     cfg = _seg_shrink(Config.fromfile(path), configs)
     model = SEG_MODELS.build(cfg.model)
@@ -343,15 +325,13 @@ def test_seg_mini_config(monkeypatch, configs):
 RELEASE_SEG_PARAMS = {'l1': 35, 'l2': 55, 'l3': 81}
 
 
-def test_seg_params_match_the_release():
+def test_seg_params_match_the_release(seg_scope):
     """The adapter-free configs within 3% of the release; the adapter
     configs differ from them by the adapter's own parameters only."""
     from mmseg.registry import MODELS as SEG_MODELS
-    from mmseg.utils import register_all_modules
 
-    from mmssm.utils import count_params
+    from mmssm.utils.flops import count_params
 
-    register_all_modules(init_default_scope=True)
     for arch, release in RELEASE_SEG_PARAMS.items():
         params = {}
         for neck in ('', '_adapter'):

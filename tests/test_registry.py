@@ -5,7 +5,7 @@ import sys
 
 import pytest
 from mmengine.model import BaseModule
-from mmengine.registry import init_default_scope
+from mmengine.registry import DefaultScope
 
 from mmssm.registry import MODELS
 
@@ -20,8 +20,10 @@ class _RegistryProbe(BaseModule):
 @pytest.mark.parametrize('task', ['mmdet', 'mmseg'])
 def test_found_from_task_scope(task):
     registry = pytest.importorskip(f'{task}.registry')
-    init_default_scope(task)
-    model = registry.MODELS.build(dict(type='mmssm._RegistryProbe', width=5))
+    with DefaultScope.overwrite_default_scope(task):
+        model = registry.MODELS.build(
+            dict(type='mmssm._RegistryProbe', width=5)
+        )
     assert isinstance(model, _RegistryProbe) and model.width == 5
     assert MODELS.scope == 'mmssm'
     assert MODELS.parent.scope == 'mmengine'

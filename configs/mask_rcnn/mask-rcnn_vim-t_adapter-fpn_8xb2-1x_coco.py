@@ -20,10 +20,10 @@ Make ``ckpt`` with ``python tools/model_converters/vim2mmssm.py --dense
 """
 
 _base_ = [
-    '../_base_/models/mask-rcnn_r50_fpn.py',
-    '../_base_/datasets/coco_instance.py',
-    '../_base_/schedules/schedule_1x.py',
-    '../_base_/default_runtime_det.py',
+    'mmdet::_base_/models/mask-rcnn_r50_fpn.py',
+    'mmdet::_base_/datasets/coco_instance.py',
+    'mmdet::_base_/schedules/schedule_1x.py',
+    'mmdet::_base_/default_runtime.py',
     '../_base_/models/ssm_vit_adapter.py',
     '../_base_/schedules/adamw_ssm.py',
 ]

@@ -26,10 +26,10 @@ resized to the 512x512 grid when it is loaded.
 """
 
 _base_ = [
-    '../_base_/models/upernet_r50.py',
-    '../_base_/datasets/ade20k.py',
-    '../_base_/schedules/schedule_160k.py',
-    '../_base_/default_runtime_seg.py',
+    'mmseg::_base_/models/upernet_r50.py',
+    'mmseg::_base_/datasets/ade20k.py',
+    'mmseg::_base_/schedules/schedule_160k.py',
+    'mmseg::_base_/default_runtime.py',
     '../_base_/models/ssm_vit_adapter.py',
     '../_base_/schedules/adamw_ssm.py',
 ]

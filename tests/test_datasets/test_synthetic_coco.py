@@ -226,16 +226,14 @@ def test_config_settings():
     assert osp.relpath(CONFIG, ROOT) in script
 
 
-def test_config_builds_and_trains_on_the_set(small_set, configs):
+def test_config_builds_and_trains_on_the_set(small_set, configs, det_scope):
     """The config's pipelines read the generator's output; loss + predict."""
     from mmdet.registry import DATASETS, MODELS
-    from mmdet.utils import register_all_modules
     from mmengine.dataset import pseudo_collate
 
     import mmssm.engine  # noqa: F401
     import mmssm.models  # noqa: F401
 
-    register_all_modules()
     cfg = _shrink(Config.fromfile(CONFIG), configs)
     datasets = {}
     for split, loader in (

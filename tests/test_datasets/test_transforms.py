@@ -126,12 +126,7 @@ def bad_labels(tmp_path):
 
 
 @pytest.fixture
-def mmseg_scope():
-    from mmengine.registry import init_default_scope
-    from mmseg.utils import register_all_modules
-
-    register_all_modules(init_default_scope=False)
-    init_default_scope('mmseg')
+def mmseg_scope(seg_scope):
     import mmssm.engine  # noqa: F401
     import mmssm.models  # noqa: F401
 

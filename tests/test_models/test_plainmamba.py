@@ -15,13 +15,9 @@ from mmssm.models.backbones.plainmamba import (
 from mmssm.models.classifiers import SSMClassifier
 from mmssm.models.layers import resize_pos_embed
 from mmssm.models.utils.ckpt_convert import convert_plainmamba
-from mmssm.ops import ext_status, selective_scan_ref
+from mmssm.ops import selective_scan_ref
 from mmssm.registry import MODELS
-from mmssm.testing import tiny_arch
-
-needs_ext = pytest.mark.skipif(
-    ext_status() != 'built', reason='mmssm._ext is not built'
-)
+from mmssm.testing import needs_ext, tiny_arch
 
 TOOL = osp.join(
     osp.dirname(__file__),

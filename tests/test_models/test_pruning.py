@@ -507,7 +507,7 @@ def test_paper_flops_match_table_1():
     """The calibrated keep ratios give the paper's Table 1 FLOPs (L1,
     Vim-T; the other arches are checked the same way, too slow here)."""
     from mmssm.models.classifiers import SSMClassifier
-    from mmssm.utils import count_flops
+    from mmssm.utils.flops import count_flops
 
     x = torch.randn(1, 3, 224, 224)
     for backbone, target in (

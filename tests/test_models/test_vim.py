@@ -12,12 +12,8 @@ from mmssm.models.backbones.vim import BiMambaV2
 from mmssm.models.classifiers import SSMClassifier
 from mmssm.models.layers import resize_pos_embed
 from mmssm.models.utils.ckpt_convert import convert_vim
-from mmssm.ops import ext_status, selective_scan_ref
-from mmssm.testing import tiny_arch
-
-needs_ext = pytest.mark.skipif(
-    ext_status() != 'built', reason='mmssm._ext is not built'
-)
+from mmssm.ops import selective_scan_ref
+from mmssm.testing import needs_ext, tiny_arch
 
 TINY = tiny_arch('vim', embed_dims=32, num_layers=2)
 
