@@ -86,6 +86,34 @@ def shrink_backbone(cfg: Config) -> None:
     backbone.init_cfg = None
 
 
+def shrink_detector(cfg: Config) -> Config:
+    """A CPU-sized copy of a detection config's model."""
+    shrink_backbone(cfg)
+    cfg.model.neck.update(in_channels=[64] * 4, out_channels=32)
+    if cfg.model.type == 'MaskRCNN':
+        cfg.merge_from_dict(
+            {
+                'model.rpn_head.in_channels': 32,
+                'model.rpn_head.feat_channels': 32,
+                'model.roi_head.bbox_roi_extractor.out_channels': 32,
+                'model.roi_head.bbox_head.in_channels': 32,
+                'model.roi_head.bbox_head.conv_out_channels': 32,
+                'model.roi_head.bbox_head.fc_out_channels': 64,
+                'model.roi_head.mask_roi_extractor.out_channels': 32,
+                'model.roi_head.mask_head.in_channels': 32,
+                'model.roi_head.mask_head.conv_out_channels': 32,
+                'model.train_cfg.rpn_proposal.max_per_img': 100,
+                'model.train_cfg.rcnn.sampler.num': 64,
+                'model.test_cfg.rpn.max_per_img': 100,
+            }
+        )
+    else:
+        cfg.model.bbox_head.update(
+            in_channels=32, feat_channels=32, stacked_convs=1
+        )
+    return cfg
+
+
 def check_pruner(cfg: Config, model) -> None:
     """The pruner of a model built from a shrunk config: its prune_cfg's."""
     backbone_cfg, backbone = cfg.model.backbone, model.backbone
@@ -168,6 +196,7 @@ def configs():
         backbones=CONFIG_BACKBONES,
         pruning=CONFIG_PRUNING,
         shrink_backbone=shrink_backbone,
+        shrink_detector=shrink_detector,
         check_pruner=check_pruner,
         check_adapter_settings=check_adapter_settings,
         check_plain_backbone_settings=check_plain_backbone_settings,

@@ -91,34 +91,6 @@ DET_CONFIGS = sorted(
 DET_FULL = [p for p in DET_CONFIGS if p.endswith('8xb2-1x_coco.py')]
 
 
-def _det_shrink(cfg: Config, configs) -> Config:
-    """A CPU-sized copy of a detection config's model."""
-    configs.shrink_backbone(cfg)
-    cfg.model.neck.update(in_channels=[64] * 4, out_channels=32)
-    if cfg.model.type == 'MaskRCNN':
-        cfg.merge_from_dict(
-            {
-                'model.rpn_head.in_channels': 32,
-                'model.rpn_head.feat_channels': 32,
-                'model.roi_head.bbox_roi_extractor.out_channels': 32,
-                'model.roi_head.bbox_head.in_channels': 32,
-                'model.roi_head.bbox_head.conv_out_channels': 32,
-                'model.roi_head.bbox_head.fc_out_channels': 64,
-                'model.roi_head.mask_roi_extractor.out_channels': 32,
-                'model.roi_head.mask_head.in_channels': 32,
-                'model.roi_head.mask_head.conv_out_channels': 32,
-                'model.train_cfg.rpn_proposal.max_per_img': 100,
-                'model.train_cfg.rcnn.sampler.num': 64,
-                'model.test_cfg.rpn.max_per_img': 100,
-            }
-        )
-    else:
-        cfg.model.bbox_head.update(
-            in_channels=32, feat_channels=32, stacked_convs=1
-        )
-    return cfg
-
-
 def test_det_configs_are_all_there(configs):
     names = {_name(p) for p in DET_FULL}
     expected = {
@@ -201,7 +173,7 @@ def test_det_config_builds_and_runs(path, one_thread, configs, det_scope):
 
     import mmssm.engine  # noqa: F401
 
-    cfg = _det_shrink(Config.fromfile(path), configs)
+    cfg = configs.shrink_detector(Config.fromfile(path))
     model = DET_MODELS.build(cfg.model)
     model.init_weights()
     configs.check_pruner(cfg, model)
@@ -295,7 +267,7 @@ def test_det_optimizer_spares_the_ssm_parameters(name, configs, det_scope):
 
     folder = name.split('_')[0].replace('-', '_')
     path = osp.join(ROOT, 'configs', folder, f'{name}.py')
-    cfg = _det_shrink(Config.fromfile(path), configs)
+    cfg = configs.shrink_detector(Config.fromfile(path))
     model = DET_MODELS.build(cfg.model)
     decays, norms = _weight_decays(model, cfg.optim_wrapper)
     spared = set()

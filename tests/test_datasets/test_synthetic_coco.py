@@ -179,26 +179,6 @@ def test_cli(tmp_path, capsys):
 # --------------------------------------------------------------------------
 # The main job's config
 # --------------------------------------------------------------------------
-def _shrink(cfg: Config, configs) -> Config:
-    """The config with a CPU-test-sized model (a 4-layer PlainMamba)."""
-    configs.shrink_backbone(cfg)
-    cfg.model.neck.update(in_channels=[64] * 4, out_channels=32)
-    cfg.merge_from_dict(
-        {
-            'model.rpn_head.in_channels': 32,
-            'model.rpn_head.feat_channels': 32,
-            'model.roi_head.bbox_roi_extractor.out_channels': 32,
-            'model.roi_head.bbox_head.in_channels': 32,
-            'model.roi_head.bbox_head.conv_out_channels': 32,
-            'model.roi_head.bbox_head.fc_out_channels': 64,
-            'model.roi_head.mask_roi_extractor.out_channels': 32,
-            'model.roi_head.mask_head.in_channels': 32,
-            'model.roi_head.mask_head.conv_out_channels': 32,
-        }
-    )
-    return cfg
-
-
 def test_config_settings():
     cfg = Config.fromfile(CONFIG)
     assert cfg.default_scope == 'mmdet'
@@ -234,7 +214,7 @@ def test_config_builds_and_trains_on_the_set(small_set, configs, det_scope):
     import mmssm.engine  # noqa: F401
     import mmssm.models  # noqa: F401
 
-    cfg = _shrink(Config.fromfile(CONFIG), configs)
+    cfg = configs.shrink_detector(Config.fromfile(CONFIG))
     datasets = {}
     for split, loader in (
         ('train', cfg.train_dataloader),

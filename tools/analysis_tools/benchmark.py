@@ -185,22 +185,17 @@ def run_rows(
     does meanwhile. The peak memory (MiB) is measured for a single row.
     """
     import torch
-    from torch.utils.benchmark import Measurement, Timer
+    from torch.utils.benchmark import Measurement
+    from torch.utils.benchmark.utils.common import TaskSpec
 
     torch.set_num_threads(threads)
-    timers, models = [], []
+    inputs, models, specs = [], [], []
     for row in rows:
         torch.manual_seed(0)
-        model = build(row).eval()
-        x = torch.randn(row.batch, 3, *row.shape)
-        models.append(model)
-        timers.append(
-            Timer(
-                'model(x)',
-                globals=dict(model=model, x=x),
-                label=row.key,
-                num_threads=threads,
-            )  # fmt: skip
+        models.append(build(row).eval())
+        inputs.append(torch.randn(row.batch, 3, *row.shape))
+        specs.append(
+            TaskSpec('model(x)', 'pass', label=row.key, num_threads=threads)
         )
     gc.collect()
     rss_before = _status_kb('VmRSS')
@@ -208,13 +203,17 @@ def run_rows(
     exact = _reset_peak_rss()
     runs: List[List[Measurement]] = [[] for _ in rows]
     order = list(range(len(rows)))
+    # One forward at a time, timed on Timer's clock: Timer.timeit(1) would
+    # add two hidden warm-up forwards to each, tripling an interleaved run.
     with torch.no_grad():
         for i in range(warmup + iters):
             shift = i % len(order)
             for j in order[shift:] + order[:shift]:
-                measurement = timers[j].timeit(1)
+                start = time.perf_counter()
+                models[j](inputs[j])
+                elapsed = time.perf_counter() - start
                 if i >= warmup:
-                    runs[j].append(measurement)
+                    runs[j].append(Measurement(1, [elapsed], specs[j]))
     results = []
     for row, model, measurements in zip(rows, models, runs):
         (m,) = Measurement.merge(measurements)
