@@ -690,7 +690,8 @@ class Vim(SSMBackbone):
             return {}
         return dict(
             positions=state.index,
-            seq_len=state.seq_len,
+            # a size is a tensor under torch.jit.trace; the ops take ints
+            seq_len=int(state.seq_len),
             gap_mode=self.scan_gap_mode(),
         )
 

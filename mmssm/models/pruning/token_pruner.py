@@ -190,10 +190,15 @@ class TokenPruner(BaseModule):
         """The step that runs after the 0-based ``layer``, or None."""
         return self._steps.get(layer)
 
-    def num_keep(self, step: int, num_tokens: int) -> int:
+    def num_keep(self, step: int, num_tokens: Union[int, Tensor]) -> int:
         """Tokens kept by ``step`` of the ``num_tokens`` prunable ones
-        entering it: ``floor(ratio * num_tokens)``, an error if 0."""
+        entering it: ``floor(ratio * num_tokens)``, an error if 0.
+
+        ``num_tokens`` may be a 0-d tensor: under ``torch.jit.trace`` (as
+        mmengine's FLOP counter runs a model) sizes are tensors.
+        """
         ratio = self.keep_ratios[step]
+        num_tokens = int(num_tokens)
         k = math.floor(round(ratio * num_tokens, 6))
         if k < 1:
             raise UserError(
@@ -219,7 +224,7 @@ class TokenPruner(BaseModule):
             Tensor | None: int64 (B, k) increasing slots in ``0 .. K - 1``,
             or None when every token is kept.
         """
-        K = scores.shape[1]
+        K = int(scores.shape[1])  # a tensor under torch.jit.trace
         if cls_slot is None:
             k = self.num_keep(step, K)
             if k == K:
@@ -261,7 +266,7 @@ class TokenPruner(BaseModule):
             every token).
         """
         scores = self.scorer(state, ssm_out, step)
-        batch, K, C = state.tokens.shape
+        K, C = (int(n) for n in state.tokens.shape[1:])  # see num_keep
         cls_slot = None if state.cls_index is None else (K - 1) // 2
         slots = self.select(scores, step, cls_slot)
         after = state
