@@ -1,4 +1,4 @@
-"""Test a detector (mmdet config) or a segmentor (mmseg config).
+"""Test a detector (mmdet), segmentor (mmseg) or classifier (mmpretrain).
 
 The config's ``default_scope`` decides which toolbox runs it. The
 checkpoint must hold exactly the weights of the config's model: one of
@@ -60,6 +60,8 @@ def build_cfg(args) -> Config:
         hook['interval'] = 1  # every image, not every 50th
         if task == 'mmseg':
             cfg.visualizer['save_dir'] = args.show_dir
+        elif task == 'mmpretrain':
+            hook.update(enable=True, out_dir=args.show_dir)
         else:
             hook['test_out_dir'] = args.show_dir
     if args.out is not None:

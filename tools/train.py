@@ -1,4 +1,4 @@
-"""Train a detector (mmdet config) or a segmentor (mmseg config).
+"""Train a detector (mmdet), segmentor (mmseg) or classifier (mmpretrain).
 
 The config's ``default_scope`` decides which toolbox runs it. Examples::
 

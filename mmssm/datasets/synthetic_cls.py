@@ -19,12 +19,15 @@ Same arguments, same tensors: image ``i`` of a split is drawn from its own
 depend on how many training images there are), and its class is
 ``i % len(CLS_CLASSES)`` (balanced splits). The images are rendered with
 PyTorch on the CPU in float32 and returned as uint8 tensors, held in
-memory (48 KB per 128 x 128 image); nothing is written to disk.
+memory (48 KB per 128 x 128 image); :func:`write_synthetic_cls` writes
+them to disk in mmpretrain's folder layout.
 
 numpy is imported when a set is made; only torch at module level.
 """
 
 import math
+import os
+import os.path as osp
 from typing import Tuple, Union
 
 import torch
@@ -243,3 +246,77 @@ def make_synthetic_cls(
     if return_masks:
         return images, labels, masks
     return images, labels
+
+
+#: The splits of the set on disk: the in-memory split each is drawn from.
+FOLDER_SPLITS = {'train': 'train', 'val': 'test'}
+
+
+def write_synthetic_cls(
+    out_dir: str,
+    num_train: int = 600,
+    num_val: int = 120,
+    image_size: Union[int, Tuple[int, int]] = 128,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> bool:
+    """Write the synthetic classification set in mmpretrain's layout.
+
+    ``<split>/<class>/<index>.png`` with an annotation list
+    ``meta/<split>.txt`` of ``<path> <label>`` lines (the ImageNet layout
+    of mmpretrain's ``CustomDataset``), for the splits 'train' and 'val'
+    (the in-memory 'test' split). The images are those of
+    :func:`make_synthetic_cls`; the folder is written whole or not at all
+    (see :mod:`.set_folder`).
+
+    Args:
+        out_dir (str): Where the set goes.
+        num_train (int): Training images (>= 1). Defaults to 600.
+        num_val (int): Validation images (>= 1). Defaults to 120.
+        image_size (int | tuple[int, int]): Side, or (height, width).
+            Defaults to 128.
+        seed (int): Seed of the set. Defaults to 0.
+        overwrite (bool): Replace a set made with other parameters.
+            Defaults to False.
+
+    Returns:
+        bool: True if written, False if ``out_dir`` already held this set.
+    """
+    import cv2
+
+    from .set_folder import write_set
+
+    for name, value in (('num_train', num_train), ('num_val', num_val)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f'{name} must be a positive int, got {value!r}')
+    size = image_size if isinstance(image_size, int) else list(image_size)
+    meta = dict(
+        generator='mmssm.datasets.synthetic_cls',
+        version=GENERATOR_VERSION,
+        num_train=num_train,
+        num_val=num_val,
+        image_size=size,
+        seed=seed,
+        classes=list(CLS_CLASSES),
+    )
+
+    def build(root: str) -> None:
+        os.makedirs(osp.join(root, 'meta'))
+        counts = dict(train=num_train, val=num_val)
+        for split, source in FOLDER_SPLITS.items():
+            images, labels = make_synthetic_cls(
+                counts[split], image_size, seed, source
+            )
+            lines = []
+            for i, (image, label) in enumerate(zip(images, labels)):
+                rel = osp.join(split, CLS_CLASSES[label], f'{i:06d}.png')
+                os.makedirs(osp.dirname(osp.join(root, rel)), exist_ok=True)
+                bgr = image.permute(1, 2, 0).numpy()[..., ::-1]
+                if not cv2.imwrite(osp.join(root, rel), bgr):
+                    raise OSError(f'could not write {rel}')
+                lines.append(f'{rel} {int(label)}\n')
+            with open(osp.join(root, 'meta', f'{split}.txt'), 'w') as f:
+                f.writelines(lines)
+
+    files = [osp.join('meta', f'{s}.txt') for s in FOLDER_SPLITS]
+    return write_set(out_dir, meta, build, overwrite, files)

@@ -25,13 +25,12 @@ Only the standard library is imported at module level; numpy and OpenCV
 are imported when a set is made.
 """
 
-import json
 import math
 import os
 import os.path as osp
-import shutil
-import tempfile
 from typing import Dict, List, Sequence, Tuple, Union
+
+from .set_folder import dump_json, read_set_meta, write_set
 
 #: The classes, in the order of their category ids (1, 2, 3).
 CLASSES = ('circle', 'square', 'triangle')
@@ -235,10 +234,8 @@ def _make_split(
     )
 
 
-def _dump_json(obj, path: str) -> None:
-    with open(path, 'w') as f:
-        json.dump(obj, f, separators=(',', ':'))
-        f.write('\n')
+#: The files of a complete set besides its meta.json.
+_SET_FILES = [osp.join('annotations', f'instances_{s}.json') for s in SPLITS]
 
 
 def read_meta(out_dir: str):
@@ -251,16 +248,7 @@ def read_meta(out_dir: str):
         dict | None: The contents of its ``meta.json``; None if the folder
         is not a complete set.
     """
-    files = ['meta.json'] + [
-        osp.join('annotations', f'instances_{s}.json') for s in SPLITS
-    ]
-    if not all(osp.isfile(osp.join(out_dir, f)) for f in files):
-        return None
-    try:
-        with open(osp.join(out_dir, 'meta.json')) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
+    return read_set_meta(out_dir, _SET_FILES)
 
 
 def make_synthetic_coco(
@@ -304,53 +292,16 @@ def make_synthetic_coco(
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f'seed must be a non-negative int, got {seed!r}')
     meta = _meta(num_train, num_val, size, seed)
-    out_dir = osp.abspath(out_dir)
-    if osp.exists(out_dir):
-        if read_meta(out_dir) == meta:
-            return False
-        if not overwrite:
-            raise FileExistsError(
-                f'{out_dir} exists and is not the synthetic set of these '
-                f'parameters ({meta}); remove it or pass overwrite=True'
-            )
-    parent = osp.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(
-        prefix=f'.{osp.basename(out_dir)}.partial-', dir=parent
-    )
-    try:
-        os.makedirs(osp.join(tmp, 'annotations'))
+
+    def build(root: str) -> None:
+        os.makedirs(osp.join(root, 'annotations'))
         for split, num in enumerate((num_train, num_val)):
-            coco = _make_split(tmp, split, num, size, seed)
-            _dump_json(
+            coco = _make_split(root, split, num, size, seed)
+            dump_json(
                 coco,
                 osp.join(
-                    tmp, 'annotations', f'instances_{SPLITS[split]}.json'
+                    root, 'annotations', f'instances_{SPLITS[split]}.json'
                 ),
             )
-        _dump_json(meta, osp.join(tmp, 'meta.json'))  # last: the set is whole
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private
-        old = None
-        if osp.exists(out_dir):  # overwrite: move the old set aside first
-            old = tempfile.mkdtemp(
-                prefix=f'.{osp.basename(out_dir)}.old-', dir=parent
-            )
-            os.rename(out_dir, osp.join(old, 'set'))
-        try:
-            os.rename(tmp, out_dir)
-        except OSError:
-            if old is not None and not osp.exists(out_dir):
-                os.rename(osp.join(old, 'set'), out_dir)  # put it back
-                shutil.rmtree(old, ignore_errors=True)
-                raise
-            # another process finished the same set first: keep it
-            if read_meta(out_dir) != meta:
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-            return False
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return True
+
+    return write_set(out_dir, meta, build, overwrite, _SET_FILES)

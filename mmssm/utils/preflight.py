@@ -17,7 +17,7 @@ from mmengine.config import Config
 from mmssm.errors import UserError
 
 # The default scopes of the configs that the tools run.
-TOOLBOXES = ('mmdet', 'mmseg')
+TOOLBOXES = ('mmdet', 'mmseg', 'mmpretrain')
 
 
 def config_task(cfg: Config) -> str:
@@ -80,9 +80,11 @@ def _data_problems(cfg, where: str) -> List[str]:
         # relative paths are under data_root, as in mmengine's BaseDataset
         prefixes = node.get('data_prefix')
         paths = [('ann_file', node.get('ann_file'), 'file')]
+        if isinstance(prefixes, str):  # mmpretrain's: one image folder
+            prefixes = {'': prefixes}
         if isinstance(prefixes, Mapping):
             paths += [
-                (f'data_prefix.{name}', prefix, 'directory')
+                (f'data_prefix.{name}'.rstrip('.'), prefix, 'directory')
                 for name, prefix in prefixes.items()
             ]
         for name, path, kind in paths:
