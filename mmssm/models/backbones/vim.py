@@ -269,13 +269,15 @@ class BiMambaV2(nn.Module):
             if positions.dim() == 1:
                 positions = positions.unsqueeze(0)
             positions = positions.expand(batch, K)
-            last = int(positions.max()) if K else -1
             if seq_len is None:
-                seq_len = last + 1
-            elif last >= seq_len:
-                raise UserError(
-                    f'positions reach {last}, beyond seq_len={seq_len}'
-                )
+                seq_len = int(positions.max()) + 1 if K else 0
+            # a meta tensor holds no values to check
+            elif K and not positions.is_meta:
+                last = int(positions.max())
+                if last >= seq_len:
+                    raise UserError(
+                        f'positions reach {last}, beyond seq_len={seq_len}'
+                    )
             positions_b = (seq_len - 1 - positions).flip(-1)
         else:
             seq_len, positions_b = K, None

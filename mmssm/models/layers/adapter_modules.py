@@ -54,6 +54,22 @@ def _build_deform_attn(
     )
 
 
+def _deform_attn_meta(attn: nn.Module, query: Tensor, value: Tensor) -> Tensor:
+    """mmcv's deformable attention ``attn`` on the meta device: shapes only.
+
+    mmcv reads the level sizes as numbers (an assert, the split of its
+    PyTorch path), which meta tensors do not hold. Its four projections run
+    as in mmcv, so a FLOP count matches the CPU's; the bilinear sampling
+    between them, which no counter counts, becomes an empty tensor of its
+    shape.
+    """
+    value = attn.value_proj(value)
+    attn.sampling_offsets(query)
+    attn.attention_weights(query).softmax(-1)
+    sampled = value.new_empty(*query.shape[:2], value.shape[-1])
+    return attn.output_proj(sampled)
+
+
 def _build_drop_path(drop_prob: float) -> nn.Module:
     if drop_prob <= 0:
         return nn.Identity()
@@ -310,6 +326,11 @@ class _DeformBlock(nn.Module):
 
         def inner(query: Tensor, feat: Tensor) -> Tensor:
             normed = self.query_norm(query)
+            if normed.is_meta:
+                attn = _deform_attn_meta(
+                    self.attn, normed, self.feat_norm(feat)
+                )
+                return self.update(query, attn, *args)
             # mmcv adds its ``identity`` to the attention; zero leaves the
             # residual (and its scale) to ``update``.
             attn = self.attn(
