@@ -313,3 +313,24 @@ def test_pickle_is_det_results(det_results):
     with open(det_results, 'rb') as f:
         results = pickle.load(f)
     assert len(results) == 2 and 'pred_instances' in results[0]
+
+
+@pytest.mark.parametrize('family', ['plainmamba', 'vim'])
+def test_pruned_backbone_traces(family):
+    """mmengine's counters run the model under torch.jit.trace, where
+    token counts are tensors: the pruned path traces to the eager output."""
+    import warnings
+
+    import mmssm.models  # noqa: F401
+    from mmssm.registry import MODELS
+    from mmssm.testing.models import TINY_PRUNE, tiny_backbone_cfg
+
+    torch.manual_seed(0)
+    cfg = tiny_backbone_cfg(family, prune_cfg=dict(TINY_PRUNE))
+    model = MODELS.build(cfg).eval()
+    x = torch.randn(1, 3, 64, 80)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # TracerWarnings of the int sizes
+        traced = torch.jit.trace(model, x, check_trace=False)
+    for a, b in zip(model(x), traced(x)):
+        torch.testing.assert_close(a, b)
