@@ -364,9 +364,10 @@ def test_dense_config_conventions(path):
 
 
 def test_upstream_bases_are_inherited_not_copied():
-    """The toolboxes' own bases are inherited through ``mmdet::`` /
-    ``mmseg::`` (the wheels ship them): configs/_base_ holds only mmssm's
-    fragments, and every scoped base a config names loads."""
+    """The toolboxes' own bases are inherited through ``mmdet::``,
+    ``mmseg::`` and ``mmpretrain::`` (the wheels ship them): configs/_base_
+    holds only mmssm's fragments, and every scoped base a config names
+    loads."""
     ours = sorted(
         osp.relpath(p, osp.join(ROOT, 'configs', '_base_'))
         for p in glob.glob(osp.join(ROOT, 'configs', '_base_', '**', '*.py'))
@@ -383,7 +384,11 @@ def test_upstream_bases_are_inherited_not_copied():
         for b in _bases(p)
         if '::' in b
     }
-    assert {b.split('::')[0] for b in scoped} == {'mmdet', 'mmseg'}
+    assert {b.split('::')[0] for b in scoped} == {
+        'mmdet',
+        'mmseg',
+        'mmpretrain',
+    }
     for base in scoped:
         assert osp.isfile(_base_file(base, ROOT)), base
 

@@ -59,28 +59,19 @@ train_pipeline = [
     dict(type='PackInputs'),
 ]
 test_pipeline = [dict(type='LoadImageFromFile'), dict(type='PackInputs')]
+dataset = dict(
+    type='CustomDataset', data_root=data_root, metainfo=dict(classes=classes)
+)
 train_dataloader = dict(
     batch_size=16,
     num_workers=0,
-    dataset=dict(
-        type='CustomDataset',
-        data_root=data_root,
-        ann_file='meta/train.txt',
-        metainfo=dict(classes=classes),
-        pipeline=train_pipeline,
-    ),
+    dataset=dict(dataset, ann_file='meta/train.txt', pipeline=train_pipeline),
     sampler=dict(type='DefaultSampler', shuffle=True),
 )
 val_dataloader = dict(
     batch_size=16,
     num_workers=0,
-    dataset=dict(
-        type='CustomDataset',
-        data_root=data_root,
-        ann_file='meta/val.txt',
-        metainfo=dict(classes=classes),
-        pipeline=test_pipeline,
-    ),
+    dataset=dict(dataset, ann_file='meta/val.txt', pipeline=test_pipeline),
     sampler=dict(type='DefaultSampler', shuffle=False),
 )
 val_evaluator = dict(type='Accuracy', topk=(1,))

@@ -8,6 +8,7 @@ from torch import nn
 import mmssm.engine  # noqa: F401  (registers the constructor)
 from mmssm.models.layers import RMSNorm
 from mmssm.registry import MODELS
+from mmssm.testing import tiny_backbone_cfg
 
 WD = 0.05
 
@@ -106,34 +107,11 @@ def test_bad_names():
     'cfg, expected',
     [
         (
-            dict(
-                type='PlainMamba',
-                arch=dict(
-                    embed_dims=16,
-                    num_layers=2,
-                    num_convs=1,
-                    dw_layers=[0],
-                    d_state=4,
-                    expand=1,
-                    conv_size=3,
-                ),
-            ),
+            tiny_backbone_cfg('plainmamba', dict(num_layers=2, expand=1)),
             {'A_log', 'D', 'direction_Bs', 'pos_embed'},
         ),
         (
-            dict(
-                type='Vim',
-                arch=dict(
-                    embed_dims=16,
-                    num_layers=2,
-                    patch_size=16,
-                    stride=16,
-                    d_state=4,
-                    expand=1,
-                    d_conv=4,
-                    cls_token='middle',
-                ),
-            ),
+            tiny_backbone_cfg('vim', dict(num_layers=2, expand=1)),
             {'A_log', 'A_b_log', 'D', 'D_b', 'pos_embed', 'cls_token'},
         ),
     ],
@@ -149,6 +127,6 @@ def test_backbone_ssm_parameters_get_no_decay(cfg, expected):
     for leaf in expected:
         assert leaves[leaf] == {0.0}, leaf
     # the weights of the linear layers keep their decay
-    mixer = 'mamba' if cfg['type'] == 'PlainMamba' else 'mixer'
+    mixer = 'mamba' if cfg['type'] == 'mmssm.PlainMamba' else 'mixer'
     for leaf in ('in_proj', 'x_proj', 'out_proj'):
         assert decays[f'layers.0.{mixer}.{leaf}.weight'] == WD

@@ -45,8 +45,11 @@ def _det_cfg(
 def test_config_task():
     assert config_task(Config(dict(default_scope='mmdet'))) == 'mmdet'
     assert config_task(Config(dict(default_scope='mmseg'))) == 'mmseg'
+    assert config_task(Config(dict(default_scope='mmpretrain'))) == (
+        'mmpretrain'
+    )
     with pytest.raises(UserError, match='default_scope of the config is'):
-        config_task(Config(dict(default_scope='mmpretrain')))
+        config_task(Config(dict(default_scope='mmagic')))
     with pytest.raises(UserError, match='None'):
         config_task(Config(dict()))
 
