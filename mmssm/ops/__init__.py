@@ -12,6 +12,7 @@ from .flop_formulas import SCAN_CONVENTIONS, register_flop_formulas
 from .reference import (
     align_to_dense,
     causal_conv1d_ref,
+    masked_delta,
     selective_scan_chunked,
     selective_scan_ref,
 )
@@ -26,6 +27,7 @@ __all__ = [
     'causal_conv1d',
     'causal_conv1d_ref',
     'ext_status',
+    'masked_delta',
     'selective_scan',
     'selective_scan_chunked',
     'selective_scan_ref',

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .checks import check_conv_inputs, check_scan_inputs
+from .checks import GAP_MODES, check_conv_inputs, check_scan_inputs
 
 # (u, delta, decay_delta, A, B, C) -> C_k . h_k, (batch, dim, K)
 Recurrence = Callable[..., Tensor]
@@ -232,6 +232,61 @@ def recurrence_chunked(
     h = x + decay * torch.stack(carries, dim=2)[:, :, :, None]
     h = h.view(batch, dim, num_chunks * T, N)[:, :, :K]
     return torch.einsum('bdkn,bnk->bdk', h, C)
+
+
+def masked_delta(
+    delta: Tensor,
+    step_mask: Tensor,
+    gap_mode: str,
+    delta_bias: Optional[Tensor] = None,
+    delta_softplus: bool = False,
+) -> Tensor:
+    """The steps of a full-length scan whose masked steps are pruned tokens.
+
+    A scan of all L steps, in which the masked steps have zero input
+    (``u``, ``B`` and ``C`` zeroed by the caller) and these step sizes,
+    equals the aligned scan of the kept steps at their positions, read at
+    the kept steps (docs/scan.md): a masked step takes ``softplus(bias)``
+    for 'null' (a zero-input token), the step of the last kept step before
+    it for 'prev' (0 before the first: the state is still zero there) and
+    0 for 'none' (the state passes unchanged: the compact scan). Run the
+    scan on the result with ``delta_bias=None, delta_softplus=False``.
+
+    Args:
+        delta (Tensor): (batch, dim, L) raw steps, as the scan's ``delta``.
+        step_mask (Tensor): (batch, L), 1 (or True) at the kept steps and
+            0 at the masked ones.
+        gap_mode (str): 'prev', 'null' or 'none'.
+        delta_bias (Tensor, optional): (dim, ). Defaults to None.
+        delta_softplus (bool): Defaults to False.
+
+    Returns:
+        Tensor: (batch, dim, L), the steps with bias and softplus applied.
+    """
+    if gap_mode not in GAP_MODES:
+        raise ValueError(
+            f'gap_mode must be one of {GAP_MODES}, got {gap_mode!r}'
+        )
+    delta = _prepare_delta(delta, delta_bias, delta_softplus)
+    keep = step_mask.to(torch.bool)[:, None, :]
+    if gap_mode == 'null':
+        gap = _effective_delta(
+            delta.new_zeros(1, delta.shape[1], 1),
+            delta_bias,
+            delta_softplus,
+            delta.new_ones(1, 1),
+            'null',
+        )
+    elif gap_mode == 'prev':  # the last kept step at or before each step
+        steps = torch.arange(delta.shape[-1], device=delta.device)
+        last = torch.where(keep[:, 0], steps, -1).cummax(dim=-1).values
+        gap = (
+            delta.gather(2, last.clamp_min(0)[:, None].expand_as(delta))
+            * (last >= 0)[:, None]
+        )
+    else:
+        gap = delta.new_zeros(())
+    return torch.where(keep, delta, gap)
 
 
 def align_to_dense(

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from mmssm.ops import (
     align_to_dense,
+    masked_delta,
     selective_scan,
     selective_scan_chunked,
     selective_scan_ref,
@@ -148,6 +149,33 @@ def test_prev_equals_dense_scan_with_previous_delta():
     full['C'] = _full_length(inputs['C'], pos, L, 0.0)
     dense = selective_scan_ref(**full, delta_softplus=False)
     torch.testing.assert_close(aligned, _read_kept(dense, pos))
+
+
+@pytest.mark.parametrize('gap_mode', ['prev', 'null', 'none'])
+def test_masked_delta_scan_equals_aligned(gap_mode):
+    """The masked mode (DyVM): a full-length scan with zero u, B, C at the
+    masked steps and their steps from masked_delta equals the aligned scan
+    of the kept steps (the compact one for 'none'), at the kept steps."""
+    batch, dim, K, L, N = 2, 3, 9, 23, 4
+    inputs = make_inputs(batch, dim, K, N)
+    pos = random_positions(batch, K, L)
+    aligned = selective_scan_ref(
+        **inputs, delta_softplus=True, positions=pos, gap_mode=gap_mode
+    )
+    mask = _full_length(torch.ones(batch, 1, K), pos, L, 0.0)[:, 0]
+    full = {
+        k: _full_length(v, pos, L, 0.0)
+        if k in ('u', 'delta', 'z', 'B', 'C')
+        else v
+        for k, v in inputs.items()
+    }
+    full['delta'] = masked_delta(
+        full['delta'], mask, gap_mode, inputs['delta_bias'], True
+    )
+    dense = selective_scan_ref(**dict(full, delta_bias=None))
+    torch.testing.assert_close(aligned, _read_kept(dense, pos))
+    with pytest.raises(ValueError, match='gap_mode'):
+        masked_delta(full['delta'], mask, 'zero')
 
 
 @pytest.mark.parametrize('gap_mode', ['prev', 'null'])

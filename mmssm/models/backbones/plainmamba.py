@@ -34,13 +34,16 @@ from torch import Tensor
 
 from mmssm.errors import UserError
 from mmssm.models.layers import (
+    build_direction_gate,
     build_norm,
     dt_rank_of,
     init_dt_proj,
+    record_gates,
+    run_selected,
     s4d_real_log,
 )
 from mmssm.models.pruning import TokenState
-from mmssm.ops import selective_scan
+from mmssm.ops import masked_delta, selective_scan
 from mmssm.registry import MODELS
 
 from .base_backbone import SSMBackbone
@@ -220,6 +223,13 @@ class PlainMambaMixer(nn.Module):
         conv_bias (bool): Bias of the depthwise conv. Defaults to True.
         scan_impl (str): ``impl`` of :func:`mmssm.ops.selective_scan`.
             Defaults to 'auto'.
+        direction_gate (bool | dict): Build DyVM's
+            :class:`~mmssm.models.layers.DirectionGate` over the four scan
+            directions (a dict: its keyword arguments; our extension, DyVM
+            has no PlainMamba). In training each direction's scan output
+            (its ``D u`` term included) is multiplied by its bit before
+            the sum and ``* silu(z)``; at inference a direction's scan runs
+            only on the images whose bit is on. Defaults to False.
 
     The pruned path (``positions`` given) keeps the released model's
     semantics, with every per-step quantity taken at the kept token's
@@ -260,6 +270,7 @@ class PlainMambaMixer(nn.Module):
         bias: bool = True,
         conv_bias: bool = True,
         scan_impl: str = 'auto',
+        direction_gate: Union[bool, dict] = False,
     ) -> None:
         super().__init__()
         if conv_size % 2 != 1:
@@ -278,6 +289,7 @@ class PlainMambaMixer(nn.Module):
         self.x_proj = nn.Linear(E, self.dt_rank + 2 * d_state, bias=False)
         self.dt_proj = nn.Linear(self.dt_rank, E, bias=True)
         self.out_proj = nn.Linear(E, embed_dims, bias=bias)
+        self.direction_gate = build_direction_gate(direction_gate, 2 * E, 4)
 
         # Mamba's initialisation, as the official code does it.
         init_dt_proj(self.dt_proj, dt_min, dt_max, dt_scale, dt_init_floor)
@@ -293,7 +305,10 @@ class PlainMambaMixer(nn.Module):
         x: Tensor,
         hw_shape: Sequence[int],
         positions: Optional[Tensor] = None,
-        gap_mode: str = 'prev',
+        gap_mode: Optional[str] = None,
+        token_mask: Optional[Tensor] = None,
+        cls_index: Union[None, int, Tensor] = None,
+        aux: Optional[dict] = None,
     ) -> Tuple[Tensor, Tensor]:
         """Mix tokens.
 
@@ -303,14 +318,43 @@ class PlainMambaMixer(nn.Module):
             positions (Tensor, optional): int64 (B, K), the sorted raster
                 indices of the K tokens in the H x W grid. None means all
                 tokens in raster order. Defaults to None.
-            gap_mode (str): How the scan crosses pruned steps: 'prev' or
-                'null' (aligned), 'none' (the naive compact scan); see
-                :mod:`mmssm.ops`. Defaults to 'prev'.
+            gap_mode (str, optional): How the scan crosses pruned (or
+                masked) steps: 'prev' or 'null' (aligned), 'none' (the
+                naive compact scan); see :mod:`mmssm.ops`. None: 'prev'
+                with ``positions``, 'null' with ``token_mask``.
+                Defaults to None.
+            token_mask (Tensor, optional): (B, H*W) of {0, 1}, DyVM's
+                masked mode (all tokens given, no ``positions``). A masked
+                token enters as the pruned path's pruned token, so that the
+                output at the kept tokens equals the pruned forward of the
+                kept tokens (``positions`` = their indices, same
+                ``gap_mode``): its ``in_proj`` x is zeroed before the 2-D
+                conv (the pruned path's zeros), its conv output (after
+                SiLU) is zeroed as the scans' input ``u``; the step inputs
+                still come from the raster token's conv output (the
+                released quirk, as in the pruned path), and in each
+                direction the steps that scan a masked token get ``B = C =
+                0`` and the step size of the gap (:func:`mmssm.ops.
+                masked_delta`: ``softplus(2 b_dt)`` for 'null', the last
+                kept step's for 'prev', 0, i.e. skipped, for 'none').
+                DyVM's rearrangement (kept tokens first) does not apply to
+                PlainMamba: its 2-D conv and four zig-zag orders live on
+                the grid, and no arrangement of a grid puts the masked
+                tokens after every kept one in all four orders; 'none' is
+                its non-aligned counterpart (the compact scan of the kept
+                tokens, exactly). Defaults to None.
+            cls_index (int | Tensor, optional): Where the direction gate
+                reads ``x || z`` (PlainMamba has no class token: None, the
+                mean over the kept tokens). Defaults to None.
+            aux (dict, optional): The backbone's aux channel; with a
+                direction gate, its (B, 4) decisions are appended to
+                ``aux['direction_gates']``. Defaults to None.
 
         Returns:
             tuple[Tensor, Tensor]: The output (B, K, d) and the gated SSM
             output ``y * silu(z)`` (B, K, E) before ``out_proj``, ``y`` the
-            sum of the four scans mapped back to token order.
+            sum of the four scans mapped back to token order (each times
+            its gate bit when gated).
         """
         batch, K, _ = x.shape
         H, W = (int(s) for s in hw_shape)
@@ -327,8 +371,27 @@ class PlainMambaMixer(nn.Module):
                 f'positions must be (batch={batch}, K={K}), '
                 f'got {tuple(positions.shape)}'
             )
+        if token_mask is not None:
+            if positions is not None:
+                raise UserError('token_mask and positions are exclusive')
+            if tuple(token_mask.shape) != (batch, L):
+                raise UserError(
+                    f'token_mask must be (batch={batch}, L={L}), '
+                    f'got {tuple(token_mask.shape)}'
+                )
+        if gap_mode is None:
+            gap_mode = 'null' if token_mask is not None else 'prev'
 
-        x, z = self.in_proj(x).chunk(2, dim=-1)  # (B, K, E) each
+        xz = self.in_proj(x)
+        bits = None
+        if self.direction_gate is not None:
+            bits = self.direction_gate(xz, cls_index, token_mask)
+            record_gates(aux, bits)
+        x, z = xz.chunk(2, dim=-1)  # (B, K, E) each
+        mask = None
+        if token_mask is not None:
+            mask = token_mask.to(x.dtype)
+            x = x * mask[..., None]
         if positions is not None:  # zeros at the pruned positions
             x = x.new_zeros(batch, L, E).scatter(
                 1, positions[..., None].expand(-1, -1, E), x
@@ -355,6 +418,8 @@ class PlainMambaMixer(nn.Module):
             steps, slot = ranks[:, positions].sort(dim=-1)  # (4, B, K)
             tokens = positions[None].expand(4, -1, -1).gather(2, slot)
             inverse = slot.argsort(dim=-1)  # kept token -> scan position
+        if mask is not None:
+            x_conv = x_conv * mask[:, None]
         u = _take(x_conv, tokens)  # (4, B, E, K)
         delta, B_steps, C_steps = (_take(t, steps) for t in (dt, B, C))
         # direction_Bs row of the move that arrived at each original step
@@ -364,24 +429,51 @@ class PlainMambaMixer(nn.Module):
         # A, D and the dt bias in (at least) float32, as the official code
         ssm_dtype = torch.promote_types(u.dtype, torch.float32)
         A = -torch.exp(self.A_log.to(ssm_dtype))
+        delta_bias, softplus = 2 * self.dt_proj.bias.to(ssm_dtype), True
+        k = u.shape[-1]
+        u, delta, B_steps, C_steps = (
+            t.reshape(4 * batch, -1, k) for t in (u, delta, B_steps, C_steps)
+        )
+        if mask is not None:  # the steps that scan a masked token
+            step_mask = _take(mask[:, None], tokens).reshape(4 * batch, k)
+            B_steps = B_steps * step_mask[:, None]
+            C_steps = C_steps * step_mask[:, None]
+            delta = masked_delta(delta, step_mask, gap_mode, delta_bias, True)
+            delta_bias, softplus = None, False
         scan_positions = None
         if positions is not None and gap_mode != 'none' and K < L:
             # (with all tokens kept there are no gaps: the dense scan)
             scan_positions = steps.reshape(4 * batch, -1)
-        k = u.shape[-1]
-        y = selective_scan(
-            u.reshape(4 * batch, E, k),
-            delta.reshape(4 * batch, E, k),
-            A,
-            B_steps.reshape(4 * batch, N, k),
-            C_steps.reshape(4 * batch, N, k),
-            D=self.D.to(ssm_dtype),
-            delta_bias=2 * self.dt_proj.bias.to(ssm_dtype),
-            delta_softplus=True,
-            positions=scan_positions,
-            gap_mode=gap_mode,
-            impl=self.scan_impl,
-        ).view(4, batch, E, k)
+
+        def run(index: Optional[Tensor]) -> Tensor:
+            """The scans of the rows ``index`` of the (4 * batch) rows."""
+            args = (u, delta, B_steps, C_steps, scan_positions)
+            if index is not None:
+                args = tuple(
+                    None if t is None else t.index_select(0, index)
+                    for t in args
+                )
+            return selective_scan(
+                args[0],
+                args[1],
+                A,
+                args[2],
+                args[3],
+                D=self.D.to(ssm_dtype),
+                delta_bias=delta_bias,
+                delta_softplus=softplus,
+                positions=args[4],
+                gap_mode=gap_mode,
+                impl=self.scan_impl,
+            )
+
+        if bits is None:
+            y = run(None)
+        elif self.direction_gate.training:  # straight-through bits
+            y = run(None) * bits.t().reshape(-1, 1, 1).to(u.dtype)
+        else:  # inference: the directions whose bit is off do not run
+            y = run_selected(run, bits.t().reshape(-1), u.shape, u)
+        y = y.view(4, batch, E, k)
         # back to token order (raster order, or the order of positions)
         y = y.gather(3, inverse[:, :, None].expand(-1, -1, E, -1)).sum(0)
         y = y.transpose(1, 2) * self.act(z)
@@ -439,7 +531,10 @@ class PlainMambaLayer(nn.Module):
         x: Tensor,
         hw_shape: Sequence[int],
         positions: Optional[Tensor] = None,
-        gap_mode: str = 'prev',
+        gap_mode: Optional[str] = None,
+        token_mask: Optional[Tensor] = None,
+        cls_index: Union[None, int, Tensor] = None,
+        aux: Optional[dict] = None,
     ) -> Tuple[Tensor, Tensor]:
         """Apply the block; arguments as :meth:`PlainMambaMixer.forward`.
 
@@ -452,7 +547,15 @@ class PlainMambaLayer(nn.Module):
                 'the depthwise block of this layer needs the '
                 'full token grid; prune after this layer'
             )
-        out, y = self.mamba(self.norm(x), hw_shape, positions, gap_mode)
+        out, y = self.mamba(
+            self.norm(x),
+            hw_shape,
+            positions,
+            gap_mode,
+            token_mask=token_mask,
+            cls_index=cls_index,
+            aux=aux,
+        )
         out = x + self.drop_path(out)
         if self.with_dwconv:
             batch, _, C = out.shape
@@ -524,6 +627,9 @@ class PlainMamba(SSMBackbone):
             them. Pruning runs in training and inference; the outputs keep
             the full grid, a pruned token frozen at its value when it was
             pruned. Defaults to None.
+        direction_gate (bool | dict): DyVM's direction selection in every
+            layer (``direction_gate`` of :class:`PlainMambaMixer`).
+            Defaults to False.
         init_cfg (dict | list[dict], optional): Initialisation config. The
             modules initialise themselves as the official code does (Mamba's
             dt/A/D init, trunc-normal ``pos_embed`` and ``direction_Bs``).
@@ -594,6 +700,7 @@ class PlainMamba(SSMBackbone):
         norm_eval: bool = False,
         scan_impl: str = 'auto',
         prune_cfg: Union[None, str, dict] = None,
+        direction_gate: Union[bool, dict] = False,
         init_cfg: Optional[Union[dict, List[dict]]] = None,
     ) -> None:
         super().__init__(
@@ -629,6 +736,7 @@ class PlainMamba(SSMBackbone):
             expand=s['expand'],
             conv_size=int(s['conv_size']),
             scan_impl=scan_impl,
+            direction_gate=direction_gate,
         )
         self.layers = ModuleList(
             [

@@ -30,15 +30,18 @@ from torch import Tensor
 
 from mmssm.errors import UserError
 from mmssm.models.layers import (
+    build_direction_gate,
     build_token_norm,
     dt_rank_of,
     init_dt_proj,
+    record_gates,
+    run_selected,
     s4d_real_log,
     upcast,
 )
 from mmssm.models.pruning import TokenState
 from mmssm.ops import causal_conv1d as conv1d_op
-from mmssm.ops import selective_scan
+from mmssm.ops import masked_delta, selective_scan
 from mmssm.registry import MODELS
 
 from .base_backbone import SSMBackbone
@@ -140,6 +143,13 @@ class BiMambaV2(nn.Module):
         scan_impl (str): ``impl`` of :func:`mmssm.ops.selective_scan`; it
             also picks the causal conv's (:func:`conv_impl_of`).
             Defaults to 'auto'.
+        direction_gate (bool | dict): Build DyVM's
+            :class:`~mmssm.models.layers.DirectionGate` over the two
+            directions (a dict: its keyword arguments). In training each
+            direction's gated SSM output (after ``silu(z)``) is multiplied
+            by its bit, keeping the ``/ 2``; at inference a direction runs
+            only on the images whose bit is on, zeros for the others.
+            Defaults to False.
     """
 
     def __init__(
@@ -156,6 +166,7 @@ class BiMambaV2(nn.Module):
         conv_bias: bool = True,
         bias: bool = False,
         scan_impl: str = 'auto',
+        direction_gate: Union[bool, dict] = False,
     ) -> None:
         super().__init__()
         self.embed_dims = embed_dims
@@ -185,6 +196,7 @@ class BiMambaV2(nn.Module):
         self.D_b = nn.Parameter(torch.ones(E))
 
         self.out_proj = nn.Linear(E, embed_dims, bias=bias)
+        self.direction_gate = build_direction_gate(direction_gate, 2 * E, 2)
         for p in (self.A_log, self.A_b_log, self.D, self.D_b):
             p._no_weight_decay = True
 
@@ -200,8 +212,15 @@ class BiMambaV2(nn.Module):
         positions: Optional[Tensor],
         seq_len: int,
         gap_mode: str,
+        step_mask: Optional[Tensor] = None,
     ) -> Tensor:
-        """One scan direction: conv, projections, gated selective scan."""
+        """One scan direction: conv, projections, gated selective scan.
+
+        ``step_mask`` (B, K): the masked mode; ``x`` is already zero at the
+        masked steps, the conv output is zeroed there again, so that
+        ``x_proj`` (no bias) gives them ``dt = B = C = 0``, and their step
+        sizes follow ``gap_mode`` (:func:`mmssm.ops.masked_delta`).
+        """
         x = causal_conv1d(
             x,
             conv1d,
@@ -210,12 +229,18 @@ class BiMambaV2(nn.Module):
             activation='silu',
             impl=conv_impl_of(self.scan_impl),
         )
+        if step_mask is not None:
+            x = x * step_mask[:, None]
         x_dbl = x_proj(x.transpose(1, 2))  # (B, K, R + 2N)
         dt, B, C = torch.split(
             x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1
         )
         dt = F.linear(dt, dt_proj.weight).transpose(1, 2)  # bias: in scan
         A = -torch.exp(upcast(A_log))
+        delta_bias, softplus = upcast(dt_proj.bias), True
+        if step_mask is not None:
+            dt = masked_delta(dt, step_mask, gap_mode, delta_bias, True)
+            delta_bias, softplus = None, False
         return selective_scan(
             x,
             dt,
@@ -224,8 +249,8 @@ class BiMambaV2(nn.Module):
             C.transpose(1, 2).contiguous(),
             upcast(D),
             z=z,
-            delta_bias=upcast(dt_proj.bias),
-            delta_softplus=True,
+            delta_bias=delta_bias,
+            delta_softplus=softplus,
             positions=positions,
             gap_mode=gap_mode,
             impl=self.scan_impl,
@@ -236,9 +261,12 @@ class BiMambaV2(nn.Module):
         x: Tensor,
         positions: Optional[Tensor] = None,
         seq_len: Optional[int] = None,
-        gap_mode: str = 'prev',
+        gap_mode: Optional[str] = None,
+        token_mask: Optional[Tensor] = None,
+        cls_index: Union[None, int, Tensor] = None,
+        aux: Optional[dict] = None,
     ) -> Tuple[Tensor, Tensor]:
-        """Mix a (possibly pruned) token sequence.
+        """Mix a (possibly pruned, or masked) token sequence.
 
         Args:
             x (Tensor): (B, K, C), the tokens in their original order.
@@ -250,19 +278,46 @@ class BiMambaV2(nn.Module):
                 defaults to ``positions.max() + 1``. The result does not
                 depend on it (a leading gap leaves the zero state unchanged
                 and the conv pads with zeros). Defaults to None.
-            gap_mode (str): How the scan crosses pruned tokens: 'prev' or
-                'null' (aligned: the scan and the conv keep the original
-                positions, forward direction ``positions``, backward
-                direction ``flip(L - 1 - positions)``), or 'none' (the
-                naive baseline: both run over the K tokens as a shorter
-                sequence). Defaults to 'prev'.
+            gap_mode (str, optional): How the scan crosses pruned tokens:
+                'prev' or 'null' (aligned: the scan and the conv keep the
+                original positions, forward direction ``positions``,
+                backward direction ``flip(L - 1 - positions)``), or 'none'
+                (the naive baseline: both run over the K tokens as a
+                shorter sequence). None: 'prev' with ``positions``, 'null'
+                with ``token_mask``. Defaults to None.
+            token_mask (Tensor, optional): (B, K) of {0, 1}, the masked
+                mode of DyVM's training (no ``positions`` then): the x
+                branch of ``in_proj`` is zeroed at the masked tokens before
+                the causal conv and its output (after SiLU) again after it;
+                ``z`` is not masked. A masked token is then a zero-input
+                step (``gap_mode`` 'null': its step decays the state by
+                ``exp(softplus(b_dt) A)``), so the output at the kept tokens
+                equals the aligned 'null' forward of the kept tokens alone
+                (tokens in place), and, for tokens rearranged by the caller
+                (kept first in original order with the class token at
+                ``k // 2``, masked after), the plain forward of the kept
+                tokens alone: the masked tokens come after every kept one
+                in the forward scan and before them, with a zero state, in
+                the backward scan. Defaults to None.
+            cls_index (int | Tensor, optional): The class token's index in
+                the K tokens (one int, or (B, ) int64 per sample), where the
+                direction gate reads ``x || z``; None: the gate pools the
+                (kept) tokens. Defaults to None.
+            aux (dict, optional): The backbone's aux channel; with a
+                direction gate, its (B, 2) decisions are appended to
+                ``aux['direction_gates']``. Defaults to None.
 
         Returns:
             tuple[Tensor, Tensor]: The output (B, K, C) and the gated SSM
             output ``y_f + flip(y_b)`` (B, K, E) in token order, the input
-            of the pruning importance score.
+            of the pruning importance score (each direction times its
+            gate bit when gated).
         """
         batch, K, _ = x.shape
+        if token_mask is not None and positions is not None:
+            raise UserError('token_mask and positions are exclusive')
+        if gap_mode is None:
+            gap_mode = 'null' if token_mask is not None else 'prev'
         if gap_mode == 'none':
             positions = None
         if positions is not None:
@@ -282,33 +337,53 @@ class BiMambaV2(nn.Module):
         else:
             seq_len, positions_b = K, None
 
-        xz = self.in_proj(x).transpose(1, 2)  # (B, 2E, K)
-        xs, z = xz.chunk(2, dim=1)
-        y_f = self._branch(
-            xs,
-            z,
-            self.conv1d,
-            self.x_proj,
-            self.dt_proj,
-            self.A_log,
-            self.D,
-            positions,
-            seq_len,
-            gap_mode,
-        )
-        y_b = self._branch(
+        xz = self.in_proj(x)  # (B, K, 2E)
+        bits = None
+        if self.direction_gate is not None:
+            bits = self.direction_gate(xz, cls_index, token_mask)
+            record_gates(aux, bits)
+        xs, z = xz.transpose(1, 2).chunk(2, dim=1)  # (B, E, K) each
+        mask = None
+        if token_mask is not None:
+            mask = token_mask.to(xs.dtype)
+            xs = xs * mask[:, None]
+        flip = (  # the backward direction's inputs
             xs.flip(-1),
             z.flip(-1),
-            self.conv1d_b,
-            self.x_proj_b,
-            self.dt_proj_b,
-            self.A_b_log,
-            self.D_b,
-            positions_b,
-            seq_len,
-            gap_mode,
+            None if mask is None else mask.flip(-1),
         )
-        y = (y_f + y_b.flip(-1)).transpose(1, 2)  # (B, K, E)
+        params = (
+            (self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D),
+            (
+                self.conv1d_b,
+                self.x_proj_b,
+                self.dt_proj_b,
+                self.A_b_log,
+                self.D_b,
+            ),
+        )
+        inputs = ((xs, z, mask, positions), (*flip, positions_b))
+        ys = []
+        for d in range(2):
+            u, zd, m, pos = inputs[d]
+
+            def run(index, u=u, zd=zd, m=m, pos=pos, d=d):
+                if index is not None:  # the images whose direction runs
+                    u, zd = u.index_select(0, index), zd.index_select(0, index)
+                    m = None if m is None else m.index_select(0, index)
+                    pos = None if pos is None else pos.index_select(0, index)
+                return self._branch(
+                    u, zd, *params[d], pos, seq_len, gap_mode, m
+                )
+
+            if bits is None:
+                y = run(None)
+            elif self.direction_gate.training:  # straight-through bits
+                y = run(None) * bits[:, d, None, None].to(u.dtype)
+            else:  # inference: really skip the images whose bit is off
+                y = run_selected(run, bits[:, d], u.shape, u)
+            ys.append(y)
+        y = (ys[0] + ys[1].flip(-1)).transpose(1, 2)  # (B, K, E)
         return self.out_proj(y / 2), y
 
 
@@ -345,7 +420,10 @@ class VimBlock(nn.Module):
         x: Tensor,
         positions: Optional[Tensor] = None,
         seq_len: Optional[int] = None,
-        gap_mode: str = 'prev',
+        gap_mode: Optional[str] = None,
+        token_mask: Optional[Tensor] = None,
+        cls_index: Union[None, int, Tensor] = None,
+        aux: Optional[dict] = None,
     ) -> Tuple[Tensor, Tensor]:
         """Run the layer; see :meth:`BiMambaV2.forward` for the arguments.
 
@@ -354,7 +432,15 @@ class VimBlock(nn.Module):
             output.
         """
         x = upcast(x)
-        out, y = self.mixer(self.norm(x), positions, seq_len, gap_mode)
+        out, y = self.mixer(
+            self.norm(x),
+            positions,
+            seq_len,
+            gap_mode,
+            token_mask=token_mask,
+            cls_index=cls_index,
+            aux=aux,
+        )
         return x + self.drop_path(out), y
 
 
@@ -471,6 +557,9 @@ class Vim(SSMBackbone):
             before it, half after). Pruning runs in training and inference;
             the maps keep the full grid, a pruned token frozen at its value
             when it was pruned. Defaults to None.
+        direction_gate (bool | dict): DyVM's direction selection in every
+            layer (``direction_gate`` of :class:`BiMambaV2`).
+            Defaults to False.
         init_cfg (dict | list[dict], optional): Defaults to None, the
             released initialisation (done at construction).
     """
@@ -551,6 +640,7 @@ class Vim(SSMBackbone):
         norm_eval: bool = False,
         scan_impl: str = 'auto',
         prune_cfg: Union[None, str, dict] = None,
+        direction_gate: Union[bool, dict] = False,
         init_cfg: Optional[Union[dict, List[dict]]] = None,
     ) -> None:
         super().__init__(
@@ -595,6 +685,7 @@ class Vim(SSMBackbone):
             d_conv=s['d_conv'],
             expand=s['expand'],
             scan_impl=scan_impl,
+            direction_gate=direction_gate,
         )
         block_mixer_cfg.update(mixer_cfg or {})
         self.layers = nn.ModuleList(
@@ -687,10 +778,19 @@ class Vim(SSMBackbone):
         )
 
     def layer_kwargs(self, state: TokenState) -> dict:
-        """The kept tokens' positions in the full sequence when pruned."""
+        """The kept tokens' positions in the full sequence when pruned,
+        and the class token's index among the layer's tokens (where the
+        direction gates read)."""
+        kwargs = {}
+        if state.cls_index is not None:
+            cls_index = state.cls_index
+            if state.index is not None:  # its slot among the kept tokens
+                cls_index = (state.index < cls_index).sum(-1)
+            kwargs.update(cls_index=cls_index)
         if state.index is None:
-            return {}
+            return kwargs
         return dict(
+            kwargs,
             positions=state.index,
             # a size is a tensor under torch.jit.trace; the ops take ints
             seq_len=int(state.seq_len),

@@ -1,0 +1,182 @@
+"""DyVM's per-image scan-direction selection (arXiv 2504.04787).
+
+A :class:`DirectionGate` decides, per layer, per image and per scan
+direction, whether the direction runs. The mixers (Vim's
+:class:`~mmssm.models.backbones.vim.BiMambaV2`, PlainMamba's
+:class:`~mmssm.models.backbones.plainmamba.PlainMambaMixer`) build one with
+``direction_gate=True`` and apply its bits: in training each direction's
+gated SSM output is multiplied by its (straight-through) bit, at inference
+a direction only runs on the images whose bit is on.
+"""
+
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from mmssm.errors import UserError
+from mmssm.registry import MODELS
+
+
+@MODELS.register_module()
+class DirectionGate(nn.Module):
+    """DyVM's gate head: one on/off bit per scan direction and image.
+
+    ``Linear(2 * d_inner, num_directions)`` on the mixer's ``in_proj``
+    output ``x || z`` pooled per image: at the class token, or, without
+    one, the mean over the kept tokens (``token_mask``-weighted when the
+    sequence is masked, which equals the plain mean over the tokens of a
+    pruned sequence). Training: a hard Gumbel-sigmoid, ``1[(l + g) / tau >
+    0]`` with ``g`` logistic noise (so ``P(on) = sigmoid(l)``; threshold 0.5
+    on ``sigmoid((l + g) / tau)``), straight through the soft value.
+    Evaluation: ``1[l > threshold_logit]``, the threshold calibratable (the
+    released gates keep more directions at eval than their target).
+
+    Args:
+        in_dims (int): Channels of ``x || z`` (2 * d_inner).
+        num_directions (int): Scan directions (Vim 2, PlainMamba 4).
+        tau (float): Gumbel-sigmoid temperature. Defaults to 2.0.
+        threshold_logit (float): Eval threshold on the logit.
+            Defaults to 0.0.
+        init_bias (float): Initial bias (weight 0): every direction starts
+            on. Defaults to 5.0.
+    """
+
+    def __init__(
+        self,
+        in_dims: int,
+        num_directions: int,
+        tau: float = 2.0,
+        threshold_logit: float = 0.0,
+        init_bias: float = 5.0,
+    ) -> None:
+        super().__init__()
+        if tau <= 0:
+            raise UserError(f'tau must be positive, got {tau}')
+        self.num_directions = num_directions
+        self.tau = tau
+        self.threshold_logit = float(threshold_logit)
+        self.fc = nn.Linear(in_dims, num_directions)
+        nn.init.zeros_(self.fc.weight)
+        nn.init.constant_(self.fc.bias, init_bias)
+
+    @staticmethod
+    def pool(
+        xz: Tensor,
+        cls_index: Union[None, int, Tensor] = None,
+        token_mask: Optional[Tensor] = None,
+    ) -> Tensor:
+        """One (B, 2E) vector per image from ``xz`` (B, K, 2E).
+
+        Args:
+            xz (Tensor): The ``in_proj`` output, tokens on dim 1.
+            cls_index (int | Tensor, optional): The class token's index in
+                the K tokens, one for all images or (B,) int64 per image.
+                None: the mean over the (kept) tokens. Defaults to None.
+            token_mask (Tensor, optional): (B, K) {0, 1}: the kept tokens of
+                a masked sequence. Defaults to None (all kept).
+        """
+        if cls_index is not None:
+            if isinstance(cls_index, Tensor):
+                index = cls_index.view(-1, 1, 1).expand(-1, 1, xz.shape[-1])
+                return xz.gather(1, index)[:, 0]
+            return xz[:, int(cls_index)]
+        if token_mask is None:
+            return xz.mean(dim=1)
+        weight = token_mask.to(xz.dtype)[..., None]
+        return (xz * weight).sum(1) / weight.sum(1).clamp_min(1)
+
+    def forward(
+        self,
+        xz: Tensor,
+        cls_index: Union[None, int, Tensor] = None,
+        token_mask: Optional[Tensor] = None,
+    ) -> Tensor:
+        """The bits of each image's directions.
+
+        Args:
+            xz (Tensor): (B, K, 2E), see :meth:`pool`.
+            cls_index (int | Tensor, optional): See :meth:`pool`.
+            token_mask (Tensor, optional): See :meth:`pool`.
+
+        Returns:
+            Tensor: (B, num_directions) in ``xz``'s dtype, of 0 and 1:
+            straight-through (differentiable) in training, constant at eval.
+        """
+        logits = self.fc(self.pool(xz, cls_index, token_mask))
+        if not self.training:
+            return (logits > self.threshold_logit).to(logits.dtype)
+        # logistic noise: the difference of two Gumbels
+        uniform = torch.rand_like(logits).clamp(1e-10, 1 - 1e-10)
+        noise = torch.log(uniform) - torch.log1p(-uniform)
+        soft = torch.sigmoid((logits + noise) / self.tau)
+        hard = (soft > 0.5).to(soft.dtype)
+        return hard - soft.detach() + soft
+
+    def extra_repr(self) -> str:
+        return (
+            f'num_directions={self.num_directions}, tau={self.tau}, '
+            f'threshold_logit={self.threshold_logit}'
+        )
+
+
+def build_direction_gate(
+    cfg: Union[bool, dict, None], in_dims: int, num_directions: int
+) -> Optional[DirectionGate]:
+    """The mixers' gate from their ``direction_gate`` argument.
+
+    Args:
+        cfg (bool | dict | None): False/None: no gate; True: the default
+            gate; a dict: keyword arguments of :class:`DirectionGate`
+            (``tau``, ``threshold_logit``, ``init_bias``).
+        in_dims (int): Channels of ``x || z``.
+        num_directions (int): Scan directions of the mixer.
+    """
+    if cfg is None or cfg is False:
+        return None
+    if cfg is True:
+        cfg = {}
+    if not isinstance(cfg, dict):
+        raise UserError(
+            f'direction_gate must be a bool or a dict, got {cfg!r}'
+        )
+    return DirectionGate(in_dims, num_directions, **cfg)
+
+
+def record_gates(aux: Optional[dict], bits: Tensor) -> None:
+    """Append a layer's (B, n_dir) decisions to ``aux['direction_gates']``
+    (the aux channel of the backbone's forward), if ``aux`` is given."""
+    if aux is not None:
+        aux.setdefault('direction_gates', []).append(bits)
+
+
+def run_selected(
+    run: Callable[[Optional[Tensor]], Tensor],
+    selected: Tensor,
+    out_shape: Sequence[int],
+    like: Tensor,
+) -> Tensor:
+    """Run a computation on the selected rows of a batch only.
+
+    Inference with direction gates: a direction's scan runs on the images
+    whose bit is on (their inputs gathered, not the whole batch's), and
+    the others get zeros, so the skipped compute is really skipped.
+
+    Args:
+        run (Callable): ``run(index)`` computes the rows ``index`` (int64,
+            sorted) of the output, or all of them for None.
+        selected (Tensor): (R, ) of 0/1 (or bool): the rows to compute.
+        out_shape (Sequence[int]): The full output's shape, (R, ...).
+        like (Tensor): Gives the output's dtype and device.
+
+    Returns:
+        Tensor: ``out_shape``, zero in the rows that are not selected.
+    """
+    index = selected.nonzero()[:, 0]
+    if index.numel() == selected.numel():
+        return run(None)
+    out = like.new_zeros(out_shape)
+    if index.numel() == 0:
+        return out
+    return out.index_copy(0, index, run(index))
