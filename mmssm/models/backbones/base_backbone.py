@@ -1,5 +1,6 @@
 """The parts that the plain SSM backbones (PlainMamba, Vim) share."""
 
+import dataclasses
 import math
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -17,6 +18,25 @@ from mmssm.models.layers import (
     split_cls_slot,
 )
 from mmssm.models.pruning import TokenState, build_token_pruner, run_layers
+
+
+def freeze_masked(out: Tensor, x: Tensor, mask: Tensor) -> Tensor:
+    """A layer's output where ``mask`` is 1, its input where it is 0.
+
+    Freeze and fill in the masked mode: a masked (pruned) token keeps the
+    value it had when it was pruned, as when it is deleted. The values are
+    exact; the mask's straight-through gradient passes through the blend.
+
+    Args:
+        out (Tensor): (B, L, C) the layer's output.
+        x (Tensor): (B, L, C) its input.
+        mask (Tensor): (B, L) exact 0/1 values.
+
+    Returns:
+        Tensor: (B, L, C).
+    """
+    m = mask[..., None].to(out.dtype)
+    return torch.where(m > 0.5, out, x) + (m - m.detach()) * (out - x)
 
 
 class SSMBackbone(BaseModule):
@@ -69,6 +89,13 @@ class SSMBackbone(BaseModule):
     _ckpt_cls_slot = False
     # Class tokens in the sequence (one at M // 2 in ``pos_embed`` if 1).
     num_extra_tokens = 0
+    #: How each family runs DyVM's ``align=False`` in the masked (training)
+    #: mode: True permutes the tokens, kept first (Vim's 1-D scans and
+    #: causal conv); False leaves them in place and the mixers skip the
+    #: masked steps (``gap_mode='none'``; PlainMamba, whose 2-D conv and
+    #: four grid orders no single permutation serves). Keyed by family so
+    #: that the family files need no change.
+    MASKED_REARRANGE = {'vim': True, 'plainmamba': False}
 
     def __init__(
         self,
@@ -122,7 +149,16 @@ class SSMBackbone(BaseModule):
             family=self.family,
             arch=arch if isinstance(arch, str) else None,
             dense_layers=self.dense_layers(),
+            embed_dims=self.embed_dims,
         )
+        if self.pruner is not None and hasattr(self.pruner, 'rearrange'):
+            rearrange = self.MASKED_REARRANGE.get(self.family, True)
+            self.pruner.rearrange = rearrange
+        #: What the layers and the pruner reported in the last forward
+        #: (``token_decisions``, ``direction_gates``; see ``TokenState.aux``).
+        self.aux_outputs: dict = {}
+        #: The token state after the last layer of the last forward.
+        self.final_state: Optional[TokenState] = None
 
     # ----------------------------------------------------------- arguments
     def _parse_arch(self, arch: Union[str, dict]) -> dict:
@@ -247,7 +283,14 @@ class SSMBackbone(BaseModule):
 
     def layer_kwargs(self, state: TokenState) -> dict:
         """Keyword arguments of every layer for the state: where its kept
-        tokens sit and how the scan crosses the pruned ones."""
+        tokens sit and how the scan crosses the pruned ones.
+
+        The family's part; :meth:`run_layer` adds the generic one: ``aux``
+        (the forward's aux channel) always, ``token_mask`` and
+        ``gap_mode`` in the masked mode (calling this with the state's
+        ``index`` and mask removed: the full sequence, no positions), and
+        the class token's per-image slot as ``cls_index`` when the family
+        passes one."""
         raise NotImplementedError
 
     def output(self, state: TokenState, i: int) -> Tensor:
@@ -262,11 +305,28 @@ class SSMBackbone(BaseModule):
             output, summed over its scan directions in token order.
         """
         layer = self.layers[i]
-        kwargs = self.layer_kwargs(state)
         x = state.tokens
+        mask = state.token_mask
+        if mask is None:
+            kwargs = self.layer_kwargs(state)
+        else:
+            # masked mode: the full sequence (maybe permuted), no positions
+            kwargs = self.layer_kwargs(
+                dataclasses.replace(state, index=None, token_mask=None)
+            )
+            kwargs.update(token_mask=mask, gap_mode=self.scan_gap_mode())
+        if 'cls_index' in kwargs:
+            # the class token's slot per image: a learned pruner moves it
+            kwargs['cls_index'] = state.cls_slots()
+        # the direction gates report into the forward's aux channel
+        kwargs['aux'] = state.aux
         if self.with_cp and self.training and x.requires_grad:
-            return cp.checkpoint(layer, x, use_reentrant=False, **kwargs)
-        return layer(x, **kwargs)
+            out, y = cp.checkpoint(layer, x, use_reentrant=False, **kwargs)
+        else:
+            out, y = layer(x, **kwargs)
+        if mask is not None:
+            out = freeze_masked(out, x, mask)
+        return out, y
 
     def run_layers(
         self, state: TokenState, start: int, end: int
@@ -304,12 +364,23 @@ class SSMBackbone(BaseModule):
             tuple[Tensor]: One output per ``out_indices`` (see ``out_type``).
         """
         state = self.init_tokens(x)
+        self.aux_outputs = state.aux
         outs = []
         for i in range(self.num_layers):
             state = self.run_layers(state, i, i + 1)
             if i in self.out_indices:
                 outs.append(self.output(state, i))
+        self.final_state = state
         return tuple(outs)
+
+    def final_tokens(self, state: TokenState) -> Tensor:
+        """The last layer's tokens on the full sequence, through the final
+        norm (``_out_norm_prefixes[0]`` with ``final_norm``), class token
+        included: (B, L, C) in the original order."""
+        x = state.full()
+        name = self._out_norm_prefixes[0] if self._out_norm_prefixes else ''
+        norm = getattr(self, name, None) if self.final_norm else None
+        return x if norm is None else norm(x)
 
     # ------------------------------------------------------------ training
     def _freeze_stages(self) -> None:

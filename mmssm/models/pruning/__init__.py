@@ -1,4 +1,6 @@
-from .schedules import PAPER_SCHEDULES, paper_schedule
+from .learned_pruner import LearnedTokenPruner
+from .predictor import PredictorScore, TokenPredictor
+from .schedules import DYVM_SCHEDULES, PAPER_SCHEDULES, paper_schedule
 from .scorers import (
     SSM_SCORES,
     GivenScore,
@@ -15,6 +17,10 @@ from .token_pruner import (
 from .token_state import TokenState
 
 __all__ = [
+    'LearnedTokenPruner',
+    'PredictorScore',
+    'TokenPredictor',
+    'DYVM_SCHEDULES',
     'PAPER_SCHEDULES',
     'paper_schedule',
     'SSM_SCORES',

@@ -22,6 +22,30 @@ from typing import Optional
 
 from mmssm.errors import UserError
 
+#: DyVM's learned pruning (``prune_cfg='dyvm'``): steps after these layers
+#: (1-based; DyVM prunes before the 0-based layers 6, 12, 18 of Vim) and
+#: the cumulative keep ratio ``r`` (``r, r**2, r**3`` of the patch tokens).
+#: Vim as released (T 0.9, S and B 0.7); PlainMamba is ours (no release):
+#: the brief's steps (L1 3/6/9, L2 6/12/18, L3 9/18/27) and Vim-S's 0.7.
+DYVM_SCHEDULES = {
+    'plainmamba': {
+        'l1': dict(layers=(3, 6, 9), keep_ratios=0.7),
+        'l2': dict(layers=(6, 12, 18), keep_ratios=0.7),
+        'l3': dict(layers=(9, 18, 27), keep_ratios=0.7),
+    },
+    'vim': {
+        **dict.fromkeys(
+            ['t', 'tiny'], dict(layers=(6, 12, 18), keep_ratios=0.9)
+        ),
+        **dict.fromkeys(
+            ['s', 'small'], dict(layers=(6, 12, 18), keep_ratios=0.7)
+        ),
+        **dict.fromkeys(
+            ['b', 'base'], dict(layers=(6, 12, 18), keep_ratios=0.7)
+        ),
+    },
+}
+
 #: family -> arch name (with its aliases) -> ``layers`` and ``keep_ratios``.
 PAPER_SCHEDULES = {
     'plainmamba': {
@@ -40,23 +64,29 @@ PAPER_SCHEDULES = {
 }
 
 
-def paper_schedule(family: str, arch: Optional[str]) -> dict:
+def paper_schedule(
+    family: str, arch: Optional[str], schedule: str = 'paper'
+) -> dict:
     """The paper's ``layers`` and ``keep_ratios`` for a backbone's arch.
 
     Args:
         family (str): The backbone's family ('plainmamba' or 'vim').
         arch (str, optional): The arch name; None for an arch given as a
             dict, which has no paper schedule.
+        schedule (str): 'paper' (:data:`PAPER_SCHEDULES`) or 'dyvm'
+            (:data:`DYVM_SCHEDULES`). Defaults to 'paper'.
 
     Returns:
         dict: ``layers`` and ``keep_ratios``.
     """
-    schedules = PAPER_SCHEDULES.get(family, {})
+    table = DYVM_SCHEDULES if schedule == 'dyvm' else PAPER_SCHEDULES
+    schedules = table.get(family, {})
     key = arch.lower() if isinstance(arch, str) else None
     if key not in schedules:
         known = sorted(schedules) or 'none'
         raise UserError(
-            f"prune_cfg 'paper': the paper has no schedule for {family} "
-            f'arch {arch!r} (it has {known}); give layers and keep_ratios'
+            f'prune_cfg {schedule!r}: the paper has no schedule for '
+            f'{family} arch {arch!r} (it has {known}); give layers and '
+            f'keep_ratios'
         )
     return dict(schedules[key])

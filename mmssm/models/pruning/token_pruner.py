@@ -314,20 +314,25 @@ def build_token_pruner(
     family: str,
     arch: Optional[str],
     dense_layers: Iterable[int] = (),
+    embed_dims: Optional[int] = None,
 ) -> Optional[TokenPruner]:
     """The pruner of a backbone from its ``prune_cfg``.
 
     Args:
         prune_cfg (None | str | dict): None: no pruning. 'paper': the
-            paper's schedule of the backbone's arch (:mod:`.schedules`). A
+            paper's schedule of the backbone's arch (:mod:`.schedules`).
+            'dyvm': DyVM's learned pruning with its schedule
+            (``dict(type='mmssm.LearnedTokenPruner', schedule='dyvm')``). A
             dict: the arguments of the pruner type (``type``, default
-            ``'mmssm.TokenPruner'``); ``schedule='paper'`` takes ``layers``
-            and ``keep_ratios`` from the paper's schedule (e.g.
+            ``'mmssm.TokenPruner'``); ``schedule='paper'`` (or 'dyvm')
+            takes ``layers`` and ``keep_ratios`` from that schedule (e.g.
             ``dict(schedule='paper', align=False)``, the naive baseline).
         num_layers (int): Layers of the backbone.
         family (str): The backbone's family, for the paper's schedules.
         arch (str, optional): The backbone's arch name (None: a dict).
         dense_layers (Iterable[int]): See :class:`TokenPruner`.
+        embed_dims (int, optional): Token channels, for a pruner type that
+            takes them (a learned pruner's predictor). Defaults to None.
 
     Returns:
         TokenPruner | None: None for no pruning.
@@ -336,6 +341,8 @@ def build_token_pruner(
         return None
     if prune_cfg == 'paper':
         prune_cfg = dict(schedule='paper')
+    if prune_cfg == 'dyvm':
+        prune_cfg = dict(type='mmssm.LearnedTokenPruner', schedule='dyvm')
     if not isinstance(prune_cfg, dict):
         raise UserError(
             f"prune_cfg must be None, 'paper' or a dict, got {prune_cfg!r}"
@@ -349,19 +356,27 @@ def build_token_pruner(
                 f'prune_cfg has unknown key(s) {unknown}; the keys are '
                 f'{list(PRUNE_CFG_KEYS)}'
             )
+    pruner_type = MODELS.get(cfg['type'])
+    if pruner_type is None:
+        raise UserError(
+            f'prune_cfg type {cfg["type"]!r} is not a registered model'
+        )
     schedule = cfg.pop('schedule', None)
     if schedule is not None:
-        if schedule != 'paper':
+        if schedule not in ('paper', 'dyvm'):
             raise UserError(
-                f"prune_cfg schedule must be 'paper', got {schedule!r}"
+                f"prune_cfg schedule must be 'paper' or 'dyvm', got "
+                f'{schedule!r}'
             )
         given = [k for k in ('layers', 'keep_ratios') if k in cfg]
         if given:
             raise UserError(
-                f"prune_cfg with schedule='paper' takes its layers and "
+                f'prune_cfg with schedule={schedule!r} takes its layers and '
                 f'keep_ratios from the paper; do not give {given}'
             )
-        cfg.update(paper_schedule(family, arch))
+        cfg.update(paper_schedule(family, arch, schedule))
+    if getattr(pruner_type, 'takes_embed_dims', False):
+        cfg.setdefault('embed_dims', embed_dims)
     missing = [k for k in ('layers', 'keep_ratios') if k not in cfg]
     if missing:
         raise UserError(f'prune_cfg is missing {missing}')
