@@ -9,6 +9,7 @@ from mmengine.registry import MODELS as MMENGINE_MODELS
 from mmengine.registry import (
     OPTIM_WRAPPER_CONSTRUCTORS as MMENGINE_OPTIM_WRAPPER_CONSTRUCTORS,
 )
+from mmengine.registry import RUNNERS as MMENGINE_RUNNERS
 from mmengine.registry import TRANSFORMS as MMENGINE_TRANSFORMS
 from mmengine.registry import Registry
 
@@ -34,4 +35,12 @@ TOKEN_SCORERS = Registry(
 )
 HOOKS = Registry(
     'hook', parent=MMENGINE_HOOKS, scope='mmssm', locations=['mmssm.engine']
+)
+# mmssm.Runner: mmengine's Runner with the reliability hooks (configs'
+# runner_type, set by configs/_base_/default_runtime_*.py)
+RUNNERS = Registry(
+    'runner',
+    parent=MMENGINE_RUNNERS,
+    scope='mmssm',
+    locations=['mmssm.engine'],
 )

@@ -1,6 +1,13 @@
-"""Training-side components: optimizer wrapper constructors and hooks."""
+"""Training-side components: the Runner, hooks and optimizer constructors."""
 
-from .hooks import PruningMetaHook
+from .hooks import CheckpointHook, PruningMetaHook, ResumeHook
 from .optimizers import SSMOptimWrapperConstructor
+from .runner import Runner
 
-__all__ = ['PruningMetaHook', 'SSMOptimWrapperConstructor']
+__all__ = [
+    'CheckpointHook',
+    'PruningMetaHook',
+    'ResumeHook',
+    'Runner',
+    'SSMOptimWrapperConstructor',
+]

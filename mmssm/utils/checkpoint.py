@@ -6,15 +6,21 @@ containers and allow-listed globals are rebuilt, so a pickle that would call
 arrays and scalars (in ``meta`` and the message hub's ``HistoryBuffer``s);
 we allow-list exactly those types and keep the safety on.
 
-Also :func:`load_checkpoint_strict`, mmengine's strict loading with a
-one-line error, and :func:`sha256sum`, the digest that the tools write of
-checkpoint files.
+Also :func:`read_checkpoint` and :func:`check_checkpoint`, which every
+entry point that reads a checkpoint uses, so that a file that is not a
+checkpoint, is truncated or corrupt, or holds objects that are not tensors
+and plain containers is refused with one line naming it (never with advice
+to turn the safety off); :func:`load_checkpoint_strict`, mmengine's strict
+loading with a one-line error; and :func:`sha256sum`, the digest that the
+tools write of checkpoint files.
 """
 
 import hashlib
 import os.path as osp
 import pickle
-from typing import List
+import re
+import zipfile
+from typing import Any, List, Optional
 
 import numpy as np
 import torch
@@ -88,6 +94,108 @@ def allow_mmengine_checkpoints() -> None:
     torch.serialization.add_safe_globals(mmengine_safe_globals())
 
 
+_GLOBAL = re.compile(r'GLOBAL (\S+)')
+
+
+def _load_error(filename: str, error: Exception) -> UserError:
+    """The one-line error of a failed ``torch.load(weights_only=True)``."""
+    size = osp.getsize(filename)
+    text = str(error)
+    if isinstance(error, pickle.UnpicklingError) and 'GLOBAL' in text:
+        found = _GLOBAL.search(text)
+        name = found.group(1) if found else 'an unknown global'
+        return UserError(
+            f'checkpoint {filename!r} is refused: it holds objects that are '
+            f'not tensors or plain containers ({name}); nothing in it was '
+            'run. Load only checkpoints saved by mmengine or by the mmssm '
+            'converters'
+        )
+    if zipfile.is_zipfile(filename) or _starts_like_zip(filename):
+        return UserError(
+            f'checkpoint {filename!r} is truncated or corrupt ({size} bytes; '
+            f'{text.split(". ")[0][:100]})'
+        )
+    return UserError(
+        f'{filename!r} is not a PyTorch checkpoint ({size} bytes; it is '
+        'neither a torch.save zip archive nor a pickle of tensors)'
+    )
+
+
+def _starts_like_zip(filename: str) -> bool:
+    with open(filename, 'rb') as f:
+        return f.read(4) == b'PK\x03\x04'
+
+
+def read_checkpoint(
+    filename: str, map_location: Any = 'cpu', mmap: bool = False
+) -> Any:
+    """``torch.load`` of a local checkpoint, with one-line errors.
+
+    Always ``weights_only=True`` (with the mmengine types of
+    :func:`allow_mmengine_checkpoints`).
+
+    Args:
+        filename (str): A local file.
+        map_location (Any): As for ``torch.load``. Defaults to 'cpu'.
+        mmap (bool): Map the tensors' storage instead of reading it (the
+            file must be a ``torch.save`` zip archive). Defaults to False.
+
+    Returns:
+        Any: What the file holds.
+
+    Raises:
+        UserError: If the file is missing or empty, is not a checkpoint,
+            is truncated or corrupt (with its size), or holds objects that
+            ``weights_only`` loading refuses (naming the first one).
+    """
+    if not osp.isfile(filename):
+        raise UserError(f'checkpoint {filename!r} does not exist')
+    if osp.getsize(filename) == 0:
+        raise UserError(f'checkpoint {filename!r} is empty (0 bytes)')
+    if mmap and not zipfile.is_zipfile(filename):
+        mmap = False  # a legacy (pickle) file: read, and errors told below
+    try:
+        return torch.load(
+            filename, map_location=map_location, weights_only=True, mmap=mmap
+        )
+    except (
+        pickle.UnpicklingError,
+        RuntimeError,
+        EOFError,
+        KeyError,
+        ValueError,
+        IndexError,
+        TypeError,
+        AttributeError,
+        ImportError,
+        UnicodeDecodeError,
+    ) as e:  # everything torch's unpickler raises on bad bytes
+        raise _load_error(filename, e) from None
+
+
+def check_checkpoint(filename: str, key: Optional[str] = None) -> None:
+    """Check that a local checkpoint loads, before a long run reads it.
+
+    The tensors are mapped, not read, so this costs little even for large
+    files; a file whose end is missing fails here (a zip archive keeps its
+    directory at the end). URLs are not checked.
+
+    Args:
+        filename (str): The checkpoint.
+        key (str, optional): The config key or argument that names it,
+            for the message (e.g. ``'load_from'``). Defaults to None.
+
+    Raises:
+        UserError: As :func:`read_checkpoint`, prefixed with ``key``.
+    """
+    if '://' in filename:
+        return
+    try:
+        read_checkpoint(filename, mmap=True)
+    except UserError as e:
+        raise UserError(f'{key}: {e}' if key else str(e)) from None
+
+
 def sha256sum(path: str) -> str:
     """The SHA-256 hex digest of a file."""
     digest = hashlib.sha256()
@@ -144,13 +252,13 @@ def load_checkpoint_strict(model: torch.nn.Module, filename: str) -> dict:
         dict: The loaded checkpoint.
 
     Raises:
-        UserError: If the file is missing, or naming the missing and
-            unexpected keys and the shape mismatches.
+        UserError: If the file is missing or bad (:func:`read_checkpoint`),
+            or naming the missing and unexpected keys and the shape
+            mismatches.
     """
     from mmengine.runner import load_checkpoint
 
-    if '://' not in filename and not osp.isfile(filename):
-        raise UserError(f'checkpoint {filename!r} does not exist')
+    check_checkpoint(filename)
     try:
         return load_checkpoint(
             model,

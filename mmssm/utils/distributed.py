@@ -9,6 +9,7 @@ and has the model wrapped by :class:`CPUDistributedDataParallel`.
 """
 
 import datetime
+import logging
 import os
 import subprocess
 from typing import Optional
@@ -109,3 +110,47 @@ def end_distributed() -> None:
     if torch_dist.is_available() and torch_dist.is_initialized():
         torch_dist.barrier()
         torch_dist.destroy_process_group()
+
+
+def cap_cpu_threads(local_world_size: int) -> Optional[str]:
+    """Give each of a node's CPU processes at most its share of the cores.
+
+    Processes that together run more OpenMP threads than there are cores
+    make each thread wait for the others at every parallel region (2
+    processes of 2 threads on 2 cores trained about 9 times slower than
+    with 1 thread each). The usable cores are those of the process's CPU
+    affinity (``os.sched_getaffinity``: a container or ``taskset`` limit),
+    not ``os.cpu_count()``. Without CUDA and with more than one process on
+    the node, the torch threads are set to ``OMP_NUM_THREADS`` if it is
+    within the share, else to the share, with a warning saying why.
+
+    Args:
+        local_world_size (int): The processes on this node.
+
+    Returns:
+        str | None: What was chosen, for the log; None if nothing was set
+        (one process, or CUDA).
+    """
+    if local_world_size <= 1 or torch.cuda.is_available():
+        return None
+    usable = len(os.sched_getaffinity(0))
+    share = max(1, usable // local_world_size)
+    requested = os.environ.get('OMP_NUM_THREADS', '').strip()
+    threads = share
+    why = f'{local_world_size} processes on {usable} usable cores'
+    if requested.isdigit() and int(requested) > 0:
+        if int(requested) <= share:
+            threads = int(requested)
+            why += f', OMP_NUM_THREADS={requested}'
+        else:
+            print_log(
+                f'OMP_NUM_THREADS={requested} is more than the share of a '
+                f'process ({why}: {share}): capped to {share}, since '
+                'processes whose threads outnumber the cores wait for each '
+                'other at every step',
+                logger='current',
+                level=logging.WARNING,
+            )
+    torch.set_num_threads(threads)
+    os.environ['OMP_NUM_THREADS'] = str(threads)
+    return f'CPU threads per process: {threads} ({why})'

@@ -1,8 +1,18 @@
+from .checkpoint_hook import CheckpointHook, CheckpointSaveError
 from .pruning_meta_hook import (
     PruningMetaHook,
     format_pruning,
     pruner_meta,
     pruning_meta,
 )
+from .resume_hook import ResumeHook
 
-__all__ = ['PruningMetaHook', 'format_pruning', 'pruner_meta', 'pruning_meta']
+__all__ = [
+    'CheckpointHook',
+    'CheckpointSaveError',
+    'PruningMetaHook',
+    'ResumeHook',
+    'format_pruning',
+    'pruner_meta',
+    'pruning_meta',
+]
