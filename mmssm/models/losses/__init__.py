@@ -1,0 +1,13 @@
+from .dyvm_losses import (
+    DirectionRatioLoss,
+    LogitDistillLoss,
+    TokenDistillLoss,
+    TokenRatioLoss,
+)
+
+__all__ = [
+    'DirectionRatioLoss',
+    'LogitDistillLoss',
+    'TokenDistillLoss',
+    'TokenRatioLoss',
+]
