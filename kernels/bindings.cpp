@@ -15,21 +15,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "aligned selective scan, forward (CPU)", py::arg("u"),
         py::arg("delta"), py::arg("A"), py::arg("Bt"), py::arg("Ct"),
         py::arg("D"), py::arg("z"), py::arg("delta_bias"),
-        py::arg("positions"), py::arg("softplus"), py::arg("gap_mode"));
+        py::arg("positions"), py::arg("order"), py::arg("softplus"),
+        py::arg("gap_mode"), py::arg("reverse"));
   m.def("selective_scan_bwd", &mmssm::selective_scan_bwd,
         "aligned selective scan, backward (CPU): du, ddelta, dA, dBt, dCt, "
         "dD, dz, ddelta_bias",
         py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("Bt"),
         py::arg("Ct"), py::arg("D"), py::arg("z"), py::arg("delta_bias"),
-        py::arg("positions"), py::arg("dout"), py::arg("softplus"),
-        py::arg("gap_mode"));
+        py::arg("positions"), py::arg("order"), py::arg("dout"),
+        py::arg("softplus"), py::arg("gap_mode"), py::arg("reverse"));
   m.def("causal_conv1d_fwd", &mmssm::causal_conv1d_fwd,
-        "depthwise causal conv1d, optionally position-aware and with SiLU, "
-        "forward (CPU)",
+        "depthwise causal conv1d, optionally position-aware, reversed and "
+        "with SiLU, forward (CPU)",
         py::arg("x"), py::arg("weight"), py::arg("bias"),
-        py::arg("positions"), py::arg("silu"));
+        py::arg("positions"), py::arg("silu"), py::arg("reverse"));
   m.def("causal_conv1d_bwd", &mmssm::causal_conv1d_bwd,
         "depthwise causal conv1d, backward (CPU): dx, dweight, dbias",
         py::arg("x"), py::arg("weight"), py::arg("bias"),
-        py::arg("positions"), py::arg("dout"), py::arg("silu"));
+        py::arg("positions"), py::arg("dout"), py::arg("silu"),
+        py::arg("reverse"));
 }

@@ -25,8 +25,15 @@
 // summed per row into (batch, E, k) / (batch, E) buffers and then over the
 // batch in a fixed order, so they do not depend on the thread count.
 //
-// Layout (made contiguous by the Python wrapper): x, out, dout, dx:
-// (batch, E, K); weight: (E, k); bias: (E); positions: int64 (batch, K).
+// reverse: the anti-causal conv (taps on the following tokens), i.e. the
+// causal conv of the reversed sequence, reversed back; Vim's backward
+// direction runs it on the tokens in their order instead of a flipped copy.
+//
+// Layout: x, dout: (batch, E, K) with any strides (a (batch, E, K) view of a
+// (batch, K, E) tensor needs no copy: each row is read into a contiguous
+// buffer, in scan order); out and dx in the layout of x (empty_layout);
+// weight: (E, k) and bias: (E) contiguous; positions: int64 (batch, K)
+// contiguous, strictly increasing.
 
 #include "causal_conv1d_cpu.h"
 
@@ -39,6 +46,7 @@
 #include <vector>
 
 #include "../common/check_tensor.h"
+#include "../common/rows.h"
 #include "../common/vec16.h"
 #include "../common/vectorized_exp.h"
 
@@ -49,7 +57,7 @@ int conv_threads() { return std::max(1, at::get_num_threads()); }
 
 template <typename T>
 struct ConvArgs {
-  const T* x = nullptr;
+  Rows<T> x;
   const T* w = nullptr;
   const T* bias = nullptr;
   // (batch, pairs, K) 0/1 masks and (batch, pairs) "any nonzero" flags;
@@ -57,13 +65,14 @@ struct ConvArgs {
   std::vector<T> masks;
   std::vector<uint8_t> used;
   int64_t batch = 0, dim = 0, K = 0, k = 0, pairs = 0;
-  bool silu = false;
+  bool silu = false, reverse = false;
 };
 
 template <typename T>
 ConvArgs<T> make_args(const at::Tensor& x, const at::Tensor& weight,
                       const std::optional<at::Tensor>& bias,
-                      const std::optional<at::Tensor>& positions, bool silu) {
+                      const std::optional<at::Tensor>& positions, bool silu,
+                      bool reverse) {
   TORCH_CHECK(x.dim() == 3, "x must be (batch, E, K)");
   TORCH_CHECK(weight.dim() == 2, "weight must be (E, k)");
   ConvArgs<T> a;
@@ -74,10 +83,11 @@ ConvArgs<T> make_args(const at::Tensor& x, const at::Tensor& weight,
   TORCH_CHECK(a.k >= 1, "the kernel size must be at least 1");
   a.pairs = a.k * (a.k - 1) / 2;
   a.silu = silu;
+  a.reverse = reverse;
   const auto dtype = x.scalar_type();
-  check_tensor(x, "x", dtype, {a.batch, a.dim, a.K});
+  check_tensor(x, "x", dtype, {a.batch, a.dim, a.K}, false);
   check_tensor(weight, "weight", dtype, {a.dim, a.k});
-  a.x = x.data_ptr<T>();
+  a.x = Rows<T>(x, reverse);
   a.w = weight.data_ptr<T>();
   if (bias) {
     check_tensor(*bias, "bias", dtype, {a.dim});
@@ -89,14 +99,17 @@ ConvArgs<T> make_args(const at::Tensor& x, const at::Tensor& weight,
   const int64_t K = a.K, k = a.k;
   a.masks.assign(static_cast<size_t>(a.batch * a.pairs * K), T(0));
   a.used.assign(static_cast<size_t>(a.batch * a.pairs), 0);
+  std::vector<int64_t> q(static_cast<size_t>(K));
   for (int64_t b = 0; b < a.batch; ++b) {
     const int64_t* pb = p + b * K;
     for (int64_t i = 1; i < K; ++i) {
       TORCH_CHECK(pb[i] > pb[i - 1], "positions must be strictly increasing");
     }
+    // the positions in scan order (negated when reversed: increasing)
+    for (int64_t i = 0; i < K; ++i) q[i] = reverse ? -pb[K - 1 - i] : pb[i];
     for (int64_t i = 0; i < K; ++i) {
       for (int64_t t = 1; t < k && t <= i; ++t) {
-        const int64_t d = pb[i] - pb[i - t];
+        const int64_t d = q[i] - q[i - t];
         if (d > k - 1) break;  // d grows with t
         // pairs are numbered t = 1..k-1, d = t..k-1 in that order
         const int64_t pair = (t - 1) * k - (t - 1) * t / 2 + (d - t);
@@ -108,11 +121,11 @@ ConvArgs<T> make_args(const at::Tensor& x, const at::Tensor& weight,
   return a;
 }
 
-// The pre-activation a of row (b, e) into y.
+// The pre-activation a of row (b, e) into y, from the row x (scan order).
 template <typename T>
-void conv_row(const ConvArgs<T>& a, int64_t b, int64_t e, T* __restrict y) {
+void conv_row(const ConvArgs<T>& a, int64_t b, int64_t e,
+              const T* __restrict x, T* __restrict y) {
   const int64_t K = a.K, k = a.k;
-  const T* __restrict x = a.x + (b * a.dim + e) * K;
   const T* w = a.w + e * k;
   const T bias = a.bias ? a.bias[e] : T(0);
   const T w0 = w[k - 1];
@@ -180,26 +193,33 @@ void silu_grad<float>(const float* __restrict dout, float* __restrict g,
 }
 
 template <typename T>
-void forward_impl(const ConvArgs<T>& a, T* out) {
+void forward_impl(const ConvArgs<T>& a, const Rows<T>& out) {
   const int64_t rows = a.batch * a.dim;
-#pragma omp parallel for num_threads(conv_threads()) schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    T* y = out + r * a.K;
-    conv_row(a, r / a.dim, r % a.dim, y);
-    if (a.silu) silu_inplace(y, a.K);
+#pragma omp parallel num_threads(conv_threads())
+  {
+    std::vector<T> x(static_cast<size_t>(a.K)), y(static_cast<size_t>(a.K));
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t b = r / a.dim, e = r % a.dim;
+      a.x.read(b, e, x.data());
+      conv_row(a, b, e, x.data(), y.data());
+      if (a.silu) silu_inplace(y.data(), a.K);
+      out.write(b, e, y.data());
+    }
   }
 }
 
 // Row (b, e): dx, and the row's parts of dweight (k) and dbias (1).
+// All rows in scan order: x, dout (read), dx (written), g (work).
 template <typename T>
 void backward_row(const ConvArgs<T>& a, int64_t b, int64_t e,
-                  const T* __restrict dout, T* __restrict dx, T* __restrict g,
-                  T* __restrict dw, T& dbias) {
+                  const T* __restrict x, const T* __restrict dout,
+                  T* __restrict dx, T* __restrict g, T* __restrict dw,
+                  T& dbias) {
   const int64_t K = a.K, k = a.k;
-  const T* __restrict x = a.x + (b * a.dim + e) * K;
   const T* w = a.w + e * k;
   if (a.silu) {  // g = dout * silu'(a), a recomputed
-    conv_row(a, b, e, g);
+    conv_row(a, b, e, x, g);
     silu_grad(dout, g, K);
   } else {
     std::copy(dout, dout + K, g);
@@ -247,16 +267,22 @@ void backward_row(const ConvArgs<T>& a, int64_t b, int64_t e,
 }
 
 template <typename T>
-void backward_impl(const ConvArgs<T>& a, const T* dout, T* dx, T* dw_part,
-                   T* dbias_part, T* dw, T* dbias) {
+void backward_impl(const ConvArgs<T>& a, const Rows<T>& dout,
+                   const Rows<T>& dx, T* dw_part, T* dbias_part, T* dw,
+                   T* dbias) {
   const int64_t rows = a.batch * a.dim, K = a.K, k = a.k;
 #pragma omp parallel num_threads(conv_threads())
   {
-    std::vector<T> g(static_cast<size_t>(K));
+    std::vector<T> g(static_cast<size_t>(K)), x(static_cast<size_t>(K));
+    std::vector<T> dy(static_cast<size_t>(K)), dxr(static_cast<size_t>(K));
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
-      backward_row(a, r / a.dim, r % a.dim, dout + r * K, dx + r * K,
-                   g.data(), dw_part + r * k, dbias_part[r]);
+      const int64_t b = r / a.dim, e = r % a.dim;
+      a.x.read(b, e, x.data());
+      dout.read(b, e, dy.data());
+      backward_row(a, b, e, x.data(), dy.data(), dxr.data(), g.data(),
+                   dw_part + r * k, dbias_part[r]);
+      dx.write(b, e, dxr.data());
     }  // implicit barrier
 #pragma omp for schedule(static)
     for (int64_t e = 0; e < a.dim; ++e) {  // over the batch, in order
@@ -289,12 +315,13 @@ void check_dtype(const at::Tensor& x) {
 at::Tensor causal_conv1d_fwd(const at::Tensor& x, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias,
                              const std::optional<at::Tensor>& positions,
-                             bool silu) {
+                             bool silu, bool reverse) {
   check_dtype(x);
-  auto out = at::empty_like(x);
+  auto out = empty_layout(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_fwd", [&] {
-    const auto a = make_args<scalar_t>(x, weight, bias, positions, silu);
-    forward_impl<scalar_t>(a, out.data_ptr<scalar_t>());
+    const auto a =
+        make_args<scalar_t>(x, weight, bias, positions, silu, reverse);
+    forward_impl<scalar_t>(a, Rows<scalar_t>(out, reverse));
   });
   return out;
 }
@@ -303,10 +330,10 @@ std::vector<std::optional<at::Tensor>> causal_conv1d_bwd(
     const at::Tensor& x, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& positions, const at::Tensor& dout,
-    bool silu) {
+    bool silu, bool reverse) {
   check_dtype(x);
-  check_tensor(dout, "dout", x.scalar_type(), x.sizes().vec());
-  auto dx = at::empty_like(x);
+  check_tensor(dout, "dout", x.scalar_type(), x.sizes().vec(), false);
+  auto dx = empty_layout(x);
   auto dw = at::empty_like(weight);
   auto dw_part =
       at::empty({x.size(0), x.size(1), weight.size(1)}, x.options());
@@ -314,9 +341,10 @@ std::vector<std::optional<at::Tensor>> causal_conv1d_bwd(
   std::optional<at::Tensor> dbias;
   if (bias) dbias = at::empty_like(*bias);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_bwd", [&] {
-    const auto a = make_args<scalar_t>(x, weight, bias, positions, silu);
-    backward_impl<scalar_t>(a, dout.data_ptr<scalar_t>(),
-                            dx.data_ptr<scalar_t>(),
+    const auto a =
+        make_args<scalar_t>(x, weight, bias, positions, silu, reverse);
+    backward_impl<scalar_t>(a, Rows<scalar_t>(dout, reverse),
+                            Rows<scalar_t>(dx, reverse),
                             dw_part.data_ptr<scalar_t>(),
                             dbias_part.data_ptr<scalar_t>(),
                             dw.data_ptr<scalar_t>(),

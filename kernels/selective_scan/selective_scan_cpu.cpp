@@ -12,9 +12,20 @@
 // row's forward states into a thread-local buffer (K x N, cache resident for
 // the shapes we use) and then runs the reverse recurrence.
 //
-// Layout (made contiguous by the Python wrapper): u, delta, z, out:
-// (batch, dim, K); A: (dim, N); Bt, Ct: (batch, K, N); D, delta_bias: (dim);
-// positions: int64 (batch, K).
+// Scan order: `reverse` scans from the last token to the first (Vim's
+// backward direction, without flipped copies; the gaps are then those
+// between each token and the one after it); `order` (batch or 1, K), a
+// permutation, makes step j read u and z at token order[j] and write its
+// output there, while delta, B, C and the positions stay per step
+// (PlainMamba's zig-zag scans, whose step inputs come from the raster token,
+// without gathered copies).
+//
+// Layout: u, delta, z, dout: (batch, dim, K) with any strides (each row is
+// read into contiguous buffers; a (batch, dim, K) view of a Linear layer's
+// (batch, K, dim) output needs no copy); out, du, ddelta, dz in the layout
+// of their input (empty_layout); Bt, Ct: (batch, K, N) with N contiguous and
+// any other strides (slices of x_proj's output); A: (dim, N); D, delta_bias:
+// (dim); positions, order: int64, contiguous; dBt, dCt: contiguous.
 
 #include "selective_scan_cpu.h"
 
@@ -34,6 +45,7 @@
 #endif
 
 #include "../common/check_tensor.h"
+#include "../common/rows.h"
 #include "../common/vec16.h"
 #include "../common/vectorized_exp.h"
 
@@ -146,45 +158,67 @@ inline double softplus(double x) {
 }
 inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 
-// Pointers to one call's tensors.
+// One call's tensors.
 template <typename T>
 struct ScanArgs {
-  const T *u, *delta, *A, *Bt, *Ct, *D, *z, *bias;
-  const T* gaps;  // (batch, K): pruned tokens before each token, or null
+  Rows<T> u, delta, z, out;  // z.p null without z
+  const T *A, *Bt, *Ct, *D, *bias;
+  int64_t sBb, sBk, sCb, sCk;  // strides of Bt, Ct over batch and K
+  const T* gaps;  // (batch, K) in scan order: pruned tokens before each
+  const int64_t* order;  // (batch or 1, K) or null
+  int64_t order_sb;      // K, or 0 when shared by the batch
   int64_t dim, K, N;
-  bool softplus;
+  bool softplus, reverse;
   int64_t gap_mode;
+
+  const int64_t* order_of(int64_t b) const {
+    return order ? order + b * order_sb : nullptr;
+  }
+  // B_j, C_j of batch element b at scan step j: base + j * step.
+  const T* B_row(int64_t b, int64_t& step) const {
+    step = reverse ? -sBk : sBk;
+    return Bt + b * sBb + (reverse && K > 0 ? (K - 1) * sBk : 0);
+  }
+  const T* C_row(int64_t b, int64_t& step) const {
+    step = reverse ? -sCk : sCk;
+    return Ct + b * sCb + (reverse && K > 0 ? (K - 1) * sCk : 0);
+  }
 };
 
-// Per-row work buffers of K values each.
+// Per-row work buffers of K values each, in scan order.
 template <typename T>
 struct RowBuffers {
-  std::vector<T> step, decay_exp, input, gate, dgate, dstep_draw, y;
+  std::vector<T> step, decay_exp, input, gate, dgate, dstep_draw, y, u, dout,
+      du, dz;
   explicit RowBuffers(int64_t K)
       : step(K), decay_exp(K), input(K), gate(K), dgate(K), dstep_draw(K),
-        y(K) {}
+        y(K), u(K), dout(K), du(K), dz(K) {}
 };
 
-// Vectorised over k, before the recurrence: the step size delta_k, the
-// exponent e_k = delta_k + g_k gap_delta_k of the step's decay, the input
-// delta_k u_k, the gate silu(z_k) and, for the backward pass, the
-// derivatives of the softplus and the gate.
+// Vectorised over k, before the recurrence: the row's u, delta and z read
+// in scan order, the step size delta_k, the exponent e_k = delta_k + g_k
+// gap_delta_k of the step's decay, the input delta_k u_k, the gate
+// silu(z_k) and, for the backward pass, the derivatives of the softplus and
+// the gate.
 template <typename T, bool kBackward>
 void prepare_row(const ScanArgs<T>& a, int64_t b, int64_t d,
                  RowBuffers<T>& buf) {
   const int64_t K = a.K;
-  const int64_t row = (b * a.dim + d) * K;
-  const T* u = a.u + row;
-  const T* delta = a.delta + row;
-  const T* z = a.z ? a.z + row : nullptr;
-  const T bias = a.bias ? a.bias[d] : T(0);
+  const int64_t* order = a.order_of(b);
   T* step = buf.step.data();
   T* e = buf.decay_exp.data();
   T* input = buf.input.data();
+  T* gate = buf.gate.data();
+  const T* u = buf.u.data();
+  a.delta.read(b, d, step);  // raw, then the step sizes in place
+  a.u.read(b, d, buf.u.data(), order);
+  const bool z = a.z.p != nullptr;
+  if (z) a.z.read(b, d, gate, order);  // raw, then the gate in place
+  const T bias = a.bias ? a.bias[d] : T(0);
   int64_t k0 = 0;  // where the scalar loops take over
   if constexpr (std::is_same_v<T, float>) {
     for (; k0 + 16 <= K; k0 += 16) {
-      const vf16 raw = load16(delta + k0) + bias;
+      const vf16 raw = load16(step + k0) + bias;
       const vf16 sk = a.softplus ? softplus16(raw) : raw;
       store16(step + k0, sk);
       store16(input + k0, sk * load16(u + k0));
@@ -193,9 +227,9 @@ void prepare_row(const ScanArgs<T>& a, int64_t b, int64_t d,
                 a.softplus ? sigmoid16(raw) : splat(1.0f));
       }
       if (z) {
-        const vf16 zk = load16(z + k0);
+        const vf16 zk = load16(gate + k0);
         const vf16 sig = sigmoid16(zk);
-        store16(buf.gate.data() + k0, zk * sig);
+        store16(gate + k0, zk * sig);
         if constexpr (kBackward) {
           store16(buf.dgate.data() + k0, sig * (1.0f + zk * (1.0f - sig)));
         }
@@ -203,7 +237,7 @@ void prepare_row(const ScanArgs<T>& a, int64_t b, int64_t d,
     }
   }
   for (int64_t k = k0; k < K; ++k) {
-    const T raw = delta[k] + bias;
+    const T raw = step[k] + bias;
     step[k] = a.softplus ? softplus(raw) : raw;
     input[k] = step[k] * u[k];
     if constexpr (kBackward) {
@@ -225,9 +259,10 @@ void prepare_row(const ScanArgs<T>& a, int64_t b, int64_t d,
   }
   if (z) {
     for (int64_t k = k0; k < K; ++k) {
-      const T s = sigmoid(z[k]);
-      buf.gate[k] = z[k] * s;
-      if constexpr (kBackward) buf.dgate[k] = s * (T(1) + z[k] * (T(1) - s));
+      const T zk = gate[k];
+      const T s = sigmoid(zk);
+      gate[k] = zk * s;
+      if constexpr (kBackward) buf.dgate[k] = s * (T(1) + zk * (T(1) - s));
     }
   }
 }
@@ -242,8 +277,9 @@ inline void scan_rows_impl(const ScanArgs<T>& a, int64_t b, int64_t d0,
                            T* __restrict decay_buf, T* __restrict state_buf) {
   const int64_t N = kN > 0 ? kN : a.N;
   const int64_t K = a.K;
-  const T* __restrict Bt = a.Bt + b * K * N;
-  const T* __restrict Ct = a.Ct + b * K * N;
+  int64_t sB, sC;
+  const T* __restrict Bt = a.B_row(b, sB);
+  const T* __restrict Ct = a.C_row(b, sC);
   const T* A[R];
   const T* e[R];
   const T* x[R];
@@ -261,8 +297,8 @@ inline void scan_rows_impl(const ScanArgs<T>& a, int64_t b, int64_t d0,
       Av[r] = load16(A[r]);
     }
     for (int64_t k = 0; k < K; ++k) {
-      const vf16 Bk = load16(Bt + k * 16);
-      const vf16 Ck = load16(Ct + k * 16);
+      const vf16 Bk = load16(Bt + k * sB);
+      const vf16 Ck = load16(Ct + k * sC);
       for (int r = 0; r < R; ++r) {
         const vf16 decay = exp16(Av[r] * e[r][k]);
         hv[r] = decay * hv[r] + Bk * x[r][k];
@@ -277,8 +313,8 @@ inline void scan_rows_impl(const ScanArgs<T>& a, int64_t b, int64_t d0,
   }
   std::fill(h, h + R * N, T(0));
   for (int64_t k = 0; k < K; ++k) {
-    const T* Bk = Bt + k * N;
-    const T* Ck = Ct + k * N;
+    const T* Bk = Bt + k * sB;
+    const T* Ck = Ct + k * sC;
     for (int r = 0; r < R; ++r) {
       const T ek = e[r][k], xk = x[r][k];
       const T* Ar = A[r];
@@ -319,7 +355,7 @@ constexpr int kRowBlock = 4;
 
 template <typename T, int kN>
 void forward_block(const ScanArgs<T>& a, int64_t b, int64_t d0, int rows,
-                   RowBuffers<T>* bufs, T* out) {
+                   RowBuffers<T>* bufs) {
   for (int r = 0; r < rows; ++r) prepare_row<T, false>(a, b, d0 + r, bufs[r]);
   if (rows == kRowBlock) {
     scan_rows<T, kN, false, kRowBlock>(a, b, d0, bufs, nullptr, nullptr);
@@ -330,26 +366,24 @@ void forward_block(const ScanArgs<T>& a, int64_t b, int64_t d0, int rows,
   }
   for (int r = 0; r < rows; ++r) {
     const int64_t d = d0 + r;
-    const int64_t row = (b * a.dim + d) * a.K;
-    const T* u = a.u + row;
+    const T* u = bufs[r].u.data();
     const T Dv = a.D ? a.D[d] : T(0);
-    const T* y = bufs[r].y.data();
+    T* y = bufs[r].y.data();
     const T* gate = bufs[r].gate.data();
-    T* o = out + row;
-    if (a.z) {
+    if (a.z.p) {
 #pragma omp simd
-      for (int64_t k = 0; k < a.K; ++k) o[k] = (y[k] + Dv * u[k]) * gate[k];
+      for (int64_t k = 0; k < a.K; ++k) y[k] = (y[k] + Dv * u[k]) * gate[k];
     } else {
 #pragma omp simd
-      for (int64_t k = 0; k < a.K; ++k) o[k] = y[k] + Dv * u[k];
+      for (int64_t k = 0; k < a.K; ++k) y[k] = y[k] + Dv * u[k];
     }
+    a.out.write(b, d, y, a.order_of(b));
   }
 }
 
 template <typename T>
 struct GradArgs {
-  const T* dout;
-  T *du, *ddelta, *dz;
+  Rows<T> dout, du, ddelta, dz;  // dz.p null without z
   T *dA_part, *dD_part, *dbias_part;  // (batch, dim[, N]): summed over batch later
 };
 
@@ -361,16 +395,18 @@ void backward_row(const ScanArgs<T>& a, const GradArgs<T>& g, int64_t b,
                   T* state_buf, T* dh, T* dA_loc, T* dB_loc, T* dC_loc) {
   const int64_t N = kN > 0 ? kN : a.N;
   const int64_t K = a.K;
-  const int64_t row = (b * a.dim + d) * K;
+  const int64_t* order = a.order_of(b);
   prepare_row<T, true>(a, b, d, buf);
   scan_rows<T, kN, true, 1>(a, b, d, &buf, decay_buf, state_buf);
 
-  const T* u = a.u + row;
+  const T* u = buf.u.data();
   const T* A = a.A + d * N;
-  const T* Bt = a.Bt + b * K * N;
-  const T* Ct = a.Ct + b * K * N;
+  int64_t sB, sC;
+  const T* Bt = a.B_row(b, sB);
+  const T* Ct = a.C_row(b, sC);
   const T* gaps = a.gaps ? a.gaps + b * K : nullptr;
-  const T* dout = g.dout + row;
+  T* dout = buf.dout.data();
+  g.dout.read(b, d, dout, order);
   const T Dv = a.D ? a.D[d] : T(0);
   const T* step = buf.step.data();
   const T* e = buf.decay_exp.data();
@@ -379,16 +415,17 @@ void backward_row(const ScanArgs<T>& a, const GradArgs<T>& g, int64_t b,
 
   // Gate and skip terms, vectorised over k.
   T dD = 0;
-  if (a.z) {
+  if (a.z.p) {
     const T* dgate = buf.dgate.data();
     const T* y = buf.y.data();
-    T* dz = g.dz + row;
+    T* dz = buf.dz.data();
 #pragma omp simd reduction(+ : dD)
     for (int64_t k = 0; k < K; ++k) {
       dz[k] = dout[k] * (y[k] + Dv * u[k]) * dgate[k];
       dy_buf[k] = dout[k] * dy_buf[k];
       dD += dy_buf[k] * u[k];
     }
+    g.dz.write(b, d, dz, order);
   } else {
 #pragma omp simd reduction(+ : dD)
     for (int64_t k = 0; k < K; ++k) {
@@ -401,14 +438,14 @@ void backward_row(const ScanArgs<T>& a, const GradArgs<T>& g, int64_t b,
   std::fill(dA_loc, dA_loc + N, T(0));
   T dgap_null = 0;
   T dstep_from_next = 0;  // 'prev': step k+1's gap decays with delta_k
-  T* du = g.du + row;
+  T* du = buf.du.data();
   [[maybe_unused]] vf16 dh_v{}, dA_v{}, A_v{};
   constexpr bool kVec16 = std::is_same_v<T, float> && kN == 16;
   if constexpr (kVec16) A_v = load16(A);
   for (int64_t k = K - 1; k >= 0; --k) {
     const T dy = dy_buf[k], uk = u[k], sk = step[k], ek = e[k];
-    const T* Bk = Bt + k * N;
-    const T* Ck = Ct + k * N;
+    const T* Bk = Bt + k * sB;
+    const T* Ck = Ct + k * sC;
     const T* decay = decay_buf + k * N;
     const T* state = state_buf + k * N;
     // h_{-1} = 0: the decay of the first step has no gradient
@@ -459,14 +496,16 @@ void backward_row(const ScanArgs<T>& a, const GradArgs<T>& g, int64_t b,
       }
     }
   }
+  g.du.write(b, d, du, order);
   T dbias = 0;
-  T* ddelta = g.ddelta + row;
+  T* ddelta = dstep;  // in place
   const T* dstep_draw = buf.dstep_draw.data();
 #pragma omp simd reduction(+ : dbias)
   for (int64_t k = 0; k < K; ++k) {
     ddelta[k] = dstep[k] * dstep_draw[k];
     dbias += ddelta[k];
   }
+  g.ddelta.write(b, d, ddelta);
   const int64_t bd = b * a.dim + d;
   if constexpr (kVec16) store16(dA_loc, dA_v);
   for (int64_t n = 0; n < N; ++n) g.dA_part[bd * N + n] = dA_loc[n];
@@ -480,18 +519,23 @@ int num_threads() { return std::max(1, at::get_num_threads()); }
 
 // The gaps g_k = p_k - p_{k-1} - 1 (g_0 = 0: h_0 = 0, a leading gap changes
 // nothing), as T; computed once per call, shared by all channels.
+// In scan order: reversed, step j is token K-1-j and its gap is the one
+// to the token after it.
 template <typename T>
 std::vector<T> compute_gaps(const std::optional<at::Tensor>& pos,
-                            int64_t gap_mode, int64_t batch, int64_t K) {
+                            int64_t gap_mode, int64_t batch, int64_t K,
+                            bool reverse) {
   std::vector<T> gaps;
   if (!pos || gap_mode == kGapNone) return gaps;
   check_tensor(*pos, "positions", at::kLong, {batch, K});
   gaps.resize(batch * K);
   const int64_t* p = pos->data_ptr<int64_t>();
   for (int64_t b = 0; b < batch; ++b) {
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t i = b * K + k;
-      gaps[i] = k > 0 ? static_cast<T>(p[i] - p[i - 1] - 1) : T(0);
+    const int64_t* pb = p + b * K;
+    for (int64_t j = 0; j < K; ++j) {
+      int64_t g = 0;
+      if (j > 0) g = reverse ? pb[K - j] - pb[K - 1 - j] : pb[j] - pb[j - 1];
+      gaps[b * K + j] = j > 0 ? static_cast<T>(g - 1) : T(0);
     }
   }
   return gaps;
@@ -505,44 +549,63 @@ ScanArgs<T> make_args(const at::Tensor& u, const at::Tensor& delta,
                       const std::optional<at::Tensor>& z,
                       const std::optional<at::Tensor>& bias,
                       const std::optional<at::Tensor>& pos,
+                      const std::optional<at::Tensor>& order,
                       const std::vector<T>& gaps, bool softplus,
-                      int64_t gap_mode) {
+                      int64_t gap_mode, bool reverse) {
   TORCH_CHECK(u.dim() == 3, "u must be (batch, dim, K)");
   TORCH_CHECK(A.dim() == 2, "A must be (dim, N)");
   TORCH_CHECK(gap_mode >= kGapNone && gap_mode <= kGapNull,
               "gap_mode must be 0 (none), 1 (prev) or 2 (null)");
+  TORCH_CHECK(!(order && reverse), "order and reverse are exclusive");
   const int64_t batch = u.size(0), dim = u.size(1), K = u.size(2);
   const int64_t N = A.size(1);
   const auto dtype = u.scalar_type();
-  check_tensor(u, "u", dtype, {batch, dim, K});
-  check_tensor(delta, "delta", dtype, {batch, dim, K});
+  check_tensor(u, "u", dtype, {batch, dim, K}, false);
+  check_tensor(delta, "delta", dtype, {batch, dim, K}, false);
   check_tensor(A, "A", dtype, {dim, N});
-  check_tensor(Bt, "B (transposed)", dtype, {batch, K, N});
-  check_tensor(Ct, "C (transposed)", dtype, {batch, K, N});
+  check_tensor(Bt, "B (transposed)", dtype, {batch, K, N}, false);
+  check_tensor(Ct, "C (transposed)", dtype, {batch, K, N}, false);
+  TORCH_CHECK(N <= 1 || (Bt.stride(2) == 1 && Ct.stride(2) == 1),
+              "B and C must be contiguous along N");
   if (D) check_tensor(*D, "D", dtype, {dim});
-  if (z) check_tensor(*z, "z", dtype, {batch, dim, K});
+  if (z) check_tensor(*z, "z", dtype, {batch, dim, K}, false);
   if (bias) check_tensor(*bias, "delta_bias", dtype, {dim});
   if (pos) check_tensor(*pos, "positions", at::kLong, {batch, K});
   ScanArgs<T> a;
-  a.u = u.data_ptr<T>();
-  a.delta = delta.data_ptr<T>();
+  a.u = Rows<T>(u, reverse);
+  a.delta = Rows<T>(delta, reverse);
+  if (z) a.z = Rows<T>(*z, reverse);
   a.A = A.data_ptr<T>();
   a.Bt = Bt.data_ptr<T>();
   a.Ct = Ct.data_ptr<T>();
+  a.sBb = Bt.stride(0);
+  a.sBk = Bt.stride(1);
+  a.sCb = Ct.stride(0);
+  a.sCk = Ct.stride(1);
   a.D = D ? D->data_ptr<T>() : nullptr;
-  a.z = z ? z->data_ptr<T>() : nullptr;
   a.bias = bias ? bias->data_ptr<T>() : nullptr;
   a.gaps = gaps.empty() ? nullptr : gaps.data();
+  a.order = nullptr;
+  a.order_sb = 0;
+  if (order) {
+    TORCH_CHECK(order->dim() == 2 && order->size(1) == K &&
+                    (order->size(0) == 1 || order->size(0) == batch),
+                "order must be (batch or 1, K)");
+    check_tensor(*order, "order", at::kLong, order->sizes().vec());
+    a.order = order->data_ptr<int64_t>();
+    a.order_sb = order->size(0) == 1 ? 0 : K;
+  }
   a.dim = dim;
   a.K = K;
   a.N = N;
   a.softplus = softplus;
+  a.reverse = reverse;
   a.gap_mode = gap_mode;
   return a;
 }
 
 template <typename T, int kN>
-void forward_impl(const ScanArgs<T>& a, int64_t batch, T* out) {
+void forward_impl(const ScanArgs<T>& a, int64_t batch) {
   const int64_t blocks_per_batch = (a.dim + kRowBlock - 1) / kRowBlock;
   const int64_t blocks = batch * blocks_per_batch;
 #pragma omp parallel num_threads(num_threads())
@@ -554,7 +617,7 @@ void forward_impl(const ScanArgs<T>& a, int64_t batch, T* out) {
       const int64_t d0 = (i % blocks_per_batch) * kRowBlock;
       const int rows = static_cast<int>(std::min<int64_t>(kRowBlock,
                                                           a.dim - d0));
-      forward_block<T, kN>(a, b, d0, rows, bufs.data(), out);
+      forward_block<T, kN>(a, b, d0, rows, bufs.data());
     }
   }
 }
@@ -595,8 +658,10 @@ void backward_impl(const ScanArgs<T>& a, const GradArgs<T>& g, int64_t batch,
           sb += partial[static_cast<size_t>(t) * 2 * KN + i];
           sc += partial[static_cast<size_t>(t) * 2 * KN + KN + i];
         }
-        dBt[b * KN + i] = sb;
-        dCt[b * KN + i] = sc;
+        // i is (scan step, n); dBt, dCt are in token order
+        const int64_t at = a.u.index(i / N) * N + i % N;
+        dBt[b * KN + at] = sb;
+        dCt[b * KN + at] = sc;
       }  // implicit barrier before the buffers are cleared again
     }
   }
@@ -609,21 +674,24 @@ at::Tensor selective_scan_fwd(const at::Tensor& u, const at::Tensor& delta,
                const std::optional<at::Tensor>& D,
                const std::optional<at::Tensor>& z,
                const std::optional<at::Tensor>& delta_bias,
-               const std::optional<at::Tensor>& positions, bool softplus,
-               int64_t gap_mode) {
+               const std::optional<at::Tensor>& positions,
+               const std::optional<at::Tensor>& order, bool softplus,
+               int64_t gap_mode, bool reverse) {
   TORCH_CHECK(u.scalar_type() == at::kFloat || u.scalar_type() == at::kDouble,
               "the CPU selective scan computes in float32 or float64, got ",
               u.scalar_type());
-  auto out = at::empty_like(u);
+  auto out = empty_layout(u);
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_fwd", [&] {
     const auto gaps = compute_gaps<scalar_t>(positions, gap_mode, u.size(0),
-                                             u.size(2));
+                                             u.size(2), reverse);
     auto a = make_args<scalar_t>(u, delta, A, Bt, Ct, D, z, delta_bias,
-                                 positions, gaps, softplus, gap_mode);
+                                 positions, order, gaps, softplus, gap_mode,
+                                 reverse);
+    a.out = Rows<scalar_t>(out, reverse);
     if (a.N == 16) {
-      forward_impl<scalar_t, 16>(a, u.size(0), out.data_ptr<scalar_t>());
+      forward_impl<scalar_t, 16>(a, u.size(0));
     } else {
-      forward_impl<scalar_t, 0>(a, u.size(0), out.data_ptr<scalar_t>());
+      forward_impl<scalar_t, 0>(a, u.size(0));
     }
   });
   return out;
@@ -634,31 +702,33 @@ std::vector<std::optional<at::Tensor>> selective_scan_bwd(
     const at::Tensor& Bt, const at::Tensor& Ct,
     const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
     const std::optional<at::Tensor>& delta_bias,
-    const std::optional<at::Tensor>& positions, const at::Tensor& dout,
-    bool softplus, int64_t gap_mode) {
+    const std::optional<at::Tensor>& positions,
+    const std::optional<at::Tensor>& order, const at::Tensor& dout,
+    bool softplus, int64_t gap_mode, bool reverse) {
   TORCH_CHECK(u.scalar_type() == at::kFloat || u.scalar_type() == at::kDouble,
               "the CPU selective scan computes in float32 or float64, got ",
               u.scalar_type());
-  check_tensor(dout, "dout", u.scalar_type(), u.sizes().vec());
+  check_tensor(dout, "dout", u.scalar_type(), u.sizes().vec(), false);
   const int64_t batch = u.size(0), dim = u.size(1);
-  auto du = at::empty_like(u);
-  auto ddelta = at::empty_like(u);
-  auto dz = z ? at::empty_like(u) : at::Tensor();
-  auto dBt = at::empty_like(Bt);
-  auto dCt = at::empty_like(Ct);
+  auto du = empty_layout(u);
+  auto ddelta = empty_layout(delta);
+  auto dz = z ? empty_layout(*z) : at::Tensor();
+  auto dBt = at::empty(Bt.sizes(), Bt.options());
+  auto dCt = at::empty(Ct.sizes(), Ct.options());
   auto dA_part = at::empty({batch, dim, A.size(1)}, u.options());
   auto dD_part = at::empty({batch, dim}, u.options());
   auto dbias_part = at::empty({batch, dim}, u.options());
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_bwd", [&] {
     const auto gaps = compute_gaps<scalar_t>(positions, gap_mode, u.size(0),
-                                             u.size(2));
+                                             u.size(2), reverse);
     auto a = make_args<scalar_t>(u, delta, A, Bt, Ct, D, z, delta_bias,
-                                 positions, gaps, softplus, gap_mode);
+                                 positions, order, gaps, softplus, gap_mode,
+                                 reverse);
     GradArgs<scalar_t> g;
-    g.dout = dout.data_ptr<scalar_t>();
-    g.du = du.data_ptr<scalar_t>();
-    g.ddelta = ddelta.data_ptr<scalar_t>();
-    g.dz = z ? dz.data_ptr<scalar_t>() : nullptr;
+    g.dout = Rows<scalar_t>(dout, reverse);
+    g.du = Rows<scalar_t>(du, reverse);
+    g.ddelta = Rows<scalar_t>(ddelta, reverse);
+    if (z) g.dz = Rows<scalar_t>(dz, reverse);
     g.dA_part = dA_part.data_ptr<scalar_t>();
     g.dD_part = dD_part.data_ptr<scalar_t>();
     g.dbias_part = dbias_part.data_ptr<scalar_t>();

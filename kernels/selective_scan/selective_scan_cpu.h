@@ -9,9 +9,12 @@
 
 namespace mmssm {
 
-// u, delta, z: (batch, dim, K); A: (dim, N); Bt, Ct: (batch, K, N);
-// D, delta_bias: (dim); positions: int64 (batch, K); all contiguous, one
-// dtype (float32 or float64). gap_mode: 0 none, 1 prev, 2 null.
+// u, delta, z: (batch, dim, K), any strides; A: (dim, N); Bt, Ct:
+// (batch, K, N), N contiguous; D, delta_bias: (dim); positions: int64
+// (batch, K); order: int64 (batch or 1, K), a permutation (u, z and the
+// output at token order[j] for step j); one dtype (float32 or float64).
+// gap_mode: 0 none, 1 prev, 2 null. reverse: scan from the last token to the
+// first. The output is in the layout of u.
 at::Tensor selective_scan_fwd(const at::Tensor& u, const at::Tensor& delta,
                               const at::Tensor& A, const at::Tensor& Bt,
                               const at::Tensor& Ct,
@@ -19,7 +22,8 @@ at::Tensor selective_scan_fwd(const at::Tensor& u, const at::Tensor& delta,
                               const std::optional<at::Tensor>& z,
                               const std::optional<at::Tensor>& delta_bias,
                               const std::optional<at::Tensor>& positions,
-                              bool softplus, int64_t gap_mode);
+                              const std::optional<at::Tensor>& order,
+                              bool softplus, int64_t gap_mode, bool reverse);
 
 // Returns {du, ddelta, dA, dBt, dCt, dD, dz, ddelta_bias}; the optional
 // ones are none when their input is.
@@ -28,7 +32,8 @@ std::vector<std::optional<at::Tensor>> selective_scan_bwd(
     const at::Tensor& Bt, const at::Tensor& Ct,
     const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
     const std::optional<at::Tensor>& delta_bias,
-    const std::optional<at::Tensor>& positions, const at::Tensor& dout,
-    bool softplus, int64_t gap_mode);
+    const std::optional<at::Tensor>& positions,
+    const std::optional<at::Tensor>& order, const at::Tensor& dout,
+    bool softplus, int64_t gap_mode, bool reverse);
 
 }  // namespace mmssm

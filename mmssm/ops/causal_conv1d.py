@@ -14,7 +14,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from .checks import check_conv_inputs
+from .checks import check_conv_inputs, empty_layout, match_layout
 from .ext import cpu_kernel_skip_reason, load_ext, warn_once
 from .reference import compute_dtype, conv_unchecked
 
@@ -60,13 +60,14 @@ def _resolve_impl(impl: str, x: Tensor) -> str:
 
 
 def _kernel_inputs(x, weight, bias, positions):
+    """One compute dtype; ``x`` in any layout (the kernel reads strides)."""
     dtype = compute_dtype(x)
 
     def prep(t):
         return None if t is None else t.to(dtype).contiguous()
 
     pos = None if positions is None else positions.contiguous()
-    return prep(x), prep(weight), prep(bias), pos
+    return x.to(dtype), prep(weight), prep(bias), pos
 
 
 @torch.library.custom_op('mmssm::causal_conv1d_backward', mutates_args=())
@@ -77,19 +78,24 @@ def _kernel_backward(
     bias: Optional[Tensor],
     positions: Optional[Tensor],
     silu: bool,
+    reverse: bool,
 ) -> List[Tensor]:
     """The compiled kernel's backward: dx, dweight and (with a bias)
-    dbias, in the inputs' dtypes."""
+    dbias, in the inputs' dtypes (dx in the layout of x)."""
     args = _kernel_inputs(x, weight, bias, positions)
-    dout = dout.to(args[0].dtype).contiguous()
-    grads = load_ext().causal_conv1d_bwd(*args, dout, silu)
+    dout = dout.to(args[0].dtype)
+    grads = load_ext().causal_conv1d_bwd(*args, dout, silu, reverse)
     inputs = (x, weight, bias)
-    return [g.to(t.dtype) for g, t in zip(grads, inputs) if t is not None]
+    return [
+        match_layout(g.to(t.dtype), t)
+        for g, t in zip(grads, inputs)
+        if t is not None
+    ]
 
 
 @_kernel_backward.register_fake
 def _(dout, x, weight, bias, *args):
-    return [t.new_empty(t.shape) for t in (x, weight, bias) if t is not None]
+    return [empty_layout(t) for t in (x, weight, bias) if t is not None]
 
 
 @torch.library.custom_op('mmssm::causal_conv1d', mutates_args=())
@@ -101,33 +107,40 @@ def _causal_conv1d_op(
     seq_len: Optional[int],
     silu: bool,
     impl: str,
+    reverse: bool = False,
 ) -> Tensor:
     """The conv on checked inputs: weight (E, k), positions None or
-    (batch, K)."""
+    (batch, K); the output in the layout of x (:func:`empty_layout`)."""
     if _resolve_impl(impl, x) == 'ref':
-        return conv_unchecked(x, weight, bias, positions, seq_len, silu)
+        out = conv_unchecked(
+            x, weight, bias, positions, seq_len, silu, reverse
+        )
+        return match_layout(out, x)
     args = _kernel_inputs(x, weight, bias, positions)
-    return load_ext().causal_conv1d_fwd(*args, silu).to(x.dtype)
+    out = load_ext().causal_conv1d_fwd(*args, silu, reverse)
+    return match_layout(out.to(x.dtype), x)
 
 
 @_causal_conv1d_op.register_fake
-def _(x, *args):
-    return x.new_empty(x.shape)
+def _(x, *args, **kwargs):
+    return empty_layout(x)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, positions, seq_len, silu, impl = inputs
+    x, weight, bias, positions, seq_len, silu, impl, reverse = inputs
     ctx.save_for_backward(x, weight, bias, positions)
-    ctx.config = (seq_len, silu, _resolve_impl(impl, x))
+    ctx.config = (seq_len, silu, _resolve_impl(impl, x), reverse)
 
 
 def _backward(ctx, dout):
     x, weight, bias, positions = ctx.saved_tensors
-    seq_len, silu, impl = ctx.config
+    seq_len, silu, impl, reverse = ctx.config
     tensors = (x, weight, bias)
     needs = ctx.needs_input_grad[:3]
     if impl == 'cpu':
-        grads = iter(_kernel_backward(dout, x, weight, bias, positions, silu))
+        grads = iter(
+            _kernel_backward(dout, x, weight, bias, positions, silu, reverse)
+        )
         out = [None if t is None else next(grads) for t in tensors]
     else:  # the reference again, with autograd
         with torch.enable_grad():
@@ -135,11 +148,11 @@ def _backward(ctx, dout):
                 t.detach().requires_grad_(need) if t is not None else None
                 for t, need in zip(tensors, needs)
             ]
-            y = conv_unchecked(*leaves, positions, seq_len, silu)
+            y = conv_unchecked(*leaves, positions, seq_len, silu, reverse)
             wanted = [t for t, need in zip(leaves, needs) if need]
             grads = iter(torch.autograd.grad(y, wanted, dout))
         out = [next(grads) if need else None for need in needs]
-    return (*out, None, None, None, None)
+    return (*out, None, None, None, None, None)
 
 
 _causal_conv1d_op.register_autograd(_backward, setup_context=_setup_context)
@@ -153,6 +166,7 @@ def causal_conv1d(
     seq_len: Optional[int] = None,
     activation: Optional[str] = None,
     impl: str = 'auto',
+    reverse: bool = False,
 ) -> Tensor:
     """Depthwise causal conv1d over K tokens that may be a pruned subset.
 
@@ -173,6 +187,14 @@ def causal_conv1d(
             when the kernel is built (with a warning if it is not) and 'ref'
             for other devices; the environment variable ``MMSSM_CONV_IMPL``
             overrides it. Defaults to 'auto'.
+        reverse (bool): The anti-causal conv (taps on the following
+            tokens): the causal conv of the reversed sequence, reversed
+            back, without flipped copies (Vim's backward direction).
+            Defaults to False.
+
+    ``x`` may have any strides (the kernel reads a (batch, E, K) view of a
+    (batch, K, E) tensor in place and then writes its output in that
+    layout).
 
     Returns:
         Tensor: (batch, E, K), in the dtype of ``x``.
@@ -185,5 +207,12 @@ def causal_conv1d(
     # the (E, 1, k) -> (E, k) view stays outside the op, so that autograd
     # returns the weight's gradient in the weight's own layout
     return _causal_conv1d_op(
-        x, weight_2d, bias, positions, seq_len, activation == 'silu', impl
+        x,
+        weight_2d,
+        bias,
+        positions,
+        seq_len,
+        activation == 'silu',
+        impl,
+        bool(reverse),
     )

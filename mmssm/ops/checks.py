@@ -96,6 +96,80 @@ def check_positions(positions, x: Tensor, x_name: str) -> Tensor:
     return positions.expand(batch, K)
 
 
+def tokens_major(t: Tensor) -> bool:
+    """Whether a (batch, C, K) tensor has C innermost: a transpose of a
+    (batch, K, C) tensor, the layout Linear layers produce. The kernels
+    (``kernels/common/check_tensor.h``) write their outputs in the layout of
+    the input by this rule, and the fake implementations follow it."""
+    # bool() each test: symbolic sizes (torch.compile) give SymBools
+    return (
+        t.dim() == 3
+        and bool(t.shape[1] > 1)
+        and bool(t.shape[2] > 1)
+        and bool(t.stride(1) == 1)
+        and bool(t.stride(2) != 1)
+    )
+
+
+def empty_layout(t: Tensor) -> Tensor:
+    """An uninitialised tensor like ``t`` in its layout by
+    :func:`tokens_major` (contiguous otherwise)."""
+    if tokens_major(t):
+        return t.new_empty(t.shape[0], t.shape[2], t.shape[1]).transpose(1, 2)
+    return t.new_empty(t.shape)
+
+
+def match_layout(t: Tensor, like: Tensor) -> Tensor:
+    """``t`` (the shape of ``like``) in the layout of ``like``."""
+    if tokens_major(like) == tokens_major(t) and (
+        tokens_major(t) or t.is_contiguous()
+    ):
+        return t
+    out = empty_layout(like)
+    out.copy_(t)
+    return out
+
+
+def check_order(order, u: Tensor) -> Tensor:
+    """Validate a scan order for ``u`` (batch, dim, K).
+
+    Args:
+        order: int64 (K,) or (batch or 1, K), a permutation of 0..K-1 in
+            each row.
+
+    Returns:
+        Tensor: (batch or 1, K), contiguous.
+    """
+    batch, K = u.shape[0], u.shape[-1]
+    if not isinstance(order, Tensor) or order.dtype != torch.int64:
+        raise TypeError(
+            'order must be an int64 tensor, got '
+            f'{getattr(order, "dtype", order)}'
+        )
+    if order.device != u.device:
+        raise ValueError(f'order is on {order.device} but u is on {u.device}')
+    if order.dim() == 1:
+        order = order.unsqueeze(0)
+    if (
+        order.dim() != 2
+        or order.shape[1] != K
+        or order.shape[0]
+        not in (
+            1,
+            batch,
+        )
+    ):
+        raise ValueError(
+            f'order must be (K={K},) or (batch={batch} or 1, K={K}), got '
+            f'{tuple(order.shape)}'
+        )
+    if K > 0 and _has_values(order):
+        expected = torch.arange(K, device=order.device)
+        if not bool((order.sort(dim=-1).values == expected).all()):
+            raise ValueError('order must be a permutation of 0..K-1')
+    return order.contiguous()
+
+
 def check_scan_inputs(
     u, delta, A, B, C, D, z, delta_bias, positions, gap_mode
 ) -> Optional[Tensor]:

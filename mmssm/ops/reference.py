@@ -16,7 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .checks import GAP_MODES, check_conv_inputs, check_scan_inputs
+from .checks import (
+    GAP_MODES,
+    check_conv_inputs,
+    check_order,
+    check_scan_inputs,
+)
 
 # (u, delta, decay_delta, A, B, C) -> C_k . h_k, (batch, dim, K)
 Recurrence = Callable[..., Tensor]
@@ -93,19 +98,79 @@ def selective_scan_ref(
     delta_softplus: bool = False,
     positions: Optional[Tensor] = None,
     gap_mode: str = 'prev',
+    reverse: bool = False,
+    order: Optional[Tensor] = None,
 ) -> Tensor:
     """The aligned selective scan as a plain sequential loop: the reference.
 
-    Computes in float64 for float64 ``u`` and in float32 otherwise. See
-    :func:`mmssm.ops.selective_scan` for the arguments.
+    Computes in float64 for float64 ``u`` and in float32 otherwise. A
+    reversed scan runs on flipped copies, an ordered one on gathered copies
+    (:func:`to_scan_order`). See :func:`mmssm.ops.selective_scan` for the
+    arguments.
     """
     positions = check_scan_inputs(
         u, delta, A, B, C, D, z, delta_bias, positions, gap_mode
     )
+    order = _check_order_args(u, reverse, order)
     inputs = (u, delta, A, B, C, D, z, delta_bias)
     return scan_unchecked(
-        recurrence_loop, inputs, delta_softplus, positions, gap_mode
+        recurrence_loop,
+        inputs,
+        delta_softplus,
+        positions,
+        gap_mode,
+        reverse,
+        order,
     )
+
+
+def _check_order_args(
+    u: Tensor, reverse: bool, order: Optional[Tensor]
+) -> Optional[Tensor]:
+    if order is None:
+        return None
+    if reverse:
+        raise ValueError('order and reverse are exclusive')
+    return check_order(order, u)
+
+
+def to_scan_order(
+    inputs: tuple,
+    positions: Optional[Tensor],
+    reverse: bool,
+    order: Optional[Tensor],
+) -> Tuple[tuple, Optional[Tensor]]:
+    """The inputs of a reversed or ordered scan as those of a plain one.
+
+    Reversed: every per-token input flipped, and the positions mirrored
+    (``p_last - flip(p)``: the same gaps, now before each token in scan
+    order). Ordered: ``u`` and ``z`` gathered at ``order`` (delta, B, C and
+    the positions are per step already). :func:`from_scan_order` maps the
+    output back.
+    """
+    u, delta, A, B, C, D, z, delta_bias = inputs
+    if reverse:
+        u, delta, B, C = (t.flip(-1) for t in (u, delta, B, C))
+        z = None if z is None else z.flip(-1)
+        if positions is not None:
+            positions = positions[:, -1:] - positions.flip(-1)
+    elif order is not None:
+        index = order[:, None].expand(u.shape[0], u.shape[1], -1)
+        u = u.gather(2, index)
+        z = None if z is None else z.gather(2, index)
+    return (u, delta, A, B, C, D, z, delta_bias), positions
+
+
+def from_scan_order(
+    y: Tensor, reverse: bool, order: Optional[Tensor]
+) -> Tensor:
+    """A plain scan's output (scan order) back in token order."""
+    if reverse:
+        return y.flip(-1)
+    if order is not None:
+        index = order[:, None].expand(y.shape[0], y.shape[1], -1)
+        return torch.empty_like(y).scatter(2, index, y)
+    return y
 
 
 def selective_scan_chunked(
@@ -121,6 +186,8 @@ def selective_scan_chunked(
     positions: Optional[Tensor] = None,
     gap_mode: str = 'prev',
     chunk_size: int = 32,
+    reverse: bool = False,
+    order: Optional[Tensor] = None,
 ) -> Tensor:
     """The aligned selective scan as a parallel scan in PyTorch.
 
@@ -132,6 +199,7 @@ def selective_scan_chunked(
     positions = check_scan_inputs(
         u, delta, A, B, C, D, z, delta_bias, positions, gap_mode
     )
+    order = _check_order_args(u, reverse, order)
     inputs = (u, delta, A, B, C, D, z, delta_bias)
     return scan_unchecked(
         partial(recurrence_chunked, chunk_size=chunk_size),
@@ -139,6 +207,8 @@ def selective_scan_chunked(
         delta_softplus,
         positions,
         gap_mode,
+        reverse,
+        order,
     )
 
 
@@ -148,15 +218,23 @@ def scan_unchecked(
     delta_softplus: bool,
     positions: Optional[Tensor],
     gap_mode: str,
+    reverse: bool = False,
+    order: Optional[Tensor] = None,
 ) -> Tensor:
     """Prepare checked inputs, run ``recurrence``, add D and the gate.
 
     ``inputs`` are ``(u, delta, A, B, C, D, z, delta_bias)``; ``positions``
-    is None or (batch, K). ``recurrence(u, delta, decay_delta, A, B, C)``
-    returns ``C_k . h_k`` (batch, dim, K) for the softplus'd steps
-    ``delta`` and the exponents ``decay_delta`` of the steps' decays (gaps
-    included).
+    is None or (batch, K); ``order`` None or (batch or 1, K).
+    ``recurrence(u, delta, decay_delta, A, B, C)`` returns ``C_k . h_k``
+    (batch, dim, K) for the softplus'd steps ``delta`` and the exponents
+    ``decay_delta`` of the steps' decays (gaps included).
     """
+    if reverse or order is not None:
+        inputs, positions = to_scan_order(inputs, positions, reverse, order)
+        y = scan_unchecked(
+            recurrence, inputs, delta_softplus, positions, gap_mode
+        )
+        return from_scan_order(y, reverse, order)
     u, delta, A, B, C, D, z, delta_bias = inputs
     out_dtype = u.dtype
     dtype = compute_dtype(u)
@@ -338,19 +416,20 @@ def causal_conv1d_ref(
     positions: Optional[Tensor] = None,
     seq_len: Optional[int] = None,
     activation: Optional[str] = None,
+    reverse: bool = False,
 ) -> Tensor:
     """The position-aware causal conv by scatter / conv / gather.
 
     The K tokens are scattered to their positions in a zero (batch, E,
     seq_len) tensor, the dense causal conv runs over the full length and the
-    K positions are read back. See :func:`mmssm.ops.causal_conv1d` for the
-    arguments.
+    K positions are read back; reversed, on flipped copies. See
+    :func:`mmssm.ops.causal_conv1d` for the arguments.
     """
     weight, positions, seq_len = check_conv_inputs(
         x, weight, bias, positions, seq_len, activation
     )
     return conv_unchecked(
-        x, weight, bias, positions, seq_len, activation == 'silu'
+        x, weight, bias, positions, seq_len, activation == 'silu', reverse
     )
 
 
@@ -361,12 +440,22 @@ def conv_unchecked(
     positions: Optional[Tensor],
     seq_len: Optional[int],
     silu: bool,
+    reverse: bool = False,
 ) -> Tensor:
     """:func:`causal_conv1d_ref` on checked inputs: ``weight`` (E, k),
     ``positions`` None or (batch, K). The result does not depend on
     ``seq_len``; None (unknown, e.g. while tracing) runs the conv on the
     positions with every gap capped at ``k``: the taps reach the same
-    tokens, and the length is known without reading the positions."""
+    tokens, and the length is known without reading the positions.
+    Reversed: the causal conv of the flipped tokens (mirrored positions),
+    flipped back."""
+    if reverse:
+        if positions is not None:
+            positions = positions[:, -1:] - positions.flip(-1)
+        out = conv_unchecked(
+            x.flip(-1), weight, bias, positions, seq_len, silu
+        )
+        return out.flip(-1)
     if positions is None:
         out = _dense_causal(x, weight, bias)
     else:

@@ -15,15 +15,23 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from .checks import GAP_MODES, check_scan_inputs
+from .checks import (
+    GAP_MODES,
+    check_order,
+    check_scan_inputs,
+    empty_layout,
+    match_layout,
+)
 from .ext import cpu_kernel_skip_reason, load_ext, warn_once
 from .reference import (
     align_to_dense,
     compute_dtype,
     finish_scan,
+    from_scan_order,
     recurrence_chunked,
     recurrence_loop,
     scan_unchecked,
+    to_scan_order,
 )
 
 __all__ = ['GAP_MODES', 'IMPLS', 'selective_scan']
@@ -84,24 +92,42 @@ def _resolve_impl(impl: str, u: Tensor) -> str:
     return impl
 
 
-def _run(impl: str, inputs: tuple, delta_softplus, positions, gap_mode):
-    """The forward of a resolved implementation, on checked inputs
-    (contiguous, as the fake implementation's output)."""
+def _run(
+    impl: str,
+    inputs: tuple,
+    delta_softplus,
+    positions,
+    gap_mode,
+    reverse=False,
+    order=None,
+):
+    """The forward of a resolved implementation, on checked inputs, in the
+    layout of the fake implementation (:func:`empty_layout` of ``u``)."""
+    u = inputs[0]
     if impl in ('ref', 'chunked'):
         recurrence = recurrence_loop if impl == 'ref' else recurrence_chunked
         y = scan_unchecked(
-            recurrence, inputs, delta_softplus, positions, gap_mode
+            recurrence,
+            inputs,
+            delta_softplus,
+            positions,
+            gap_mode,
+            reverse,
+            order,
         )
-        return y.contiguous()
+        return match_layout(y, u)
     if gap_mode == 'none':
         positions = None
     if impl == 'cuda':
+        inputs, positions = to_scan_order(inputs, positions, reverse, order)
         y = _scan_mamba(*inputs, delta_softplus, positions, gap_mode)
-        return y.contiguous()
-    u, D, z = inputs[0], inputs[5], inputs[6]
+        return match_layout(from_scan_order(y, reverse, order), u)
+    D, z = inputs[5], inputs[6]
     if u.shape[-1] == 0:
-        return finish_scan(u.new_zeros(u.shape), u, D, z).to(u.dtype)
-    return _kernel_forward(*inputs, delta_softplus, positions, gap_mode)
+        return match_layout(finish_scan(u.new_zeros(u.shape), u, D, z), u)
+    return _kernel_forward(
+        *inputs, delta_softplus, positions, gap_mode, reverse, order
+    )
 
 
 def _scan_mamba(
@@ -109,6 +135,8 @@ def _scan_mamba(
 ):
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 
+    u, delta, B, C = (t.contiguous() for t in (u, delta, B, C))
+    z = None if z is None else z.contiguous()
     if positions is None:
         return selective_scan_fn(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus
@@ -123,30 +151,50 @@ def _scan_mamba(
 # --------------------------------------------------------------------------
 # The compiled CPU kernel (mmssm._ext).
 # --------------------------------------------------------------------------
-def _kernel_inputs(u, delta, A, B, C, D, z, delta_bias, positions):
-    """The kernel's layout: one compute dtype, contiguous, and B, C as
-    (batch, K, N) so that the state dimension is contiguous for SIMD."""
+def _kernel_inputs(u, delta, A, B, C, D, z, delta_bias, positions, order):
+    """The kernel's inputs: one compute dtype, B and C as (batch, K, N)
+    with N contiguous (for SIMD). Other strides are read as they are (no
+    layout copies: the kernel reads transposed views)."""
     dtype = compute_dtype(u)
 
     def prep(t):
-        return None if t is None else t.to(dtype).contiguous()
+        return None if t is None else t.to(dtype)
 
-    u_, delta_, A_, D_, z_, bias_ = (
-        prep(t) for t in (u, delta, A, D, z, delta_bias)
+    def prep_bc(t):
+        t = prep(t).transpose(1, 2)
+        return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+    u_, delta_, z_ = prep(u), prep(delta), prep(z)
+    A_, D_, bias_ = (
+        None if t is None else prep(t).contiguous() for t in (A, D, delta_bias)
     )
-    Bt, Ct = prep(B.transpose(1, 2)), prep(C.transpose(1, 2))
     pos = None if positions is None else positions.contiguous()
-    return u_, delta_, A_, Bt, Ct, D_, z_, bias_, pos
+    order = None if order is None else order.contiguous()
+    return u_, delta_, A_, prep_bc(B), prep_bc(C), D_, z_, bias_, pos, order
 
 
 def _kernel_forward(
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus, positions, gap_mode
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D,
+    z,
+    delta_bias,
+    delta_softplus,
+    positions,
+    gap_mode,
+    reverse,
+    order,
 ):
-    args = _kernel_inputs(u, delta, A, B, C, D, z, delta_bias, positions)
-    out = load_ext().selective_scan_fwd(
-        *args, delta_softplus, _GAP_MODE_IDS[gap_mode]
+    args = _kernel_inputs(
+        u, delta, A, B, C, D, z, delta_bias, positions, order
     )
-    return out.to(u.dtype)
+    out = load_ext().selective_scan_fwd(
+        *args, delta_softplus, _GAP_MODE_IDS[gap_mode], reverse
+    )
+    return match_layout(out.to(u.dtype), u)
 
 
 @torch.library.custom_op('mmssm::selective_scan_backward', mutates_args=())
@@ -163,28 +211,38 @@ def _kernel_backward(
     delta_softplus: bool,
     positions: Optional[Tensor],
     gap_mode: str,
+    reverse: bool,
+    order: Optional[Tensor],
 ) -> List[Tensor]:
     """The compiled kernel's backward: the gradients of the inputs that
-    are not None, in the order of the arguments, in their dtypes."""
+    are not None, in the order of the arguments, in their dtypes and
+    layouts (:func:`empty_layout`)."""
     inputs = (u, delta, A, B, C, D, z, delta_bias)
-    args = _kernel_inputs(*inputs, None if gap_mode == 'none' else positions)
+    args = _kernel_inputs(
+        *inputs, None if gap_mode == 'none' else positions, order
+    )
     grads = load_ext().selective_scan_bwd(
-        *args,
-        dout.to(args[0].dtype).contiguous(),
-        delta_softplus,
-        _GAP_MODE_IDS[gap_mode],
+        *args[:9],
+        order=args[9],
+        dout=dout.to(args[0].dtype),
+        softplus=delta_softplus,
+        gap_mode=_GAP_MODE_IDS[gap_mode],
+        reverse=reverse,
     )
     du, ddelta, dA, dBt, dCt, dD, dz, dbias = grads
-    # contiguous: the fake implementation's layout
-    dB, dC = dBt.transpose(1, 2).contiguous(), dCt.transpose(1, 2).contiguous()
-    out = (du, ddelta, dA, dB, dC, dD, dz, dbias)
-    return [g.to(t.dtype) for g, t in zip(out, inputs) if t is not None]
+    out = (du, ddelta, dA, dBt.transpose(1, 2), dCt.transpose(1, 2), dD, dz)
+    out = (*out, dbias)
+    return [
+        match_layout(g.to(t.dtype), t)
+        for g, t in zip(out, inputs)
+        if t is not None
+    ]
 
 
 @_kernel_backward.register_fake
 def _(dout, u, delta, A, B, C, D, z, delta_bias, *args):
     inputs = (u, delta, A, B, C, D, z, delta_bias)
-    return [t.new_empty(t.shape) for t in inputs if t is not None]
+    return [empty_layout(t) for t in inputs if t is not None]
 
 
 # --------------------------------------------------------------------------
@@ -204,32 +262,50 @@ def _selective_scan_op(
     positions: Optional[Tensor],
     gap_mode: str,
     impl: str,
+    reverse: bool = False,
+    order: Optional[Tensor] = None,
 ) -> Tensor:
-    """The scan on checked inputs (positions None or (batch, K))."""
+    """The scan on checked inputs (positions None or (batch, K), order
+    None or (batch or 1, K))."""
     inputs = (u, delta, A, B, C, D, z, delta_bias)
     impl = _resolve_impl(impl, u)
-    return _run(impl, inputs, delta_softplus, positions, gap_mode)
+    return _run(
+        impl, inputs, delta_softplus, positions, gap_mode, reverse, order
+    )
 
 
 @_selective_scan_op.register_fake
-def _(u, *args):
-    return u.new_empty(u.shape)
+def _(u, *args, **kwargs):
+    return empty_layout(u)
 
 
 def _setup_context(ctx, inputs, output):
-    *tensors, delta_softplus, positions, gap_mode, impl = inputs
-    ctx.save_for_backward(*tensors, positions)
-    ctx.config = (delta_softplus, gap_mode, _resolve_impl(impl, tensors[0]))
+    *tensors, delta_softplus, positions, gap_mode, impl, reverse, order = (
+        inputs
+    )
+    ctx.save_for_backward(*tensors, positions, order)
+    ctx.config = (
+        delta_softplus,
+        gap_mode,
+        _resolve_impl(impl, tensors[0]),
+        reverse,
+    )
 
 
 def _backward(ctx, dout):
-    *tensors, positions = ctx.saved_tensors
-    delta_softplus, gap_mode, impl = ctx.config
+    *tensors, positions, order = ctx.saved_tensors
+    delta_softplus, gap_mode, impl, reverse = ctx.config
     needs = ctx.needs_input_grad[: len(_NAMES)]
     if impl == 'cpu' and tensors[0].shape[-1] > 0:
         grads = iter(
             _kernel_backward(
-                dout, *tensors, delta_softplus, positions, gap_mode
+                dout,
+                *tensors,
+                delta_softplus,
+                positions,
+                gap_mode,
+                reverse,
+                order,
             )
         )
         out = [None if t is None else next(grads) for t in tensors]
@@ -239,11 +315,19 @@ def _backward(ctx, dout):
                 t.detach().requires_grad_(need) if t is not None else None
                 for t, need in zip(tensors, needs)
             ]
-            y = _run(impl, tuple(leaves), delta_softplus, positions, gap_mode)
+            y = _run(
+                impl,
+                tuple(leaves),
+                delta_softplus,
+                positions,
+                gap_mode,
+                reverse,
+                order,
+            )
             wanted = [t for t, need in zip(leaves, needs) if need]
             grads = iter(torch.autograd.grad(y, wanted, dout))
         out = [next(grads) if need else None for need in needs]
-    return (*out, None, None, None, None)
+    return (*out, None, None, None, None, None, None)
 
 
 _selective_scan_op.register_autograd(_backward, setup_context=_setup_context)
@@ -262,6 +346,8 @@ def selective_scan(
     positions: Optional[Tensor] = None,
     gap_mode: str = 'prev',
     impl: str = 'auto',
+    reverse: bool = False,
+    order: Optional[Tensor] = None,
 ) -> Tensor:
     """Selective scan over K tokens that may be a pruned subset.
 
@@ -288,6 +374,23 @@ def selective_scan(
         impl (str): 'auto', 'ref', 'chunked', 'cpu' or 'cuda'. The
             environment variable ``MMSSM_SCAN_IMPL`` overrides 'auto'.
             Defaults to 'auto'.
+        reverse (bool): Scan from the last token to the first (the
+            backward direction of a bidirectional model, without flipped
+            copies). ``positions`` stay the tokens' positions (increasing
+            along K); a token's gap is then the one to the token after it.
+            Defaults to False.
+        order (Tensor, optional): int64 (K, ) or (batch or 1, K), a
+            permutation: scan step s reads ``u`` and ``z`` at token
+            ``order[s]`` and writes its output there, while ``delta``,
+            ``B``, ``C`` (and ``positions``) are per step (PlainMamba's
+            zig-zag scans, whose step inputs come from the raster token,
+            without gathered copies). Not with ``reverse``.
+            Defaults to None.
+
+    Any strides are accepted: the compiled kernel reads (batch, dim, K)
+    views of (batch, K, dim) tensors (a Linear layer's output) in place,
+    and its output is then in that layout too (the transpose of a
+    contiguous (batch, K, dim) tensor).
 
     Returns:
         Tensor: (batch, dim, K), in the dtype of ``u``.
@@ -297,6 +400,10 @@ def selective_scan(
     positions = check_scan_inputs(
         u, delta, A, B, C, D, z, delta_bias, positions, gap_mode
     )
+    if order is not None:
+        if reverse:
+            raise ValueError('order and reverse are exclusive')
+        order = check_order(order, u)
     return _selective_scan_op(
         u,
         delta,
@@ -310,4 +417,6 @@ def selective_scan(
         positions,
         gap_mode,
         impl,
+        bool(reverse),
+        order,
     )

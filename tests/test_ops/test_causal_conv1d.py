@@ -387,3 +387,58 @@ def test_a_dispatch_mode_sees_one_op(impl):
     inner = {aten.scatter.src, aten.convolution.default, aten.gather.default}
     assert not inner & set(mode.seen)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------
+# Reversed (anti-causal) conv and layouts.
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize('with_positions', [False, True])
+def test_reverse_is_the_conv_of_the_flipped_sequence(with_positions):
+    torch.manual_seed(9)
+    inputs = make_inputs(2, 5, 17)
+    pos = random_positions(2, 17, 40) if with_positions else None
+    y = causal_conv1d_ref(**inputs, positions=pos, reverse=True)
+    flipped = dict(inputs, x=inputs['x'].flip(-1))
+    pos_f = None if pos is None else pos[:, -1:] - pos.flip(-1)
+    expected = causal_conv1d_ref(**flipped, positions=pos_f).flip(-1)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
+@needs_ext
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+@pytest.mark.parametrize('with_positions', [False, True])
+@pytest.mark.parametrize('tokens_major', [False, True])
+def test_reverse_and_layouts_cpu_vs_ref(dtype, with_positions, tokens_major):
+    torch.manual_seed(10)
+    inputs = make_inputs(3, 10, 37, dtype=dtype)
+    if tokens_major:  # a (batch, E, K) view of a (batch, K, E) tensor
+        x = inputs['x'].detach().transpose(1, 2).contiguous()
+        inputs['x'] = x.transpose(1, 2).requires_grad_()
+    pos = random_positions(3, 37, 80) if with_positions else None
+    for reverse in (False, True):
+        compare(
+            inputs,
+            RTOL[dtype],
+            positions=pos,
+            activation='silu',
+            reverse=reverse,
+        )
+    y, (dx, *_) = run('cpu', inputs, positions=pos, reverse=True)
+    assert (y.stride(1) == 1) == tokens_major  # the layout of x
+    assert (dx.stride(1) == 1) == tokens_major
+
+
+@needs_ext
+def test_gradcheck_reverse():
+    torch.manual_seed(11)
+    inputs = make_inputs(2, 3, 9)
+    pos = random_positions(2, 9, 16)
+
+    def fn(x, weight, bias):
+        return causal_conv1d(
+            x, weight, bias, pos, activation='silu', impl='cpu', reverse=True
+        )
+
+    assert torch.autograd.gradcheck(
+        fn, (inputs['x'], inputs['weight'], inputs['bias'])
+    )

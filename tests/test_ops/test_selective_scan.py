@@ -494,3 +494,142 @@ def test_cuda_against_reference():
         **cuda, delta_softplus=True, positions=pos.cuda(), impl='cuda'
     )
     torch.testing.assert_close(y.cpu(), ref, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------
+# Scan order (reverse, order) and layouts: the kernel reads them natively;
+# the reference runs on flipped / gathered copies, and both equal the plain
+# scan of explicitly flipped / gathered inputs.
+# ---------------------------------------------------------------------------
+def _flipped(inputs, pos):
+    per_token = ('u', 'delta', 'B', 'C', 'z')
+    flipped = {
+        k: (v.flip(-1) if k in per_token else v) for k, v in inputs.items()
+    }
+    return flipped, pos[:, -1:] - pos.flip(-1)
+
+
+@pytest.mark.parametrize('gap_mode', ['prev', 'null', 'none'])
+def test_reverse_is_the_scan_of_the_flipped_sequence(gap_mode):
+    inputs = make_inputs(2, 3, 9, 4)
+    pos = random_positions(2, 9, 23)
+    y = selective_scan_ref(
+        **inputs,
+        delta_softplus=True,
+        positions=pos,
+        gap_mode=gap_mode,
+        reverse=True,
+    )
+    flipped, pos_f = _flipped(inputs, pos)
+    expected = selective_scan_ref(
+        **flipped, delta_softplus=True, positions=pos_f, gap_mode=gap_mode
+    ).flip(-1)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    # the gap of a reversed scan is the one to the next token
+    pos_b = torch.tensor([[0, 1, 5, 6, 7, 8, 9, 10, 11]]).expand(2, 9)
+    y_gap = selective_scan_ref(
+        **inputs, delta_softplus=True, positions=pos_b, reverse=True
+    )
+    y_dense = selective_scan_ref(**inputs, delta_softplus=True, reverse=True)
+    assert torch.equal(y_gap[..., 2:], y_dense[..., 2:])
+    assert not torch.allclose(y_gap[..., :2], y_dense[..., :2])
+
+
+def test_order_is_the_scan_of_the_gathered_tokens():
+    inputs = make_inputs(2, 3, 9, 4)
+    order = torch.stack([torch.randperm(9), torch.randperm(9)])
+    pos = random_positions(2, 9, 23)
+    y = selective_scan_ref(
+        **inputs, delta_softplus=True, positions=pos, order=order
+    )
+    index = order[:, None].expand(2, 3, 9)
+    gathered = dict(inputs)
+    gathered['u'] = inputs['u'].gather(2, index)
+    gathered['z'] = inputs['z'].gather(2, index)
+    steps = selective_scan_ref(**gathered, delta_softplus=True, positions=pos)
+    expected = torch.empty_like(steps).scatter(2, index, steps)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
+def _tokens_major(t):
+    """The same values as a (batch, C, K) view of a (batch, K, C) tensor."""
+    return t.detach().transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@pytest.mark.parametrize(
+    'impl', ['chunked', pytest.param('cpu', marks=needs_ext)]
+)
+@pytest.mark.parametrize('mode', ['reverse', 'order', 'shared_order'])
+@pytest.mark.parametrize(
+    'dtype,rtol', [(torch.float64, 1e-10), (torch.float32, 2e-5)]
+)
+def test_scan_order_against_reference(impl, mode, dtype, rtol):
+    batch, dim, K, L = 2, 5, 37, 70
+    inputs = make_inputs(batch, dim, K, 16, dtype=dtype)
+    kwargs = dict(delta_softplus=True, positions=random_positions(2, K, L))
+    if mode == 'reverse':
+        kwargs['reverse'] = True
+    else:
+        rows = 1 if mode == 'shared_order' else batch
+        kwargs['order'] = torch.stack([torch.randperm(K) for _ in range(rows)])
+    for gap_mode in ('prev', 'null', 'none'):
+        compare(impl, inputs, rtol, gap_mode=gap_mode, **kwargs)
+
+
+@needs_ext
+@pytest.mark.parametrize('reverse', [False, True])
+def test_kernel_reads_tokens_major_views(reverse):
+    """(batch, dim, K) views of (batch, K, dim) tensors, and B, C as slices
+    of one (batch, K, R + 2N) projection, need no copy; the output and the
+    gradients keep the inputs' layouts."""
+    batch, dim, K, N = 2, 6, 29, 16
+    inputs = make_inputs(batch, dim, K, N)
+    proj = torch.randn(batch, K, 3 + 2 * N, dtype=torch.float64)
+    views = dict(inputs)
+    for name in ('u', 'delta', 'z'):
+        views[name] = _tokens_major(inputs[name]).requires_grad_()
+    views['B'] = proj[..., 3 : 3 + N].transpose(1, 2).requires_grad_()
+    views['C'] = proj[..., 3 + N :].transpose(1, 2).requires_grad_()
+    plain = dict(inputs, B=views['B'].detach().contiguous().requires_grad_())
+    plain['C'] = views['C'].detach().contiguous().requires_grad_()
+    kwargs = dict(delta_softplus=True, reverse=reverse)
+    y, grads = run('cpu', views, **kwargs)
+    y_ref, grads_ref = run('ref', plain, **kwargs)
+    assert y.stride(1) == 1 and y.transpose(1, 2).is_contiguous()
+    assert_close_rel(y, y_ref, 1e-10)
+    for g, g_ref, t in zip(grads, grads_ref, views.values()):
+        assert_close_rel(g, g_ref, 1e-10)
+        if t.dim() == 3 and t.stride(1) == 1:
+            assert g.stride(1) == 1  # the kernel's tokens-major layout
+
+
+@pytest.mark.parametrize('impl', ['ref', pytest.param('cpu', marks=needs_ext)])
+def test_gradcheck_scan_order(impl):
+    inputs = make_inputs(1, 2, 7, 3)
+    pos = random_positions(1, 7, 12)
+    order = torch.randperm(7)
+    for kwargs in (dict(reverse=True), dict(order=order)):
+
+        def fn(*tensors, kwargs=kwargs):
+            return selective_scan(
+                *tensors,
+                delta_softplus=True,
+                positions=pos,
+                gap_mode='prev',
+                impl=impl,
+                **kwargs,
+            )
+
+        assert torch.autograd.gradcheck(fn, tuple(inputs.values()))
+
+
+def test_order_errors():
+    inputs = make_inputs(2, 3, 5, 4)
+    with pytest.raises(ValueError, match='permutation'):
+        selective_scan(**inputs, order=torch.tensor([0, 1, 1, 2, 3]))
+    with pytest.raises(ValueError, match='exclusive'):
+        selective_scan(**inputs, order=torch.arange(5), reverse=True)
+    with pytest.raises(ValueError, match='order must be'):
+        selective_scan(**inputs, order=torch.arange(4))
+    with pytest.raises(TypeError, match='int64'):
+        selective_scan(**inputs, order=torch.arange(5.0))
