@@ -13,10 +13,11 @@ conventions come from.
 """
 
 import contextlib
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from math import prod
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 
 import torch
 import torch.nn as nn
@@ -27,13 +28,32 @@ from mmssm.ops.flop_formulas import causal_conv_macs, scan_elements
 
 __all__ = [
     'SCAN_CONVENTIONS',
+    'DIRECTION_PARTS',
     'FlopsReport',
     'count_flops',
     'count_params',
     'infer_scan_convention',
+    'measure_direction_keep',
 ]
 
 CATEGORIES = ('linear', 'conv', 'scan')
+
+#: What one scan direction of each family's mixer computes on its own, the
+#: part a direction gate skips (DyVM's FLOPs rule scales it by the kept
+#: fraction of directions): the categories counted at the mixer itself
+#: (functional calls: the causal conv, ``dt_proj``, the scan) and its
+#: child modules. Vim: each direction has its own conv, ``x_proj``,
+#: ``dt_proj`` and scan (DyVM's "SSM part"); PlainMamba: the 2-D conv,
+#: ``x_proj`` and ``dt_proj`` serve all four directions (the step inputs
+#: are the raster token's), only the scans are per direction. ``in_proj``
+#: and ``out_proj`` always run.
+DIRECTION_PARTS = {
+    'vim': dict(
+        own=('linear', 'conv', 'scan_elements'),
+        children=('x_proj', 'x_proj_b'),
+    ),
+    'plainmamba': dict(own=('scan_elements',), children=()),
+}
 
 
 def _check_convention(scan_convention: str) -> None:
@@ -259,6 +279,107 @@ def infer_scan_convention(model: nn.Module) -> Optional[str]:
     return None
 
 
+def _mixers(model: nn.Module) -> Dict[str, str]:
+    """Name of every scan mixer (a module with a ``direction_gate``
+    attribute) -> its backbone's family."""
+    mixers = {}
+    for name, module in model.named_modules():
+        family = getattr(type(module), 'family', '')
+        if family:
+            for sub, child in module.named_modules():
+                if hasattr(child, 'direction_gate'):
+                    full = f'{name}.{sub}' if name else sub
+                    mixers[full] = family
+    return mixers
+
+
+@contextlib.contextmanager
+def _all_directions(model: nn.Module) -> Iterator[None]:
+    """Every direction gate on (its eval threshold at -inf) meanwhile."""
+    gates = [
+        m.direction_gate
+        for m in model.modules()
+        if getattr(m, 'direction_gate', None) is not None
+    ]
+    saved = [g.threshold_logit for g in gates]
+    for g in gates:
+        g.threshold_logit = -math.inf
+    try:
+        yield
+    finally:
+        for g, t in zip(gates, saved):
+            g.threshold_logit = t
+
+
+def _scale_directions(
+    report: FlopsReport, mixers: Dict[str, str], keep: float
+) -> None:
+    """DyVM's rule: the per-direction part of every mixer times ``keep``."""
+    for mixer, family in mixers.items():
+        if family not in DIRECTION_PARTS:
+            raise ValueError(
+                f'no per-direction part is known for the family {family!r}'
+            )
+        parts = DIRECTION_PARTS[family]
+        names = [mixer] + [f'{mixer}.{c}' for c in parts['children']]
+        for name in names:
+            counts = report.by_module.get(name)
+            if not counts:
+                continue
+            categories = parts['own'] if name == mixer else counts.keys()
+            for category in list(categories):
+                if category not in counts:
+                    continue
+                cut = counts[category] - round(keep * counts[category])
+                counts[category] -= cut
+                setattr(report, category, getattr(report, category) - cut)
+
+
+def measure_direction_keep(
+    model: nn.Module,
+    batches: Iterable[Any],
+    forward: Optional[Callable[[nn.Module, Any], Any]] = None,
+) -> float:
+    """The mean of the direction gates' eval bits over a data set.
+
+    The mean over every layer, image and direction of the bits the gates
+    report (``aux_outputs['direction_gates']`` of the model's mmssm
+    backbones), as DyVM measures its direction keep on the validation set.
+
+    Args:
+        model (nn.Module): A model with direction gates; run in eval mode
+            without gradient (its mode is restored).
+        batches (Iterable): Inputs, one per forward.
+        forward (Callable, optional): ``forward(model, batch)``; None:
+            ``model(batch)``. Defaults to None.
+
+    Returns:
+        float: The kept fraction of the directions.
+    """
+    backbones = [m for m in model.modules() if hasattr(m, 'aux_outputs')]
+    kept = total = 0.0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                forward(model, batch) if forward else model(batch)
+                for backbone in backbones:
+                    for bits in backbone.aux_outputs.get(
+                        'direction_gates', []
+                    ):
+                        kept += float(bits.sum())
+                        total += bits.numel()
+    finally:
+        model.train(was_training)
+    if not total:
+        raise ValueError(
+            'the model reported no direction gates: build its backbone '
+            'with direction_gate=True'
+        )
+    return kept / total
+
+
 def count_params(model: nn.Module) -> int:
     """All parameters of a model (trainable or not, shared ones once)."""
     return sum(p.numel() for p in model.parameters())
@@ -269,6 +390,7 @@ def count_flops(
     inputs: Any,
     scan_convention: str = 'auto',
     forward: Optional[Callable[[nn.Module, Any], Any]] = None,
+    direction_keep: Optional[float] = None,
 ) -> FlopsReport:
     """Run ``model`` once on ``inputs`` and count what it computes.
 
@@ -286,6 +408,14 @@ def count_flops(
             instead of ``model(inputs)``, e.g. ``lambda m, x:
             m.extract_feat(x)`` to count a detector's backbone and neck
             only. Defaults to None.
+        direction_keep (float, optional): DyVM's FLOPs rule for scan-
+            direction selection: count with every direction running (the
+            gates' eval thresholds at -inf meanwhile), then scale each
+            mixer's per-direction part (:data:`DIRECTION_PARTS`) by this
+            kept fraction (measured with :func:`measure_direction_keep`, or
+            a target). None: count what runs on ``inputs`` (with gates,
+            the directions their bits switch off are skipped).
+            Defaults to None.
 
     Returns:
         FlopsReport: The counts, for the whole batch.
@@ -309,11 +439,21 @@ def count_flops(
     counter = FlopCounterMode(
         display=False, custom_mapping=recorder.formulas()
     )
+    if direction_keep is not None and not 0 <= direction_keep <= 1:
+        raise ValueError(
+            f'direction_keep must be in [0, 1], got {direction_keep}'
+        )
     was_training = model.training
     model.eval()
+    gates_on = (
+        _all_directions(model)
+        if direction_keep is not None
+        else contextlib.nullcontext()
+    )
     try:
         with (
             torch.no_grad(),
+            gates_on,
             _module_names(model, recorder.stack),
             counter,
         ):
@@ -325,4 +465,6 @@ def count_flops(
     report.by_module = {
         name: dict(counts) for name, counts in recorder.by_module.items()
     }
+    if direction_keep is not None:
+        _scale_directions(report, _mixers(model), direction_keep)
     return report

@@ -264,3 +264,93 @@ def test_get_flops_tool_scoped_model(tmp_path, monkeypatch, capsys):
     assert params > round(
         sum(p.numel() for p in backbone.parameters()) / 1e6, 2
     )
+
+
+# --------------------------------------------------------------------------
+# DyVM's FLOPs rule for scan-direction selection (direction_keep)
+# --------------------------------------------------------------------------
+def _gated(kind, **kwargs):
+    from mmssm.models.backbones import PlainMamba, Vim
+
+    torch.manual_seed(0)
+    cls = Vim if kind == 'vim' else PlainMamba
+    arch = TINY_VIM if kind == 'vim' else TINY_PM
+    return cls(arch=dict(arch), img_size=32, direction_gate=True, **kwargs)
+
+
+@pytest.mark.parametrize('kind', ['vim', 'plainmamba'])
+def test_direction_keep_scales_the_per_direction_part(kind):
+    """Vim: each direction's conv, x_proj, dt_proj and scan scale with the
+    kept fraction; PlainMamba: only its scans (the conv and projections
+    serve all four directions); in_proj and out_proj never."""
+    model = _gated(kind)
+    x = torch.randn(2, 3, 32, 32)
+    full = count_flops(model, x, direction_keep=1.0)
+    half = count_flops(model, x, direction_keep=0.5)
+    assert half.scan_elements * 2 == full.scan_elements
+    mixer = 'mixer' if kind == 'vim' else 'mamba'
+    for i in range(2):
+        name = f'layers.{i}.{mixer}'
+        for proj in ('in_proj', 'out_proj'):
+            key = f'{name}.{proj}'
+            assert half.by_module[key] == full.by_module[key]
+        if kind == 'vim':
+            own = full.by_module[name]
+            assert half.by_module[name]['conv'] * 2 == own['conv']
+            assert half.by_module[name]['linear'] * 2 == own['linear']
+            for proj in ('x_proj', 'x_proj_b'):
+                key = f'{name}.{proj}'
+                assert (
+                    half.by_module[key]['linear'] * 2
+                    == (full.by_module[key]['linear'])
+                )
+        else:
+            for key in (name, f'{name}.x_proj', f'{name}.conv2d'):
+                for category in ('linear', 'conv'):
+                    assert half.by_module[key].get(category) == (
+                        full.by_module[key].get(category)
+                    )
+
+
+def test_direction_keep_rule_equals_real_skipping():
+    """Gates that keep exactly one of Vim's two directions in every layer:
+    what really runs (the backward branch skipped) counts as the rule at
+    0.5, and the measured keep is 0.5."""
+    from mmssm.utils.flops import measure_direction_keep
+
+    model = _gated('vim')
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.mixer.direction_gate.fc.bias.copy_(torch.tensor([5.0, -5.0]))
+    x = torch.randn(2, 3, 32, 32)
+    assert measure_direction_keep(model, [x, x[:1]]) == 0.5
+    real = count_flops(model, x)
+    rule = count_flops(model, x, direction_keep=0.5)
+    assert real.scan_elements == rule.scan_elements
+    assert real.conv == rule.conv and real.linear == rule.linear
+    ungated = _gated('vim')
+    for layer in ungated.layers:
+        layer.mixer.direction_gate = None
+    with pytest.raises(ValueError, match='direction_gate=True'):
+        measure_direction_keep(ungated, [x])
+
+
+def test_dyvm_vim_s_flops_reduction():
+    """DyVM-Vim-S (r = 0.7, direction keep 0.89, the released measured
+    keep) against dense Vim-S at 224: within 2 points of DyVM's -35.2%
+    in the Vim scan convention (measured -35.4%). DyVM's own rule counts
+    one direction of each bidirectional layer with a 9*L*E*N + 2*L*E scan
+    and gives -35.2% (docs/flops.md)."""
+    from mmssm.models.backbones import Vim
+
+    x = torch.randn(1, 3, 224, 224)
+    dense = count_flops(Vim(arch='small', out_type='cls_token'), x)
+    dyvm = Vim(
+        arch='small',
+        out_type='cls_token',
+        prune_cfg='dyvm',
+        direction_gate=True,
+    )
+    pruned = count_flops(dyvm, x, direction_keep=0.89)
+    change = 100 * (pruned.total / dense.total - 1)
+    assert abs(change - -35.2) < 2, change
