@@ -68,15 +68,33 @@ trap 'echo "[main job] FAILED at step: $STEP (see the messages above)" >&2' ERR
 step install 'install what is missing (tools/install.sh)'
 bash tools/install.sh
 
+# the cores this process may run on (its CPU affinity: a container's or
+# taskset's limit), not nproc, which obeys OMP_NUM_THREADS
+CORES=$("$PY" -c 'import os; print(len(os.sched_getaffinity(0)))')
 if [ -z "${OMP_NUM_THREADS:-}" ]; then
-  # the cores that other processes leave idle (1-minute load average)
-  OMP_NUM_THREADS=$("$PY" -c "
-import os
-n = os.cpu_count() or 1
-print(max(1, min(n, n - int(os.getloadavg()[0] + 0.5))))")
+  # the usable cores that other processes leave idle, measured over one
+  # second while this job runs nothing (the load average would count the
+  # install step this job just ran); at least 1
+  OMP_NUM_THREADS=$("$PY" - <<'PY'
+import os, time
+cores = sorted(os.sched_getaffinity(0))
+def ticks():
+    out = {}
+    with open('/proc/stat') as f:
+        for line in f:
+            name, *values = line.split()
+            if name[:3] == 'cpu' and name[3:].isdigit():
+                v = list(map(int, values))
+                out[int(name[3:])] = (v[3] + v[4], sum(v[:8]))  # idle, all
+    return out
+a = ticks(); time.sleep(1); b = ticks()
+idle = sum((b[c][0] - a[c][0]) / max(1, b[c][1] - a[c][1]) for c in cores)
+print(max(1, min(len(cores), int(idle + 0.25))))
+PY
+)
 fi
 export OMP_NUM_THREADS
-echo "[main job] torch threads: $OMP_NUM_THREADS of $(nproc) cores"
+echo "[main job] torch threads: $OMP_NUM_THREADS of $CORES usable cores"
 
 step data "synthetic shapes: $NUM_TRAIN train + $NUM_VAL val images, ${SIZE}x$SIZE, seed $SEED -> $DATA"
 "$PY" tools/misc/make_synthetic_coco.py "$DATA" --num-train "$NUM_TRAIN" \
@@ -108,7 +126,8 @@ rm -f "$METRICS"
 # the LoggerHook writes the test metrics to <test dir>/<time stamp>/<time
 # stamp>.json: keep the newest as metrics.json
 latest=$(ls -1d "$TEST_DIR"/*/ | sort | tail -n 1)
-cp "$latest/$(basename "$latest").json" "$METRICS"
+"$PY" -c 'import sys; from mmssm.utils.fileio import atomic_copy; atomic_copy(*sys.argv[1:])' \
+  "$latest/$(basename "$latest").json" "$METRICS"
 "$PY" - "$METRICS" <<'PY'
 import json, sys
 m = json.load(open(sys.argv[1]))

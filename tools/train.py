@@ -9,6 +9,7 @@ The config's ``default_scope`` decides which toolbox runs it. Examples::
 """
 
 import os.path as osp
+from typing import Optional
 
 import torch
 from mmengine.config import Config
@@ -16,6 +17,7 @@ from mmengine.logging import print_log
 
 import mmssm  # noqa: F401  (allow-lists mmengine checkpoint types)
 from mmssm.errors import UserError
+from mmssm.utils.checkpoint import check_checkpoint
 from mmssm.utils.cli import (
     build_runner,
     exit_on_user_error,
@@ -73,12 +75,39 @@ def build_cfg(args) -> Config:
     if args.resume == 'auto':
         cfg.resume = True
         cfg.load_from = None
+        latest = latest_checkpoint(cfg.work_dir)
+        if latest is not None:
+            check_checkpoint(latest, f'--resume (from {LAST})')
     elif args.resume is not None:
-        if not osp.isfile(args.resume):
-            raise UserError(f'--resume: {args.resume!r} does not exist')
+        check_checkpoint(args.resume, '--resume')
         cfg.resume = True
         cfg.load_from = args.resume
+    elif cfg.get('load_from'):
+        check_checkpoint(cfg.load_from, 'load_from')
     return cfg
+
+
+LAST = 'last_checkpoint'
+
+
+def latest_checkpoint(work_dir: str) -> Optional[str]:
+    """The checkpoint that ``work_dir/last_checkpoint`` names, if any.
+
+    Raises:
+        UserError: If the file is there but names no file (written by a
+            run that died while writing it).
+    """
+    path = osp.join(work_dir, LAST)
+    if not osp.isfile(path):
+        return None
+    with open(path) as f:
+        latest = f.read().strip()
+    if not latest or not osp.isfile(latest):
+        raise UserError(
+            f'{path!r} names no checkpoint ({latest!r}): resume from one '
+            'with --resume PATH'
+        )
+    return latest
 
 
 @exit_on_user_error

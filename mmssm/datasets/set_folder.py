@@ -13,12 +13,12 @@ import shutil
 import tempfile
 from typing import Callable, Optional, Sequence
 
+from mmssm.utils.fileio import atomic_write
+
 
 def dump_json(obj, path: str) -> None:
-    """Write ``obj`` as compact JSON with a final newline."""
-    with open(path, 'w') as f:
-        json.dump(obj, f, separators=(',', ':'))
-        f.write('\n')
+    """Write ``obj`` as compact JSON with a final newline, whole or not."""
+    atomic_write(path, json.dumps(obj, separators=(',', ':')) + '\n')
 
 
 def read_set_meta(out_dir: str, files: Sequence[str] = ()) -> Optional[dict]:

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmssm.utils.fileio import atomic_write
+
 #: The classes, in the order of their labels.
 CLS_CLASSES = ('plus', 'cross', 'ring', 'ell', 'tee', 'bars')
 
@@ -315,8 +317,9 @@ def write_synthetic_cls(
                 if not cv2.imwrite(osp.join(root, rel), bgr):
                     raise OSError(f'could not write {rel}')
                 lines.append(f'{rel} {int(label)}\n')
-            with open(osp.join(root, 'meta', f'{split}.txt'), 'w') as f:
-                f.writelines(lines)
+            atomic_write(
+                osp.join(root, 'meta', f'{split}.txt'), ''.join(lines)
+            )
 
     files = [osp.join('meta', f'{s}.txt') for s in FOLDER_SPLITS]
     return write_set(out_dir, meta, build, overwrite, files)

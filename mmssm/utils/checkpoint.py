@@ -116,8 +116,8 @@ def _load_error(filename: str, error: Exception) -> UserError:
             f'{text.split(". ")[0][:100]})'
         )
     return UserError(
-        f'{filename!r} is not a PyTorch checkpoint ({size} bytes; it is '
-        'neither a torch.save zip archive nor a pickle of tensors)'
+        f'checkpoint {filename!r} is not a PyTorch checkpoint ({size} '
+        'bytes; neither a torch.save zip archive nor a pickle of tensors)'
     )
 
 

@@ -142,3 +142,94 @@ def test_missing_pretrained_checkpoint(tools, tmp_path):
         f"{BB}.init_cfg.checkpoint: file 'checkpoints/no_such_file.pth' "
         'does not exist',
     )
+
+
+class _RunsCode:
+    """Pickles as a call of ``os.system``: what a malicious file holds."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ('echo pwned > pwned.txt',))
+
+
+def _bad_checkpoints(folder) -> dict:
+    """{kind: path} of checkpoints that must be refused, and the texts."""
+    import torch
+
+    good = folder / 'good.pth'
+    torch.save(dict(state_dict=dict(w=torch.zeros(1000))), good)
+    data = good.read_bytes()
+    files = dict(
+        text=(b'not a checkpoint\n', 'is not a PyTorch checkpoint (17 bytes'),
+        empty=(b'', 'is empty (0 bytes)'),
+        truncated=(
+            data[: len(data) // 2],
+            f'is truncated or corrupt ({len(data) // 2} bytes',
+        ),
+    )
+    out = {}
+    for kind, (content, text) in files.items():
+        path = folder / f'{kind}.pth'
+        path.write_bytes(content)
+        out[kind] = (str(path), text)
+    evil = folder / 'evil.pth'
+    torch.save(dict(state_dict={}, meta=_RunsCode()), evil)
+    out['code'] = (
+        str(evil),
+        'is refused: it holds objects that are not tensors or plain '
+        'containers (posix.system); nothing in it was run',
+    )
+    return out
+
+
+def test_read_checkpoint_one_line_errors(tmp_path, monkeypatch):
+    from mmssm.errors import UserError
+    from mmssm.utils.checkpoint import check_checkpoint, read_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    for kind, (path, text) in _bad_checkpoints(tmp_path).items():
+        for read in (read_checkpoint, check_checkpoint):
+            with pytest.raises(UserError) as info:
+                read(path)
+            message = str(info.value)
+            assert text in message and repr(path) in message, kind
+            assert '\n' not in message and 'weights_only=False' not in message
+    assert not (tmp_path / 'pwned.txt').exists()
+    assert read_checkpoint(str(tmp_path / 'good.pth'))['state_dict']
+
+
+@pytest.mark.parametrize('kind', ['text', 'code'])
+def test_test_refuses_bad_checkpoints(tools, tmp_path, kind):
+    path, text = _bad_checkpoints(tmp_path)[kind]
+    result = tools.run(
+        ['tools/test.py', tools.mini_cfg, path, '--work-dir', str(tmp_path)]
+    )
+    _assert_refused(result, f'error: checkpoint: checkpoint {path!r}', text)
+    assert 'Traceback' not in result.stderr
+    assert 'weights_only=False' not in result.stderr
+    assert not (tmp_path / 'pwned.txt').exists()
+
+
+@pytest.mark.parametrize(
+    'option', ['--resume', 'load_from', 'last_checkpoint']
+)
+def test_train_refuses_bad_checkpoints(tools, tmp_path, option):
+    kind = dict(load_from='code').get(option, 'truncated')
+    path, text = _bad_checkpoints(tmp_path)[kind]
+    work_dir = tmp_path / 'work'
+    args = ['tools/train.py', tools.mini_cfg, '--work-dir', str(work_dir)]
+    if option == '--resume':
+        args += ['--resume', path]
+    elif option == 'load_from':
+        args += ['--cfg-options', f'load_from={path}']
+    else:  # --resume (auto) from what last_checkpoint names
+        work_dir.mkdir()
+        (work_dir / 'last_checkpoint').write_text(path)
+        args += ['--resume']
+    result = tools.run(args)
+    key = dict(last_checkpoint='--resume (from last_checkpoint)').get(
+        option, option
+    )
+    _assert_refused(result, f'error: {key}: checkpoint {path!r}', text)
+    assert 'Traceback' not in result.stderr

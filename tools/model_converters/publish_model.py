@@ -8,8 +8,9 @@ model zoos: the config name and the time stamp come from the checkpoint's
 ``meta['experiment_name']`` (mmengine writes ``<config>_<time stamp of the
 run>``, the stamp of the run's log directory), and the last part is the
 first 8 hex digits of the SHA-256 of the written file. An existing file is
-never overwritten, and the file is written under a temporary name first,
-so a failed run leaves no partial checkpoint behind.
+never overwritten, and the file is written whole or not at all
+(:mod:`mmssm.utils.fileio`), so a failed run leaves no partial checkpoint
+behind.
 
 Example::
 
@@ -19,10 +20,11 @@ Example::
 """
 
 import argparse
+import hashlib
+import io
 import os
 import os.path as osp
 import re
-import tempfile
 import time
 from typing import List, Optional, Tuple
 
@@ -30,8 +32,9 @@ import torch
 
 import mmssm  # noqa: F401  (allow-lists the types of mmengine checkpoints)
 from mmssm.errors import UserError
-from mmssm.utils.checkpoint import sha256sum
+from mmssm.utils.checkpoint import read_checkpoint
 from mmssm.utils.cli import exit_on_user_error
+from mmssm.utils.fileio import atomic_write
 
 KEEP_KEYS = ('meta', 'state_dict')
 STAMP = re.compile(r'^(?P<name>.+)_(?P<stamp>\d{8}_\d{6})$')
@@ -101,15 +104,7 @@ def file_stem(
 
 def load(in_file: str) -> dict:
     """The checkpoint, loaded with ``weights_only=True`` on the CPU."""
-    if not osp.isfile(in_file):
-        raise UserError(f'{in_file!r} does not exist')
-    try:
-        checkpoint = torch.load(in_file, map_location='cpu', weights_only=True)
-    except Exception as e:  # unpickling errors name the refused global
-        raise UserError(
-            f'cannot load {in_file!r} with weights_only=True '
-            f'({type(e).__name__}: {e})'
-        ) from None
+    checkpoint = read_checkpoint(in_file)
     if not isinstance(checkpoint, dict) or not isinstance(
         checkpoint.get('state_dict'), dict
     ):
@@ -145,26 +140,14 @@ def publish(
     stem = file_stem(meta, config, timestamp)
     published = dict(meta=meta, state_dict=checkpoint['state_dict'])
     os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix='.tmp-', suffix='.pth')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(published, f)
-        out_file = osp.join(out_dir, f'{stem}-{sha256sum(tmp)[:8]}.pth')
-        try:
-            os.link(tmp, out_file)  # atomic, and fails if it exists
-        except FileExistsError:
-            raise UserError(
-                f'{out_file!r} exists already; not overwritten'
-            ) from None
-        except OSError:  # no hard links here: check, then rename
-            if osp.exists(out_file):
-                raise UserError(
-                    f'{out_file!r} exists already; not overwritten'
-                ) from None
-            os.replace(tmp, out_file)
-    finally:
-        if osp.exists(tmp):
-            os.remove(tmp)
+    buffer = io.BytesIO()
+    torch.save(published, buffer)
+    data = buffer.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    out_file = osp.join(out_dir, f'{stem}-{digest[:8]}.pth')
+    if osp.exists(out_file):
+        raise UserError(f'{out_file!r} exists already; not overwritten')
+    atomic_write(out_file, data)
     dropped = sorted(set(checkpoint) - set(KEEP_KEYS))
     return out_file, published, dropped
 
