@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from mmengine.registry import DefaultScope
 from torch.utils.flop_counter import FlopCounterMode
 
+from mmssm.models.classifiers import build_classifier
 from mmssm.ops import causal_conv1d, selective_scan
 from mmssm.registry import MODELS
 from mmssm.testing import needs_ext, tiny_arch
@@ -131,13 +132,7 @@ def test_count_flops_leaves_the_global_formulas_alone():
 
 
 def _classifier(backbone_type, arch):
-    return MODELS.build(
-        dict(
-            type='mmssm.SSMClassifier',
-            backbone=dict(type=backbone_type, arch=arch),
-            num_classes=10,
-        )
-    )
+    return build_classifier(dict(type=backbone_type, arch=arch), 10)
 
 
 def test_tiny_plainmamba_counted():
@@ -208,17 +203,26 @@ def _load_tool():
 
 
 def test_get_flops_tool(tmp_path, monkeypatch, capsys):
+    """An mmpretrain classifier is counted whole: its head too."""
     cfg = tmp_path / 'tiny.py'
     cfg.write_text(
-        'model = dict(type="mmssm.SSMClassifier", num_classes=10, '
-        f'backbone=dict(type="mmssm.PlainMamba", arch={TINY_PM!r}))\n'
+        'default_scope = "mmpretrain"\n'
+        'model = dict(type="ImageClassifier", '
+        f'backbone=dict(type="mmssm.PlainMamba", arch={TINY_PM!r}, '
+        'out_type="avg_featmap"), '
+        'head=dict(type="LinearClsHead", num_classes=10, in_channels=16))\n'
     )
     tool = _load_tool()
     monkeypatch.setattr(
         'sys.argv', ['get_flops.py', str(cfg), '--shape', '32', '--depth', '2']
     )
-    tool.main()
-    out = capsys.readouterr().out.strip().splitlines()
+    # the tool sets mmpretrain as the default scope: restore it afterwards
+    with DefaultScope.overwrite_default_scope('mmssm'):
+        tool.main()
+    text = capsys.readouterr().out
+    assert 'FLOPs of: whole model' in text
+    assert '| head.fc |' in text
+    out = text.strip().splitlines()
     assert re.fullmatch(r'Params: \d+\.\d\d M', out[-2])
     assert re.fullmatch(r'FLOPs: \d+\.\d\d G', out[-1])
     assert any(line.startswith('| total (vim') for line in out)
@@ -340,7 +344,7 @@ def test_dyvm_vim_s_flops_reduction():
     keep) against dense Vim-S at 224: within 2 points of DyVM's -35.2%
     in the Vim scan convention (measured -35.4%). DyVM's own rule counts
     one direction of each bidirectional layer with a 9*L*E*N + 2*L*E scan
-    and gives -35.2% (docs/flops.md)."""
+    and gives -35.2% (docs/method.md)."""
     from mmssm.models.backbones import Vim
 
     x = torch.randn(1, 3, 224, 224)
