@@ -1,8 +1,12 @@
 """tools/train.py on the mini COCO set: checkpoints and --resume."""
 
 import os.path as osp
+import shlex
 import shutil
+import subprocess
+import sys
 
+import pytest
 import torch
 
 import mmssm  # noqa: F401  (allow-lists mmengine checkpoint types)
@@ -89,3 +93,56 @@ def test_resume_continues_from_the_last_checkpoint(trained, tools, tmp_path):
     assert (work_dir / 'last_checkpoint').read_text().strip() == str(
         work_dir / 'epoch_2.pth'
     )
+
+
+def _can_mount_tmpfs() -> bool:
+    if shutil.which('unshare') is None:
+        return False
+    cmd = ['unshare', '-rm', 'sh', '-c', 'mount -t tmpfs none /mnt']
+    return subprocess.run(cmd, capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(
+    not _can_mount_tmpfs(), reason='needs unshare -rm and a tmpfs mount'
+)
+def test_full_disk(trained, tools, tmp_path):
+    """Training on a disk that holds one checkpoint and a half.
+
+    The work dir is a tmpfs of its own (a mount namespace of the run, so
+    nothing is left mounted): the 2nd save fails for lack of space.
+    """
+    size = (trained[0] / 'epoch_1.pth').stat().st_size
+    disk = tmp_path / 'disk'
+    disk.mkdir()
+    args = [
+        sys.executable,
+        'tools/train.py',
+        tools.mini_cfg,
+        '--work-dir',
+        str(disk),
+        *tools.cfg_options(
+            {
+                **tools.shrink,
+                'train_cfg.max_epochs': 2,
+                'train_cfg.val_interval': 10,
+            }
+        ),
+    ]
+    kb = size * 3 // 2 // 1024 + 64  # + the log and the config
+    script = (
+        f'mount -t tmpfs -o size={kb}k none {disk} && '
+        f'{shlex.join(args)}; status=$?; ls -a {disk}; exit $status'
+    )
+    result = tools.run(['unshare', '-rm', 'sh', '-c', script])
+    assert result.returncode == 1, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    complete = str(disk / 'epoch_1.pth')
+    assert last == (
+        f"error: cannot save checkpoint '{disk}/epoch_2.pth': no space left "
+        f'on device; the last complete checkpoint is {complete!r} (free '
+        'space, then train again with --resume)'
+    ), result.stderr[-3000:]
+    assert 'Traceback' not in result.stderr
+    files = result.stdout.split()  # ls of the disk before it went away
+    assert 'epoch_1.pth' in files and 'epoch_2.pth' not in files
+    assert not [f for f in files if f.endswith('.tmp')]
