@@ -16,7 +16,7 @@ One process, 16 images per step (``1xb16``).
 """
 
 _base_ = [
-    'mmpretrain::_base_/default_runtime.py',
+    '../_base_/default_runtime_cls.py',
     '../_base_/schedules/adamw_ssm.py',
 ]
 custom_imports = dict(

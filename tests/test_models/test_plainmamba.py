@@ -6,13 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mmssm.errors import UserError
 from mmssm.models.backbones.plainmamba import (
     PlainMamba,
     PlainMambaLayer,
     PlainMambaMixer,
     scan_orders,
 )
-from mmssm.models.classifiers import SSMClassifier
+from mmssm.models.classifiers import build_classifier
 from mmssm.models.layers import resize_pos_embed
 from mmssm.models.utils.ckpt_convert import convert_plainmamba
 from mmssm.ops import selective_scan_ref
@@ -262,7 +263,7 @@ def test_real_arch_sizes():
     expected = {'l1': 7_358_656, 'l2': 25_760_832, 'l3': 50_507_456}
     for arch, count in expected.items():
         with torch.device('meta'):
-            model = SSMClassifier(dict(type='PlainMamba', arch=arch))
+            model = build_classifier(dict(type='PlainMamba', arch=arch))
         backbone = sum(p.numel() for p in model.backbone.parameters())
         assert backbone == count, arch
         total = sum(p.numel() for p in model.parameters())
@@ -452,30 +453,28 @@ def test_scan_impl_ref_vs_cpu():
 # Classifier and checkpoint conversion
 # --------------------------------------------------------------------------
 def tiny_classifier(**kwargs):
-    return SSMClassifier(
-        dict(type='PlainMamba', arch=dict(TINY), img_size=64, **kwargs),
-        num_classes=10,
+    return build_classifier(
+        dict(type='PlainMamba', arch=dict(TINY), img_size=64, **kwargs), 10
     )
 
 
 def test_classifier():
-    model = MODELS.build(
-        dict(
-            type='SSMClassifier',
-            backbone=dict(
-                type='mmssm.PlainMamba', arch=dict(TINY), img_size=64
-            ),
-            num_classes=10,
-        )
-    ).eval()
+    """mmpretrain's ImageClassifier: the mean of the tokens after ln1 (the
+    release's pooling) through ``head.fc``."""
+    model = tiny_classifier().eval()
+    assert type(model).__name__ == 'ImageClassifier'
     assert model.backbone.out_type == 'avg_featmap'
     assert model.head.fc.in_features == 16
+    x = torch.randn(2, 3, 64, 80)
+    featmap = tiny(img_size=64, out_type='featmap').eval()
+    featmap.load_state_dict(model.backbone.state_dict())
     with torch.no_grad():
-        assert model(torch.randn(2, 3, 64, 80)).shape == (2, 10)
-    with pytest.raises(ValueError, match='in_channels'):
-        SSMClassifier(dict(type='PlainMamba', arch=dict(TINY)), in_channels=32)
-    with pytest.raises(ValueError, match='out_type'):
-        SSMClassifier(
+        logits = model(x)
+        pooled = featmap(x)[-1].mean((2, 3))  # ln1 applied: final_norm
+    assert logits.shape == (2, 10)
+    torch.testing.assert_close(logits, model.head.fc(pooled))
+    with pytest.raises(UserError, match='out_type'):
+        build_classifier(
             dict(type='PlainMamba', arch=dict(TINY), out_type='featmap')
         )
 

@@ -506,7 +506,7 @@ def test_ratio_keeping_no_token_at_input_size(kind):
 def test_paper_flops_match_table_1():
     """The calibrated keep ratios give the paper's Table 1 FLOPs (L1,
     Vim-T; the other arches are checked the same way, too slow here)."""
-    from mmssm.models.classifiers import SSMClassifier
+    from mmssm.models.classifiers import build_classifier
     from mmssm.utils.flops import count_flops
 
     x = torch.randn(1, 3, 224, 224)
@@ -514,6 +514,6 @@ def test_paper_flops_match_table_1():
         (dict(type='mmssm.PlainMamba', arch='l1'), 2.46),
         (dict(type='mmssm.Vim', arch='t'), 1.29),
     ):
-        model = SSMClassifier(dict(backbone, prune_cfg='paper'))
+        model = build_classifier(dict(backbone, prune_cfg='paper'))
         flops = count_flops(model, x).total / 1e9
         assert abs(flops / target - 1) < 0.02, (backbone, flops)

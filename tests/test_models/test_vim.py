@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from mmssm.models.backbones import Vim
 from mmssm.models.backbones.vim import BiMambaV2
-from mmssm.models.classifiers import SSMClassifier
+from mmssm.models.classifiers import build_classifier
 from mmssm.models.layers import resize_pos_embed
 from mmssm.models.utils.ckpt_convert import convert_vim
 from mmssm.ops import selective_scan_ref
@@ -584,9 +584,8 @@ def test_convert_classifier():
         'head.fc.weight',
         'head.fc.bias',
     }
-    clf = SSMClassifier(
-        backbone=dict(type='Vim', arch=TINY, img_size=(48, 80)),
-        num_classes=10,
+    clf = build_classifier(
+        dict(type='Vim', arch=TINY, img_size=(48, 80)), num_classes=10
     )
     clf.load_state_dict(converted, strict=True)
     clf.eval()

@@ -199,14 +199,14 @@ def test_publish_names_without_experiment_name(publish_model, tmp_path):
             str(src),
             str(tmp_path / 'out'),
             '--config',
-            'configs/vim/vim-t_in1k.py',
+            'configs/vim/vim-t_8xb64_in1k.py',
             '--timestamp',
             '20240102_030405',
         ]
     )
     (path,) = (tmp_path / 'out').glob('*.pth')
     assert re.fullmatch(
-        r'vim-t_in1k_20240102_030405-[0-9a-f]{8}\.pth', path.name
+        r'vim-t_8xb64_in1k_20240102_030405-[0-9a-f]{8}\.pth', path.name
     )
     with pytest.raises(SystemExit) as e:
         publish_model.main(

@@ -41,9 +41,9 @@ def test_tokens_kept(tool, model):
     """64 patch tokens -> 49 -> 37 at 0.6 (Vim's class token not counted),
     and the pruned model loads the dense weights strictly."""
     cfg = tool.backbone_cfg(model, 16, 6, 128)
-    dense = tool.SSMClassifier(backbone=cfg, num_classes=6)
-    pruned = tool.SSMClassifier(
-        backbone=dict(cfg, prune_cfg=tool.schedule(6, 0.6)), num_classes=6
+    dense = tool.build_classifier(cfg, 6)
+    pruned = tool.build_classifier(
+        dict(cfg, prune_cfg=tool.schedule(6, 0.6)), 6
     )
     pruned.load_state_dict(dense.state_dict(), strict=True)
     images = torch.zeros(1, 3, 128, 128, dtype=torch.uint8)
@@ -73,7 +73,7 @@ def test_evaluate(tool, model):
         prune_cfg = dict(sched, scorer=tool.scorer_cfg(metric, 0))
         torch.manual_seed(0)
         backbone = dict(cfg, prune_cfg=prune_cfg)
-        return tool.SSMClassifier(backbone=backbone, num_classes=6).eval()
+        return tool.build_classifier(backbone, 6).eval()
 
     clf = classifier('clip')
     images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
@@ -95,7 +95,7 @@ def test_no_decay_rule(tool):
     (A_log, D, pos_embed, the class token) from weight decay, and decays
     the other weights."""
     cfg = tool.backbone_cfg('vim', 16, 3, 64)
-    clf = tool.SSMClassifier(backbone=cfg, num_classes=6)
+    clf = tool.build_classifier(cfg, 6)
     groups = tool.build_optim_wrapper(clf, 1e-3).optimizer.param_groups
     decay = {id(p): g['weight_decay'] for g in groups for p in g['params']}
     for name, p in clf.named_parameters():

@@ -19,7 +19,7 @@ def tool(tools):
 def test_find_backbone_cfg(tool):
     pm = dict(type='mmssm.PlainMamba', arch='l1')
     assert tool.find_backbone_cfg(pm) == (pm, '')
-    clf = dict(type='mmssm.SSMClassifier', backbone=pm)
+    clf = dict(type='ImageClassifier', backbone=pm)
     assert tool.find_backbone_cfg(clf) == (pm, 'backbone.')
     det = dict(
         type='mmdet.NoSuchDetector',
@@ -40,12 +40,14 @@ def test_visualize_pruning_tool(tool, tmp_path):
     )
     config = tmp_path / 'cfg.py'
     config.write_text(
-        'model = dict(type="mmssm.SSMClassifier", num_classes=10, '
-        f'backbone={backbone!r})\n'
+        'default_scope = "mmpretrain"\n'
+        'model = dict(type="ImageClassifier", '
+        f'backbone=dict({backbone!r}, out_type="cls_token"), '
+        'head=dict(type="LinearClsHead", num_classes=10, in_channels=16))\n'
     )
-    from mmssm.models.classifiers import SSMClassifier
+    from mmssm.models.classifiers import build_classifier
 
-    clf = SSMClassifier(backbone, num_classes=10)
+    clf = build_classifier(backbone, 10)
     ckpt = tmp_path / 'ckpt.pth'
     torch.save({'state_dict': clf.state_dict()}, ckpt)
     image = tmp_path / 'img.jpg'

@@ -88,8 +88,8 @@ def _pruning_rows(key, label, config, shape, batch, kind='backbone'):
     ]  # fmt: skip
 
 
-PM = 'configs/plainmamba/plainmamba-{}_in1k.py'
-VIM_S = 'configs/vim/vim-s_in1k.py'
+PM = 'configs/plainmamba/plainmamba-{}_8xb64_in1k.py'
+VIM_S = 'configs/vim/vim-s_8xb64_in1k.py'
 MASK_RCNN = (
     'configs/mask_rcnn/mask-rcnn_plainmamba-{}_adapter-fpn_8xb2-1x_coco.py'
 )

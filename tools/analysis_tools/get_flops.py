@@ -2,17 +2,18 @@
 
 The model is built from the config and run once on a random input; what
 really runs is counted (see :mod:`mmssm.utils.flops` and docs/flops.md).
-Models of mmssm (``type='mmssm.*'``, e.g. the classifiers) are counted
-whole; models of a config with a ``default_scope`` (mmdet, mmseg) count the
-parameters of the whole model and the FLOPs of ``extract_feat`` (backbone
-and neck).
+Classifiers (mmpretrain configs, ``default_scope='mmpretrain'``) and bare
+mmssm models (``type='mmssm.*'``) are counted whole (a classifier's
+'tensor' forward: backbone, pooling and head); detectors and segmentors
+(mmdet, mmseg) count the parameters of the whole model and the FLOPs of
+``extract_feat`` (backbone and neck), the papers' figures.
 
 The last two lines printed are ``Params: <x.xx> M`` and ``FLOPs: <x.xx> G``.
 
 Example::
 
     python tools/analysis_tools/get_flops.py \\
-        configs/plainmamba/plainmamba-l1_in1k.py --shape 224
+        configs/plainmamba/plainmamba-l1_8xb64_in1k.py --shape 224
 """
 
 import argparse
@@ -82,9 +83,9 @@ def build_model(cfg: Config) -> Tuple[nn.Module, bool]:
     """Build ``cfg.model`` from the right registry.
 
     Returns:
-        tuple[nn.Module, bool]: The model, and whether it is an mmssm model
-        (counted whole) rather than an mmdet/mmseg one (counted by
-        ``extract_feat``).
+        tuple[nn.Module, bool]: The model, and whether it is counted whole
+        (an mmssm model or an mmpretrain classifier) rather than by
+        ``extract_feat`` (an mmdet/mmseg model).
     """
     model_cfg = cfg.model
     model_type = str(model_cfg.get('type', ''))
@@ -105,7 +106,9 @@ def build_model(cfg: Config) -> Tuple[nn.Module, bool]:
 
     init_default_scope(scope)
     registry = importlib.import_module(f'{scope}.registry').MODELS
-    return registry.build(model_cfg), scope == 'mmssm'
+    # as the Runner: the config's data_preprocessor is the model's default
+    model_cfg.setdefault('data_preprocessor', cfg.get('data_preprocessor'))
+    return registry.build(model_cfg), scope in ('mmssm', 'mmpretrain')
 
 
 def main() -> None:

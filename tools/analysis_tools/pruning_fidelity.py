@@ -2,12 +2,13 @@
 
 The central claim of "Exploring Token Pruning in Vision State Space Models"
 at a small scale: for a small PlainMamba and a small Vim, the tool trains
-the dense ``mmssm.SSMClassifier`` on the synthetic glyph set of
-:mod:`mmssm.datasets.synthetic_cls` (mmengine's ``OptimWrapper`` from
-``mmssm.SSMOptimWrapperConstructor``, a linear warm-up and a cosine
-schedule), then evaluates the same weights without fine-tuning, dense and
-pruned after about 1/3 and 2/3 of the depth (naive, aligned 'prev',
-aligned 'null'), for each ``--keep`` and each importance score
+the dense classifier (mmpretrain's ``ImageClassifier`` with the backbone's
+pooled feature and a linear head, :func:`mmssm.models.build_classifier`) on
+the synthetic glyph set of :mod:`mmssm.datasets.synthetic_cls` (mmengine's
+``OptimWrapper`` from ``mmssm.SSMOptimWrapperConstructor``, a linear
+warm-up and a cosine schedule), then evaluates the same weights without
+fine-tuning, dense and pruned after about 1/3 and 2/3 of the depth (naive,
+aligned 'prev', aligned 'null'), for each ``--keep`` and each importance score
 (``--metrics``: the registered scorers 'clip', 'l1', 'l2', 'raw', and the
 reference selections 'oracle' and 'random'), and prints one markdown table
 (also written to ``--out`` as JSON). What it measures and why is in
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from mmengine.logging import MMLogger
 from mmengine.optim import CosineAnnealingLR, LinearLR, OptimWrapper
-from torch import Tensor
+from torch import Tensor, nn
 
 from mmssm.datasets.synthetic_cls import (
     CLS_CLASSES,
@@ -41,7 +42,7 @@ from mmssm.datasets.synthetic_cls import (
     make_synthetic_cls,
 )
 from mmssm.engine.optimizers import SSMOptimWrapperConstructor
-from mmssm.models.classifiers import SSMClassifier
+from mmssm.models.classifiers import build_classifier
 from mmssm.models.pruning import SSM_SCORES, GivenScore
 
 MODELS = ('plainmamba', 'vim')
@@ -114,7 +115,7 @@ def normalise(images: Tensor) -> Tensor:
     return (images.float() - MEAN) / STD
 
 
-def tokens_kept(model: SSMClassifier, images: Tensor) -> Tuple[int, int]:
+def tokens_kept(model: nn.Module, images: Tensor) -> Tuple[int, int]:
     """Patch tokens kept after the last pruning step, and all of them
     (Vim's class token, never pruned, not counted)."""
     with torch.no_grad():
@@ -126,7 +127,7 @@ def tokens_kept(model: SSMClassifier, images: Tensor) -> Tuple[int, int]:
     return kept, total
 
 
-def build_optim_wrapper(model: SSMClassifier, lr: float) -> OptimWrapper:
+def build_optim_wrapper(model: nn.Module, lr: float) -> OptimWrapper:
     """AdamW with gradients clipped at 1 and no weight decay on norms,
     biases and the parameters that the backbones tag (the project's
     optimizer constructor)."""
@@ -145,7 +146,7 @@ def build_optim_wrapper(model: SSMClassifier, lr: float) -> OptimWrapper:
 
 
 def train(
-    model: SSMClassifier,
+    model: nn.Module,
     images: Tensor,
     labels: Tensor,
     args: argparse.Namespace,
@@ -223,7 +224,7 @@ def oracle_scores(
 
 @torch.no_grad()
 def evaluate(
-    model: SSMClassifier,
+    model: nn.Module,
     images: Tensor,
     labels: Tensor,
     coverage: Tensor,
@@ -292,7 +293,7 @@ def load_trained(path: Optional[str], settings: dict) -> Optional[dict]:
 
 
 def train_or_load(
-    name: str, dense: SSMClassifier, args: argparse.Namespace, data: dict
+    name: str, dense: nn.Module, args: argparse.Namespace, data: dict
 ) -> dict:
     """Train the dense model, or load it from ``--work-dir``; returns the
     losses and the training times."""
@@ -327,7 +328,7 @@ def run_model(
     torch.manual_seed(args.seed)
     cfg = backbone_cfg(name, args.embed_dims, args.depth, args.image_size)
     num_classes = len(CLS_CLASSES)
-    dense = SSMClassifier(backbone=cfg, num_classes=num_classes)
+    dense = build_classifier(cfg, num_classes)
     params = sum(p.numel() for p in dense.parameters())
     print(f'{name}: {params / 1e3:.0f}k parameters', flush=True)
     trained = train_or_load(name, dense, args, data)
@@ -365,9 +366,8 @@ def run_model(
                 prune_cfg = dict(
                     sched, scorer=scorer_cfg(metric, args.seed), **extra
                 )
-                model = SSMClassifier(
-                    backbone=dict(cfg, prune_cfg=prune_cfg),
-                    num_classes=num_classes,
+                model = build_classifier(
+                    dict(cfg, prune_cfg=prune_cfg), num_classes
                 )
                 model.load_state_dict(state_dict, strict=True)
                 top1, recall = evaluate(model, *test, seed=args.seed)

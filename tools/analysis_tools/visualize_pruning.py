@@ -1,19 +1,19 @@
 """Show which patches a token-pruned backbone keeps at each pruning step.
 
-The config's model may be an ``mmssm.SSMClassifier``, a bare backbone, or a
-detector/segmentor whose ``backbone`` (possibly inside an adapter) is an
-mmssm backbone: only that backbone is built, with its weights from the
-checkpoint if one is given. The image is resized to ``--shape`` and
-normalised with the ImageNet mean and std; a step hook of the backbone's
-pruner records the kept patches of each step. The PNG has one panel for the
-image and one per step with the pruned patches greyed out (as Figure A1 of
-"Exploring Token Pruning in Vision State Space Models").
+The config's model may be a classifier (mmpretrain's ``ImageClassifier``), a
+bare backbone, or a detector/segmentor whose ``backbone`` (possibly inside an
+adapter) is an mmssm backbone: only that backbone is built, with its weights
+from the checkpoint if one is given. The image is resized to ``--shape`` and
+normalised with the ImageNet mean and std; a step hook of the backbone's pruner
+records the kept patches of each step. The PNG has one panel for the image and
+one per step with the pruned patches greyed out (as Figure A1 of "Exploring
+Token Pruning in Vision State Space Models").
 
 Example::
 
     python tools/analysis_tools/visualize_pruning.py demo.jpg \\
-        configs/plainmamba/plainmamba-l1-prune_in1k.py l1-prune.pth \\
-        --out pruning.png
+        configs/plainmamba/plainmamba-l1-prune_8xb64-30e_in1k.py \\
+        checkpoints/plainmamba-l1_in1k.pth --out pruning.png
     # a dense config, pruned with the paper's schedule
     python tools/analysis_tools/visualize_pruning.py demo.jpg CONFIG \\
         --out pruning.png --cfg-options model.backbone.prune_cfg=paper

@@ -2,13 +2,16 @@
 
 The official checkpoints (``l1.pth``, ``l2.pth``, ``l3.pth`` of
 ChenhongyiYang/PlainMamba) are mmcls 0.x checkpoints; the output loads
-strictly into ``SSMClassifier(backbone=dict(type='PlainMamba', arch=...))``
-and, with ``prefix='backbone.'``, into the backbone alone.
+strictly into the ImageNet classifiers of ``configs/plainmamba`` (mmpretrain's
+``ImageClassifier``: ``backbone.*``, ``head.fc.*``; their ``load_from`` is
+``checkpoints/plainmamba-l*_in1k.pth``) and, with ``prefix='backbone.'``,
+into the backbone alone (the ``ckpt`` of the detection and segmentation
+configs).
 
 Example::
 
     python tools/model_converters/plainmamba2mmssm.py l1.pth \
-        plainmamba-l1_in1k.pth
+        checkpoints/plainmamba-l1_in1k.pth
 """
 
 import mmssm  # noqa: F401  (allow-lists the types of mmengine checkpoints)
@@ -33,7 +36,9 @@ def main(argv=None) -> None:
         convert_plainmamba,
         source='PlainMamba',
         converter='plainmamba2mmssm',
-        meta=dict(model='SSMClassifier(backbone=PlainMamba)'),
+        meta=dict(
+            model='ImageClassifier(backbone=PlainMamba, head=LinearClsHead)'
+        ),
     )
 
 

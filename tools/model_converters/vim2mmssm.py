@@ -2,9 +2,10 @@
 
 The official checkpoints (``vim_t_midclstok_76p1acc.pth`` and the like) are
 DeiT-style ``{'model': ..., 'model_ema': ...}`` files. Without ``--dense``
-the output loads strictly into ``SSMClassifier(backbone=dict(type='Vim',
-arch=...))`` (middle class token kept); with ``--dense`` it is for a dense
-prediction backbone ``Vim(arch=..., cls_token=None, final_norm=False)``
+the output loads strictly into the ImageNet classifiers of ``configs/vim``
+(mmpretrain's ``ImageClassifier``, middle class token kept; their
+``load_from`` is ``checkpoints/vim-*_in1k.pth``); with ``--dense`` it is for
+a dense prediction backbone ``Vim(arch=..., cls_token=None, final_norm=False)``
 loaded with ``init_cfg=dict(type='Pretrained', checkpoint=...,
 prefix='backbone.')``: the class slot is taken out of ``pos_embed`` and
 ``cls_token``, ``norm_f`` and the head are dropped.
@@ -12,9 +13,9 @@ prefix='backbone.')``: the class slot is taken out of ``pos_embed`` and
 Example::
 
     python tools/model_converters/vim2mmssm.py \
-        vim_s_midclstok_80p5acc.pth vim-s_in1k.pth
+        vim_s_midclstok_80p5acc.pth checkpoints/vim-s_in1k.pth
     python tools/model_converters/vim2mmssm.py --dense \
-        vim_s_midclstok_80p5acc.pth vim-s_in1k-dense.pth
+        vim_s_midclstok_80p5acc.pth checkpoints/vim-s_in1k-dense.pth
 """
 
 import argparse
@@ -46,7 +47,8 @@ def main(argv=None) -> None:
     target = (
         "Vim(cls_token=None, final_norm=False), prefix 'backbone.'"
         if args.dense
-        else "SSMClassifier(backbone=Vim(cls_token='middle'))"
+        else "ImageClassifier(backbone=Vim(cls_token='middle'), "
+        'head=LinearClsHead)'
     )
     convert_file(
         args.src,

@@ -1,4 +1,4 @@
 from .dyvm_classifier import build_dyvm_classifier  # noqa: F401
-from .ssm_classifier import SSMClassifier
+from .image_classifier import build_classifier, pooled_out_type
 
-__all__ = ['SSMClassifier']
+__all__ = ['build_classifier', 'pooled_out_type']

@@ -130,7 +130,8 @@ def convert_plainmamba(
     """Convert an official PlainMamba ImageNet checkpoint.
 
     The official keys (``backbone.*``, ``head.fc.*``) are already those of
-    :class:`mmssm.models.SSMClassifier` with a PlainMamba backbone; the
+    mmpretrain's ``ImageClassifier`` with a PlainMamba backbone and a
+    ``LinearClsHead`` (``configs/plainmamba``); the
     conversion unwraps the checkpoint, validates every key and drops the
     EMA hook's buffers (``ema_*``: the hook swaps the averaged weights into
     the parameters before saving, so the parameters are the weights to keep).
@@ -195,10 +196,11 @@ def convert_vim(state_dict: Mapping, dense: bool = True) -> Dict[str, Tensor]:
 
     Two targets:
 
-    * ``dense=False``: :class:`mmssm.models.SSMClassifier` with a
-      ``Vim`` backbone keeping its middle class token (``cls_token='middle'``,
-      ``out_type='cls_token'``): every key is kept, ``pos_embed`` whole (with
-      its class slot at ``M // 2``), ``head.*`` becomes ``head.fc.*``.
+    * ``dense=False``: mmpretrain's ``ImageClassifier`` with a ``Vim``
+      backbone keeping its middle class token (``cls_token='middle'``,
+      ``out_type='cls_token'``) and a ``LinearClsHead`` (``configs/vim``):
+      every key is kept, ``pos_embed`` whole (with its class slot at
+      ``M // 2``), ``head.*`` becomes ``head.fc.*``.
     * ``dense=True``: a detection/segmentation backbone built with
       ``cls_token=None, final_norm=False`` (features are the token stream;
       the released detection code taps it without ``norm_f`` too): the class
