@@ -318,6 +318,7 @@ def masked_delta(
     gap_mode: str,
     delta_bias: Optional[Tensor] = None,
     delta_softplus: bool = False,
+    reverse: bool = False,
 ) -> Tensor:
     """The steps of a full-length scan whose masked steps are pruned tokens.
 
@@ -337,10 +338,20 @@ def masked_delta(
         gap_mode (str): 'prev', 'null' or 'none'.
         delta_bias (Tensor, optional): (dim, ). Defaults to None.
         delta_softplus (bool): Defaults to False.
+        reverse (bool): For a reversed scan ('prev' then takes the step of
+            the next kept token). Defaults to False.
 
     Returns:
         Tensor: (batch, dim, L), the steps with bias and softplus applied.
     """
+    if reverse and gap_mode == 'prev':
+        return masked_delta(
+            delta.flip(-1),
+            step_mask.flip(-1),
+            gap_mode,
+            delta_bias,
+            delta_softplus,
+        ).flip(-1)
     if gap_mode not in GAP_MODES:
         raise ValueError(
             f'gap_mode must be one of {GAP_MODES}, got {gap_mode!r}'

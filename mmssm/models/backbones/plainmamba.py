@@ -23,7 +23,7 @@ Vision State Space Models" (NeurIPS 2024); see :class:`PlainMambaMixer`.
 """
 
 from functools import lru_cache
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -409,39 +409,138 @@ class PlainMambaMixer(nn.Module):
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (B, E, L)
         B, C = B.transpose(1, 2), C.transpose(1, 2)  # (B, N, L)
 
-        orders, ranks, moves = scan_orders((H, W), x.device)
-        if positions is None:  # step s scans the token orders[d, s]
-            steps = torch.arange(L, device=x.device).expand(4, batch, L)
-            tokens = orders[:, None].expand(4, batch, L)
-            inverse = ranks[:, None].expand(4, batch, L)
-        else:  # each kept token's step in each direction, sorted
-            steps, slot = ranks[:, positions].sort(dim=-1)  # (4, B, K)
-            tokens = positions[None].expand(4, -1, -1).gather(2, slot)
-            inverse = slot.argsort(dim=-1)  # kept token -> scan position
+        # A, D and the dt bias in (at least) float32, as the official code
+        ssm_dtype = torch.promote_types(x_conv.dtype, torch.float32)
+        scan = dict(
+            A=-torch.exp(self.A_log.to(ssm_dtype)),
+            D=self.D.to(ssm_dtype),
+            delta_bias=2 * self.dt_proj.bias.to(ssm_dtype),
+            gap_mode=gap_mode,
+            bits=bits,
+        )
         if mask is not None:
             x_conv = x_conv * mask[:, None]
+        if positions is None:
+            y = self._scan_in_place(x_conv, dt, B, C, mask, hw_shape, **scan)
+        else:
+            y = self._scan_kept(x_conv, dt, B, C, positions, hw_shape, **scan)
+        y = y.transpose(1, 2) * self.act(z)
+        return self.out_proj(y), y
+
+    def _gated(
+        self,
+        run: Callable[[Optional[Tensor]], Tensor],
+        bits: Optional[Tensor],
+        out_shape: Sequence[int],
+        like: Tensor,
+    ) -> Tensor:
+        """``run(index)`` gated by (rows,) ``bits``: all rows, times the
+        straight-through bits in training, only the rows whose bit is on at
+        inference (zeros for the others)."""
+        if bits is None:
+            return run(None)
+        if self.direction_gate.training:
+            return run(None) * bits.reshape(-1, 1, 1).to(like.dtype)
+        return run_selected(run, bits, out_shape, like)
+
+    def _scan_in_place(
+        self,
+        u: Tensor,
+        dt: Tensor,
+        B: Tensor,
+        C: Tensor,
+        mask: Optional[Tensor],
+        hw_shape: Sequence[int],
+        A: Tensor,
+        D: Tensor,
+        delta_bias: Tensor,
+        gap_mode: str,
+        bits: Optional[Tensor],
+    ) -> Tensor:
+        """The four scans of the full grid (dense, or masked) as index
+        patterns: step s of direction d reads ``u`` at token
+        ``orders[d, s]`` and writes its output there, and takes the step
+        inputs of the raster token s (the released model), so no copy of
+        ``u``, ``dt`` or the outputs is gathered. Returns the sum of the
+        four scans (B, E, L) in raster order."""
+        orders, _, moves = scan_orders(hw_shape, u.device)
+        y = None
+        for d in range(4):
+            order = orders[d]
+            # direction_Bs row of the move that arrived at each step
+            B_d = B + self.direction_Bs[moves[d]].t().to(B.dtype)
+            delta, C_d, bias, softplus = dt, C, delta_bias, True
+            if mask is not None:  # the steps that scan a masked token
+                step_mask = mask[:, order]
+                B_d = B_d * step_mask[:, None]
+                C_d = C * step_mask[:, None]
+                delta = masked_delta(dt, step_mask, gap_mode, bias, True)
+                bias, softplus = None, False
+
+            def run(
+                index,
+                args=(u, delta, B_d, C_d),
+                bias=bias,
+                sp=softplus,
+                o=order,
+            ):
+                if index is not None:  # the images whose direction runs
+                    args = tuple(t.index_select(0, index) for t in args)
+                return selective_scan(
+                    args[0],
+                    args[1],
+                    A,
+                    args[2],
+                    args[3],
+                    D=D,
+                    delta_bias=bias,
+                    delta_softplus=sp,
+                    impl=self.scan_impl,
+                    order=o,
+                )
+
+            y_d = self._gated(
+                run, None if bits is None else bits[:, d], u.shape, u
+            )
+            y = y_d if y is None else y + y_d
+        return y
+
+    def _scan_kept(
+        self,
+        x_conv: Tensor,
+        dt: Tensor,
+        B: Tensor,
+        C: Tensor,
+        positions: Tensor,
+        hw_shape: Sequence[int],
+        A: Tensor,
+        D: Tensor,
+        delta_bias: Tensor,
+        gap_mode: str,
+        bits: Optional[Tensor],
+    ) -> Tensor:
+        """The four scans of the kept tokens (pruned): each direction's
+        kept tokens sorted by their steps, with their step inputs and
+        positions, in one batched scan. Returns the sum of the four scans
+        (B, E, K) in the order of ``positions``."""
+        batch, K = positions.shape
+        E = x_conv.shape[1]
+        L = x_conv.shape[-1]
+        _, ranks, moves = scan_orders(hw_shape, x_conv.device)
+        # each kept token's step in each direction, sorted
+        steps, slot = ranks[:, positions].sort(dim=-1)  # (4, B, K)
+        tokens = positions[None].expand(4, -1, -1).gather(2, slot)
+        inverse = slot.argsort(dim=-1)  # kept token -> scan position
         u = _take(x_conv, tokens)  # (4, B, E, K)
         delta, B_steps, C_steps = (_take(t, steps) for t in (dt, B, C))
         # direction_Bs row of the move that arrived at each original step
         move = moves[:, None].expand(-1, batch, -1).gather(2, steps)
         B_steps = B_steps + self.direction_Bs[move].transpose(2, 3).to(B.dtype)
-
-        # A, D and the dt bias in (at least) float32, as the official code
-        ssm_dtype = torch.promote_types(u.dtype, torch.float32)
-        A = -torch.exp(self.A_log.to(ssm_dtype))
-        delta_bias, softplus = 2 * self.dt_proj.bias.to(ssm_dtype), True
-        k = u.shape[-1]
         u, delta, B_steps, C_steps = (
-            t.reshape(4 * batch, -1, k) for t in (u, delta, B_steps, C_steps)
+            t.reshape(4 * batch, -1, K) for t in (u, delta, B_steps, C_steps)
         )
-        if mask is not None:  # the steps that scan a masked token
-            step_mask = _take(mask[:, None], tokens).reshape(4 * batch, k)
-            B_steps = B_steps * step_mask[:, None]
-            C_steps = C_steps * step_mask[:, None]
-            delta = masked_delta(delta, step_mask, gap_mode, delta_bias, True)
-            delta_bias, softplus = None, False
         scan_positions = None
-        if positions is not None and gap_mode != 'none' and K < L:
+        if gap_mode != 'none' and K < L:
             # (with all tokens kept there are no gaps: the dense scan)
             scan_positions = steps.reshape(4 * batch, -1)
 
@@ -459,25 +558,18 @@ class PlainMambaMixer(nn.Module):
                 A,
                 args[2],
                 args[3],
-                D=self.D.to(ssm_dtype),
+                D=D,
                 delta_bias=delta_bias,
-                delta_softplus=softplus,
+                delta_softplus=True,
                 positions=args[4],
                 gap_mode=gap_mode,
                 impl=self.scan_impl,
             )
 
-        if bits is None:
-            y = run(None)
-        elif self.direction_gate.training:  # straight-through bits
-            y = run(None) * bits.t().reshape(-1, 1, 1).to(u.dtype)
-        else:  # inference: the directions whose bit is off do not run
-            y = run_selected(run, bits.t().reshape(-1), u.shape, u)
-        y = y.view(4, batch, E, k)
-        # back to token order (raster order, or the order of positions)
-        y = y.gather(3, inverse[:, :, None].expand(-1, -1, E, -1)).sum(0)
-        y = y.transpose(1, 2) * self.act(z)
-        return self.out_proj(y), y
+        rows = None if bits is None else bits.t().reshape(-1)
+        y = self._gated(run, rows, u.shape, u).view(4, batch, E, K)
+        # back to the order of positions
+        return y.gather(3, inverse[:, :, None].expand(-1, -1, E, -1)).sum(0)
 
 
 class PlainMambaLayer(nn.Module):

@@ -54,6 +54,7 @@ def causal_conv1d(
     seq_len: Optional[int] = None,
     activation: Optional[str] = None,
     impl: str = 'auto',
+    reverse: bool = False,
 ) -> Tensor:
     """Depthwise causal convolution, optionally position-aware.
 
@@ -73,9 +74,11 @@ def causal_conv1d(
             Defaults to None.
         impl (str): ``impl`` of :func:`mmssm.ops.causal_conv1d` ('auto',
             'ref' or 'cpu'). Defaults to 'auto'.
+        reverse (bool): The anti-causal conv (the backward direction).
+            Defaults to False.
 
     Returns:
-        Tensor: (B, E, K).
+        Tensor: (B, E, K), in the layout of ``x``.
     """
     return conv1d_op(
         x,
@@ -85,6 +88,7 @@ def causal_conv1d(
         seq_len if positions is not None else None,
         activation,
         impl,
+        reverse,
     )
 
 
@@ -110,7 +114,12 @@ class BiMambaV2(nn.Module):
 
         out = out_proj((y_f + flip(y_b)) / 2)
 
-    The ``/ 2`` is the released models' ``if_divide_out=True``.
+    The ``/ 2`` is the released models' ``if_divide_out=True``. The released
+    code flips copies of the sequence; here the backward branch's conv and
+    scan run from the last token to the first (``reverse=True`` of the ops),
+    which is the same computation without the copies, and all tensors stay
+    in the (B, K, .) layout of the Linear layers (the ops read (B, E, K)
+    views).
 
     Token pruning: ``forward`` takes the kept tokens and their sorted
     original positions. Aligned (``gap_mode`` 'prev' or 'null', the
@@ -213,13 +222,19 @@ class BiMambaV2(nn.Module):
         seq_len: int,
         gap_mode: str,
         step_mask: Optional[Tensor] = None,
+        reverse: bool = False,
     ) -> Tensor:
         """One scan direction: conv, projections, gated selective scan.
 
-        ``step_mask`` (B, K): the masked mode; ``x`` is already zero at the
-        masked steps, the conv output is zeroed there again, so that
-        ``x_proj`` (no bias) gives them ``dt = B = C = 0``, and their step
-        sizes follow ``gap_mode`` (:func:`mmssm.ops.masked_delta`).
+        ``x``, ``z`` (B, E, K) are views of ``in_proj``'s (B, K, 2E)
+        output: the ops read them in place, and every tensor stays in the
+        (B, K, .) layout of the Linear layers (no transposed copies).
+        ``reverse``: the backward direction, the conv and the scan run from
+        the last token to the first (no flipped copies). ``step_mask``
+        (B, K): the masked mode; ``x`` is already zero at the masked steps,
+        the conv output is zeroed there again, so that ``x_proj`` (no bias)
+        gives them ``dt = B = C = 0``, and their step sizes follow
+        ``gap_mode`` (:func:`mmssm.ops.masked_delta`).
         """
         x = causal_conv1d(
             x,
@@ -228,7 +243,8 @@ class BiMambaV2(nn.Module):
             seq_len,
             activation='silu',
             impl=conv_impl_of(self.scan_impl),
-        )
+            reverse=reverse,
+        )  # (B, E, K), a view of (B, K, E)
         if step_mask is not None:
             x = x * step_mask[:, None]
         x_dbl = x_proj(x.transpose(1, 2))  # (B, K, R + 2N)
@@ -239,14 +255,16 @@ class BiMambaV2(nn.Module):
         A = -torch.exp(upcast(A_log))
         delta_bias, softplus = upcast(dt_proj.bias), True
         if step_mask is not None:
-            dt = masked_delta(dt, step_mask, gap_mode, delta_bias, True)
+            dt = masked_delta(
+                dt, step_mask, gap_mode, delta_bias, True, reverse
+            )
             delta_bias, softplus = None, False
         return selective_scan(
             x,
             dt,
             A,
-            B.transpose(1, 2).contiguous(),
-            C.transpose(1, 2).contiguous(),
+            B.transpose(1, 2),
+            C.transpose(1, 2),
             upcast(D),
             z=z,
             delta_bias=delta_bias,
@@ -254,6 +272,7 @@ class BiMambaV2(nn.Module):
             positions=positions,
             gap_mode=gap_mode,
             impl=self.scan_impl,
+            reverse=reverse,
         )
 
     def forward(
@@ -280,8 +299,8 @@ class BiMambaV2(nn.Module):
                 and the conv pads with zeros). Defaults to None.
             gap_mode (str, optional): How the scan crosses pruned tokens:
                 'prev' or 'null' (aligned: the scan and the conv keep the
-                original positions, forward direction ``positions``,
-                backward direction ``flip(L - 1 - positions)``), or 'none'
+                original positions in both directions, the backward one
+                scanning them in reverse), or 'none'
                 (the naive baseline: both run over the K tokens as a
                 shorter sequence). None: 'prev' with ``positions``, 'null'
                 with ``token_mask``. Defaults to None.
@@ -333,25 +352,19 @@ class BiMambaV2(nn.Module):
                     raise UserError(
                         f'positions reach {last}, beyond seq_len={seq_len}'
                     )
-            positions_b = (seq_len - 1 - positions).flip(-1)
         else:
-            seq_len, positions_b = K, None
+            seq_len = K
 
         xz = self.in_proj(x)  # (B, K, 2E)
         bits = None
         if self.direction_gate is not None:
             bits = self.direction_gate(xz, cls_index, token_mask)
             record_gates(aux, bits)
-        xs, z = xz.transpose(1, 2).chunk(2, dim=1)  # (B, E, K) each
+        xs, z = xz.transpose(1, 2).chunk(2, dim=1)  # (B, E, K) views
         mask = None
         if token_mask is not None:
             mask = token_mask.to(xs.dtype)
             xs = xs * mask[:, None]
-        flip = (  # the backward direction's inputs
-            xs.flip(-1),
-            z.flip(-1),
-            None if mask is None else mask.flip(-1),
-        )
         params = (
             (self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D),
             (
@@ -362,28 +375,34 @@ class BiMambaV2(nn.Module):
                 self.D_b,
             ),
         )
-        inputs = ((xs, z, mask, positions), (*flip, positions_b))
         ys = []
-        for d in range(2):
-            u, zd, m, pos = inputs[d]
+        for d in range(2):  # forward, then backward (a reversed scan)
 
-            def run(index, u=u, zd=zd, m=m, pos=pos, d=d):
+            def run(index, d=d):
+                u, zd, m, pos = xs, z, mask, positions
                 if index is not None:  # the images whose direction runs
                     u, zd = u.index_select(0, index), zd.index_select(0, index)
                     m = None if m is None else m.index_select(0, index)
                     pos = None if pos is None else pos.index_select(0, index)
                 return self._branch(
-                    u, zd, *params[d], pos, seq_len, gap_mode, m
+                    u,
+                    zd,
+                    *params[d],
+                    pos,
+                    seq_len,
+                    gap_mode,
+                    m,
+                    reverse=d == 1,
                 )
 
             if bits is None:
                 y = run(None)
             elif self.direction_gate.training:  # straight-through bits
-                y = run(None) * bits[:, d, None, None].to(u.dtype)
+                y = run(None) * bits[:, d, None, None].to(xs.dtype)
             else:  # inference: really skip the images whose bit is off
-                y = run_selected(run, bits[:, d], u.shape, u)
+                y = run_selected(run, bits[:, d], xs.shape, xs)
             ys.append(y)
-        y = (ys[0] + ys[1].flip(-1)).transpose(1, 2)  # (B, K, E)
+        y = (ys[0] + ys[1]).transpose(1, 2)  # (B, K, E)
         return self.out_proj(y / 2), y
 
 
