@@ -59,6 +59,16 @@ def parse_args() -> argparse.Namespace:
         'inputs; the backbones support it). Defaults to cpu.',
     )
     parser.add_argument(
+        '--direction-keep',
+        default=None,
+        help="DyVM's FLOPs rule for models with direction gates: count "
+        "every direction, then scale each layer's per-direction part by "
+        'this kept fraction (a number, e.g. one measured with '
+        "mmssm.utils.flops.measure_direction_keep, or 'target': the "
+        "config's model.direction_ratio_loss.target). Defaults to none: "
+        'count what runs on the random input.',
+    )
+    parser.add_argument(
         '--depth',
         type=int,
         default=0,
@@ -135,12 +145,32 @@ def main() -> None:
                 'no known SSM family in the model: pass --scan-convention '
                 f'({"/".join(SCAN_CONVENTIONS)})'
             )
-    report = count_flops(model, inputs, convention, forward=forward)
+    keep = args.direction_keep
+    if keep == 'target':
+        target = cfg.model.get('direction_ratio_loss') or {}
+        if 'target' not in target:
+            raise SystemExit(
+                '--direction-keep target: the config has no '
+                'model.direction_ratio_loss.target'
+            )
+        keep = target['target']
+    elif keep is not None:
+        try:
+            keep = float(keep)
+        except ValueError:
+            raise SystemExit(
+                f"--direction-keep takes a number or 'target', got {keep!r}"
+            ) from None
+    report = count_flops(
+        model, inputs, convention, forward=forward, direction_keep=keep
+    )
 
     what = 'whole model' if whole else 'extract_feat (backbone + neck)'
     print(f'config: {args.config}')
     print(f'input: 1x3x{H}x{W}; FLOPs of: {what}; device: {args.device}')
     print(f'scan convention: {convention} ({args.scan_convention})')
+    if keep is not None:
+        print(f'direction keep (DyVM rule): {keep}')
     print()
     print(report.table())
     if args.depth > 0:
