@@ -358,3 +358,45 @@ def test_dyvm_vim_s_flops_reduction():
     pruned = count_flops(dyvm, x, direction_keep=0.89)
     change = 100 * (pruned.total / dense.total - 1)
     assert abs(change - -35.2) < 2, change
+
+
+def test_get_flops_tool_direction_keep(tmp_path, monkeypatch, capsys):
+    """--direction-keep: DyVM's rule, a number or the config's target."""
+    cfg = tmp_path / 'dyvm.py'
+    cfg.write_text(
+        'default_scope = "mmpretrain"\n'
+        'model = dict(type="mmssm.DyVMClassifier", '
+        f'backbone=dict(type="mmssm.Vim", arch={TINY_VIM!r}, img_size=32, '
+        'out_type="cls_token", direction_gate=True, prune_cfg=dict('
+        'type="mmssm.LearnedTokenPruner", layers=(1,), keep_ratios=0.5)), '
+        'head=dict(type="LinearClsHead", num_classes=10, in_channels=16), '
+        'direction_ratio_loss=dict(type="mmssm.DirectionRatioLoss", '
+        'target=0.5))\n'
+    )
+    tool = _load_tool()
+    reports = {}
+
+    def spy(*args, **kwargs):
+        report = count_flops(*args, **kwargs)
+        reports[kwargs['direction_keep']] = report.total
+        return report
+
+    monkeypatch.setattr(tool, 'count_flops', spy)
+    for keep in ('1', 'target', '0.5'):
+        monkeypatch.setattr(
+            'sys.argv',
+            [
+                'get_flops.py',
+                str(cfg),
+                '--shape',
+                '32',
+                '--direction-keep',
+                keep,
+            ],
+        )
+        with DefaultScope.overwrite_default_scope('mmssm'):
+            tool.main()
+        assert 'direction keep (DyVM rule)' in capsys.readouterr().out
+    # 'target' is the config's 0.5; fewer MACs than with every direction
+    assert sorted(reports) == [0.5, 1.0]
+    assert reports[0.5] < reports[1.0]
