@@ -444,3 +444,92 @@ def test_demo_warns_of_another_pruning_in_the_checkpoint(demo, monkeypatch):
         'the checkpoint was saved with another token pruning (0: PlainMamba '
         'pruned after layers [1] keeping [0.5]'
     )
+
+
+# --------------------------------------------------------------------------
+# Classification: converted releases in the ImageNet configs, the demo
+# --------------------------------------------------------------------------
+CLS_RELEASES = {
+    # family -> (dense config, converter, its arguments)
+    'plainmamba': (
+        'configs/plainmamba/plainmamba-l1_8xb64_in1k.py',
+        'tools/model_converters/plainmamba2mmssm.py',
+    ),
+    'vim': (
+        'configs/vim/vim-t_8xb64_in1k.py',
+        'tools/model_converters/vim2mmssm.py',
+    ),
+}
+
+
+def _released_checkpoint(family: str, model) -> dict:
+    """``model``'s weights in the released layout of its family: PlainMamba's
+    mmcls 0.x file (``state_dict`` with the EMA hook's buffers), Vim's
+    DeiT-style file (``model``: backbone keys without prefix, ``head.*``)."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    if family == 'plainmamba':
+        for k in list(state)[:3]:
+            state['ema_' + k.replace('.', '_')] = state[k].clone()
+        return dict(meta=dict(epoch=300), state_dict=state)
+    released = {
+        k.replace('backbone.', '', 1).replace('head.fc.', 'head.', 1): v
+        for k, v in state.items()
+    }
+    return dict(model=released, epoch=299)
+
+
+@pytest.mark.parametrize('family', sorted(CLS_RELEASES))
+def test_classification_demo_on_a_converted_release(
+    family, tools, tmp_path, scope
+):
+    """A released ImageNet checkpoint (built here in its layout, random
+    weights with a spread-out head) converted by its converter loads
+    strictly into the dense ImageNet config, and the demo prints the top-5
+    of a real photo through mmpretrain's inferencer, with ImageNet's class
+    names: the classes and scores of the source model on the config's test
+    pipeline."""
+    from mmengine.dataset import Compose
+    from mmpretrain.datasets import ImageNet
+
+    from mmssm.models.classifiers import build_classifier
+
+    config, converter = CLS_RELEASES[family]
+    cfg = Config.fromfile(osp.join(tools.root, config))
+    torch.manual_seed(0)
+    source = build_classifier(cfg.model.backbone, 1000).eval()
+    torch.nn.init.normal_(source.head.fc.weight, std=1.0)
+    src = tmp_path / 'release.pth'
+    torch.save(_released_checkpoint(family, source), src)
+    dst = tmp_path / 'converted.pth'
+    tools.load_script(converter).main([str(src), str(dst)])
+
+    demo = tools.load_script('demo/image_classification_demo.py')
+    with scope('mmssm'):
+        top = demo.main([IMG, config, str(dst), '--device', 'cpu'])
+        with scope('mmpretrain'):
+            pipeline = Compose(cfg.test_dataloader.dataset.pipeline)
+        data = pipeline(dict(img_path=osp.join(tools.root, IMG)))
+    mean = torch.tensor(cfg.data_preprocessor.mean).view(3, 1, 1)
+    std = torch.tensor(cfg.data_preprocessor.std).view(3, 1, 1)
+    x = ((data['inputs'].flip(0).float() - mean) / std)[None]  # BGR -> RGB
+    with torch.no_grad():
+        scores, indices = source(x).softmax(-1)[0].topk(5)
+    assert [i for _, i, _ in top] == indices.tolist()
+    assert [s for s, _, _ in top] == pytest.approx(scores.tolist(), abs=1e-5)
+    names = ImageNet.METAINFO['classes']
+    assert [n for _, _, n in top] == [names[i] for i in indices.tolist()]
+
+
+def test_classification_demo_refuses_bad_input(tools, tmp_path):
+    """Another model's checkpoint, a detection config, a missing image: one
+    line naming it."""
+    demo = tools.load_script('demo/image_classification_demo.py')
+    config = CLS_RELEASES['vim'][0]
+    ckpt = tmp_path / 'other.pth'
+    torch.save(dict(state_dict={'backbone.foo': torch.zeros(1)}), ckpt)
+    with pytest.raises(SystemExit, match='other.pth'):
+        demo.main([IMG, config, str(ckpt), '--device', 'cpu'])
+    with pytest.raises(SystemExit, match='mmdet config'):
+        demo.main([IMG, tools.mini_cfg, str(ckpt)])
+    with pytest.raises(SystemExit, match='nowhere.jpg'):
+        demo.main(['nowhere.jpg', config, str(ckpt)])
