@@ -397,7 +397,9 @@ class PlainMambaMixer(nn.Module):
                 1, positions[..., None].expand(-1, -1, E), x
             )
         # (the same memory layout in both cases, hence the same rounding)
-        grid = x.transpose(1, 2).reshape(batch, E, H, W)
+        # contiguous NCHW: a channels-last input gives the conv weight a
+        # gradient of other strides, which DDP copies at every step
+        grid = x.transpose(1, 2).reshape(batch, E, H, W).contiguous()
         x_conv = self.act(self.conv2d(grid)).flatten(2)  # (B, E, L)
 
         # Per-step inputs of the released model: those of the raster token.

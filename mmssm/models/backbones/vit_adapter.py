@@ -396,6 +396,8 @@ class ViTAdapter(BaseModule):
 
         results = []
         for i, (out, stride) in enumerate(zip(outs, (4, 8, 16, 32))):
-            out = out[..., : -(-H // stride), : -(-W // stride)]
+            # contiguous NCHW maps (the 1x1 convs of FPN and UperNet get
+            # weight gradients of the parameters' strides, as DDP expects)
+            out = out[..., : -(-H // stride), : -(-W // stride)].contiguous()
             results.append(getattr(self, f'ad_norm{i + 1}')(out))
         return tuple(results)

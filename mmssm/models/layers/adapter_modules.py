@@ -237,7 +237,9 @@ class DWConv(nn.Module):
         levels = x.split([h * w for h, w in shapes], dim=1)
         outs = []
         for t, (h, w) in zip(levels, shapes):
-            t = t.transpose(1, 2).reshape(B, C, h, w)
+            # contiguous NCHW: a channels-last input gives the conv weight a
+            # gradient of other strides, which DDP copies at every step
+            t = t.transpose(1, 2).reshape(B, C, h, w).contiguous()
             outs.append(self.dwconv(t).flatten(2).transpose(1, 2))
         return torch.cat(outs, dim=1)
 
