@@ -52,6 +52,9 @@ class Row:
         backbone (dict): Overrides merged into the (inner) backbone.
         kind (str): 'backbone' or 'detector' (``predict`` on the batch).
         baseline (str, optional): The row the speed-up is relative to.
+        direction_keep (float, optional): DyVM's direction gates set to
+            keep this fraction of each layer's (image, direction) pairs
+            (:func:`set_direction_budget`; the weights are random).
     """
 
     key: str
@@ -63,6 +66,7 @@ class Row:
     backbone: Dict = dataclasses.field(default_factory=dict)
     kind: str = 'backbone'
     baseline: Optional[str] = None
+    direction_keep: Optional[float] = None
 
 
 def _impl_rows(key, label, config, shape, batch) -> List[Row]:
@@ -88,6 +92,29 @@ def _pruning_rows(key, label, config, shape, batch, kind='backbone'):
     ]  # fmt: skip
 
 
+def _dyvm_rows(key, label, config, shape, batch):
+    """Dense; DyVM's learned token pruning (rearranged, as released), its
+    direction selection at a budget of 0.8, both; and the aligned
+    variants of the two with token pruning (``align=True``)."""
+    dense = f'{key}-dense'
+    aligned = dict(type='mmssm.LearnedTokenPruner', schedule='dyvm',
+                   align=True)  # fmt: skip
+    variants = [
+        ('tokens', 'tokens', dict(prune_cfg='dyvm'), None),
+        ('dirs', 'directions 0.8', dict(direction_gate=True), 0.8),
+        ('both', 'tokens + directions 0.8',
+         dict(prune_cfg='dyvm', direction_gate=True), 0.8),
+        ('tokens-align', 'tokens aligned', dict(prune_cfg=aligned), None),
+        ('both-align', 'tokens aligned + directions 0.8',
+         dict(prune_cfg=aligned, direction_gate=True), 0.8),
+    ]  # fmt: skip
+    return [Row(dense, f'{label} dense', config, shape, batch)] + [
+        Row(f'{key}-{name}', f'{label} DyVM {text}', config, shape, batch,
+            backbone=overrides, baseline=dense, direction_keep=keep)
+        for name, text, overrides, keep in variants
+    ]  # fmt: skip
+
+
 PM = 'configs/plainmamba/plainmamba-{}_8xb64_in1k.py'
 VIM_S = 'configs/vim/vim-s_8xb64_in1k.py'
 MASK_RCNN = (
@@ -106,6 +133,10 @@ ROWS: List[Row] = [
                    (224, 224), 8),
     *_pruning_rows('prune-pm-l1-det', 'PlainMamba-L1', PM.format('l1'),
                    DET, 1),
+    # DyVM: learned tokens, directions, both; rearranged and aligned
+    *_dyvm_rows('dyvm-vim-s-224', 'Vim-S', VIM_S, (224, 224), 8),
+    *_dyvm_rows('dyvm-pm-l3-224', 'PlainMamba-L3', PM.format('l3'),
+                (224, 224), 8),
     # whole Mask R-CNN inference with the adapter: dense, aligned
     *_pruning_rows('maskrcnn-pm-l1', 'Mask R-CNN PlainMamba-L1',
                    MASK_RCNN.format('l1'), DET, 1, 'detector')[:2],
@@ -131,7 +162,16 @@ def build(row: Row):
     cfg = Config.fromfile(osp.join(ROOT, row.config))
     if row.kind == 'backbone':
         backbone = dict(cfg.model.get('backbone', cfg.model), **row.backbone)
-        return MODELS.build(dict(backbone, scan_impl=row.scan_impl))
+        model = MODELS.build(dict(backbone, scan_impl=row.scan_impl))
+        if row.direction_keep is not None:
+            x = torch.randn(
+                row.batch,
+                3,
+                *row.shape,
+                generator=torch.Generator().manual_seed(1),
+            )
+            set_direction_budget(model.eval(), x, row.direction_keep)
+        return model
     from mmdet.registry import MODELS as DET_MODELS
 
     init_default_scope(cfg.get('default_scope', 'mmdet'))
@@ -155,6 +195,40 @@ def build(row: Row):
             return self.detector.predict(x, samples)
 
     return Predict()
+
+
+def set_direction_budget(model, x, keep: float) -> None:
+    """Direction gates of random weights that keep about ``keep`` of each
+    layer's (image, direction) pairs, images differing.
+
+    Each gate gets random weights (bias 0), then, in one forward on ``x``,
+    its eval threshold at the ``1 - keep`` quantile of its logits on the
+    inputs it sees (a pre-hook, so the layers after it run with its bits).
+    """
+    import torch
+
+    gates = [m.direction_gate for m in model.modules()
+             if getattr(m, 'direction_gate', None) is not None]  # fmt: skip
+    if not gates:
+        raise UserError('direction_keep needs direction_gate=True')
+
+    def calibrate(gate, args):
+        logits = gate.fc(gate.pool(*args))
+        gate.threshold_logit = float(torch.quantile(logits.float(), 1 - keep))
+
+    handles = []
+    with torch.no_grad():
+        for gate in gates:
+            torch.nn.init.normal_(
+                gate.fc.weight, std=gate.fc.in_features**-0.5
+            )
+            torch.nn.init.zeros_(gate.fc.bias)
+            handles.append(gate.register_forward_pre_hook(calibrate))
+        try:
+            model(x)
+        finally:
+            for handle in handles:
+                handle.remove()
 
 
 def _status_kb(field: str) -> int:
