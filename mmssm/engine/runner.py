@@ -17,12 +17,11 @@ A config opts out of a hook as of any default hook
 (``default_hooks = dict(resume=None)``).
 """
 
-from mmengine.dist import get_local_size
 from mmengine.logging import print_log
 from mmengine.runner import Runner as _MMEngineRunner
 
 from mmssm.registry import RUNNERS
-from mmssm.utils.distributed import cap_cpu_threads
+from mmssm.utils.distributed import cap_cpu_threads, local_world_size
 
 
 @RUNNERS.register_module()
@@ -35,7 +34,7 @@ class Runner(_MMEngineRunner):
     def setup_env(self, env_cfg: dict) -> None:
         super().setup_env(env_cfg)
         if self.distributed:
-            note = cap_cpu_threads(get_local_size())
+            note = cap_cpu_threads(local_world_size())
             if note:
                 print_log(note, logger='current')
 

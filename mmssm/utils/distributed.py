@@ -154,3 +154,21 @@ def cap_cpu_threads(local_world_size: int) -> Optional[str]:
     torch.set_num_threads(threads)
     os.environ['OMP_NUM_THREADS'] = str(threads)
     return f'CPU threads per process: {threads} ({why})'
+
+
+def local_world_size() -> int:
+    """The processes of this run on this node.
+
+    torchrun's ``LOCAL_WORLD_SIZE``, else Slurm's tasks per node, else
+    mmengine's local group, else the world size.
+    """
+    for name in ('LOCAL_WORLD_SIZE', 'SLURM_NTASKS_PER_NODE'):
+        value = os.environ.get(name, '')
+        if value.isdigit():
+            return int(value)
+    from mmengine.dist import get_local_size, get_world_size
+
+    try:
+        return get_local_size()
+    except RuntimeError:  # no local group (the process group is ours)
+        return get_world_size()
