@@ -62,15 +62,19 @@ test_pipeline = [dict(type='LoadImageFromFile'), dict(type='PackInputs')]
 dataset = dict(
     type='CustomDataset', data_root=data_root, metainfo=dict(classes=classes)
 )
+# No worker processes (a small set, a CPU run); persistent_workers off, which
+# mmpretrain's own tools/train.py otherwise turns on (it needs workers).
 train_dataloader = dict(
     batch_size=16,
     num_workers=0,
+    persistent_workers=False,
     dataset=dict(dataset, ann_file='meta/train.txt', pipeline=train_pipeline),
     sampler=dict(type='DefaultSampler', shuffle=True),
 )
 val_dataloader = dict(
     batch_size=16,
     num_workers=0,
+    persistent_workers=False,
     dataset=dict(dataset, ann_file='meta/val.txt', pipeline=test_pipeline),
     sampler=dict(type='DefaultSampler', shuffle=False),
 )

@@ -1,6 +1,9 @@
-"""mmdet's and mmseg's own tools (the wheels' ``.mim/tools`` scripts) on
-mmssm configs: the synthetic shapes Mask R-CNN and the mini ADE20K UperNet,
-both shrunk to a tiny pruned backbone and trained for 2 iterations.
+"""mmdet's, mmseg's and mmpretrain's own tools (the wheels' ``.mim/tools``
+scripts) on mmssm configs: the synthetic shapes Mask R-CNN, the mini ADE20K
+UperNet and the synthetic classification config, shrunk to a tiny pruned
+backbone and trained for 2 iterations. mmpretrain's tools run in this
+process (each as ``__main__``, in its own default scope): a process per tool
+would spend most of its time importing.
 
 Tools broken upstream for every model are run too and must fail the known
 way, so that a fixed release shows up here (README, "The toolboxes' own
@@ -18,7 +21,7 @@ from mmengine.config import Config
 
 from mmssm.datasets.synthetic_coco import make_synthetic_coco
 
-from .conftest import SEG_CFG, SEG_SHRINK, SHRINK, check_ok, run_tool
+from .conftest import ROOT, SEG_CFG, SEG_SHRINK, SHRINK, check_ok, run_tool
 
 
 def _wheel_tools(package: str) -> str:
@@ -334,3 +337,173 @@ def test_pruned_backbone_traces(family):
         traced = torch.jit.trace(model, x, check_trace=False)
     for a, b in zip(model(x), traced(x)):
         torch.testing.assert_close(a, b)
+
+
+# --------------------------------------------------------------------------
+# mmpretrain's tools on the synthetic classification config
+# --------------------------------------------------------------------------
+CLS_TOOLS = _wheel_tools('mmpretrain')
+CLS_CFG = osp.join(
+    'configs',
+    'plainmamba',
+    'plainmamba-l1-prune_1xb16-10e_synthetic-cls-128.py',
+)
+
+
+def _run_cls_tool(name: str, *args: str) -> str:
+    """mmpretrain's tool ``name`` (a path under its tools/) run as
+    ``__main__`` in this process; its standard output. Its default scope
+    (the tools set mmpretrain's for good) is undone afterwards."""
+    import contextlib
+    import io
+    import runpy
+    import sys
+
+    from mmengine.registry import DefaultScope
+
+    out = io.StringIO()
+    argv = sys.argv
+    sys.argv = [name, *args]
+    try:
+        with (
+            DefaultScope.overwrite_default_scope('mmssm'),
+            contextlib.redirect_stdout(out),
+        ):
+            runpy.run_path(osp.join(CLS_TOOLS, name), run_name='__main__')
+    finally:
+        sys.argv = argv
+    return out.getvalue()
+
+
+@pytest.fixture(scope='module')
+def cls_run(tmp_path_factory, monkeypatch_module):
+    """The synthetic classification config with a tiny pruned PlainMamba
+    (16 training images, batch 16: an iteration per epoch), trained for 2
+    epochs by mmpretrain's train.py, then tested by its test.py --out."""
+    from mmssm.datasets import write_synthetic_cls
+    from mmssm.testing import TINY_PRUNE, tiny_arch
+
+    monkeypatch_module.chdir(ROOT)  # the tools take relative paths
+    tmp = tmp_path_factory.mktemp('upstream_cls')
+    data = str(tmp / 'set') + '/'
+    write_synthetic_cls(data, 16, 8, image_size=64, seed=1)
+    arch = tiny_arch('plainmamba')
+    options = {
+        'model.backbone': dict(
+            _delete_=True,
+            type='mmssm.PlainMamba',
+            arch=arch,
+            img_size=64,
+            out_type='avg_featmap',
+            prune_cfg=dict(TINY_PRUNE),
+        ),
+        'model.head.in_channels': arch['embed_dims'],
+        'train_cfg.max_epochs': 2,
+        'default_hooks.logger.interval': 1,
+        'log_processor.window_size': 1,
+        **{
+            f'{split}_dataloader.dataset.data_root': data
+            for split in ('train', 'val', 'test')
+        },
+    }
+    cfg = _dump(CLS_CFG, options, str(tmp / 'cls_cfg.py'))
+    work_dir = str(tmp / 'work')
+    _run_cls_tool('train.py', cfg, '--work-dir', work_dir)
+    ckpt = osp.join(work_dir, 'epoch_2.pth')
+    pkl = str(tmp / 'results.pkl')
+    _run_cls_tool('test.py', cfg, ckpt, '--out', pkl, '--work-dir', work_dir)
+    (json_log,) = glob.glob(osp.join(work_dir, '*', 'vis_data', '2*.json'))
+    return dict(cfg=cfg, ckpt=ckpt, pkl=pkl, json_log=json_log, tmp=tmp)
+
+
+@pytest.fixture(scope='module')
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+def test_cls_train_and_test(cls_run):
+    """train.py saved each epoch; test.py --out pickled one prediction per
+    validation image."""
+    assert osp.isfile(cls_run['ckpt'])
+    with open(cls_run['pkl'], 'rb') as f:
+        results = pickle.load(f)
+    assert len(results) == 8 and 'pred_score' in results[0]
+    ckpt = torch.load(cls_run['ckpt'], weights_only=True)
+    assert ckpt['meta']['pruning']['backbone']['layers'] == [2]
+
+
+def test_cls_analysis_tools(cls_run, tmp_path):
+    """eval_metric, analyze_results, confusion_matrix, get_flops,
+    print_config, verify_dataset, analyze_logs and vis_scheduler on the
+    trained model, its predictions and its log."""
+    cfg, pkl = cls_run['cfg'], cls_run['pkl']
+    out = _run_cls_tool(
+        'analysis_tools/eval_metric.py', pkl, '--metric', 'type=Accuracy'
+    )
+    assert 'accuracy/top1' in out
+    _run_cls_tool(
+        'analysis_tools/analyze_results.py',
+        cfg,
+        pkl,
+        '--out-dir',
+        str(tmp_path / 'analysis'),
+        '--topk',
+        '2',
+    )
+    for folder in ('success', 'fail'):
+        assert (tmp_path / 'analysis' / folder / f'{folder}.json').is_file()
+    matrix = tmp_path / 'confusion_matrix.png'
+    _run_cls_tool(
+        'analysis_tools/confusion_matrix.py',
+        cfg,
+        pkl,
+        '--show-path',
+        str(matrix),
+    )
+    assert matrix.stat().st_size > 0
+    out = _run_cls_tool('analysis_tools/get_flops.py', cfg, '--shape', '64')
+    assert 'Flops:' in out and 'Params:' in out
+    out = _run_cls_tool('misc/print_config.py', cfg)
+    assert "type='mmssm.PlainMamba'" in out
+    out = _run_cls_tool('misc/verify_dataset.py', cfg)
+    assert 'no broken file' in out
+    curve = tmp_path / 'loss.png'
+    _run_cls_tool(
+        'analysis_tools/analyze_logs.py',
+        'plot_curve',
+        cls_run['json_log'],
+        '--keys',
+        'loss',
+        '--out',
+        str(curve),
+    )
+    assert curve.stat().st_size > 0
+    schedule = tmp_path / 'lr.png'
+    _run_cls_tool(
+        'visualization/vis_scheduler.py',
+        cfg,
+        '--dataset-size',
+        '16',
+        '--save-path',
+        str(schedule),
+        '--not-show',
+    )
+    assert schedule.stat().st_size > 0
+
+
+def test_cls_browse_dataset_broken_upstream(cls_run, tmp_path):
+    """mmpretrain 1.2's browse_dataset passes the config's visualizer dict
+    to the visualizer class, ``_scope_`` key included, which every config
+    inheriting an ``mmpretrain::`` runtime base has; README names the
+    replacements."""
+    with pytest.raises(TypeError, match='_scope_'):
+        _run_cls_tool(
+            'visualization/browse_dataset.py',
+            cls_run['cfg'],
+            '-o',
+            str(tmp_path),
+            '-n',
+            '2',
+            '--not-show',
+        )
