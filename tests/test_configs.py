@@ -709,3 +709,22 @@ def test_cls_config_matches_table1(backbone):
             x = torch.randn(1, 3, 224, 224, device='meta')
             flops = count_flops(model, x).total / 1e9
             assert flops == pytest.approx(target['flops'][i], rel=0.03), name
+
+
+@pytest.mark.parametrize('folder', ['plainmamba', 'vim'])
+def test_cls_metafile(folder):
+    """The family's metafile lists every ImageNet config once, with the
+    paper's top-1 (or none) marked as not reproduced here."""
+    import yaml
+
+    with open(osp.join(ROOT, 'configs', folder, 'metafile.yml')) as f:
+        meta = yaml.safe_load(f)
+    models = {m['Name']: m for m in meta['Models']}
+    configs = {
+        _name(p): p for p in CLS_CONFIGS if osp.dirname(p).endswith(folder)
+    }
+    assert sorted(models) == sorted(configs)
+    for name, model in models.items():
+        assert osp.join(ROOT, model['Config']) == configs[name]
+        if model['Results'] is not None:
+            assert 'not reproduced here' in model['Metadata']['Results From']
