@@ -60,18 +60,18 @@ def test_one_row_two_rounds(tools, tmp_path):
     out = tmp_path / 'bench.json'
     cmd = [
         TOOL,
-        '--rows', 'prune-vim-s-224-naive',
+        '--rows', 'test-tiny-vim-naive',
         '--iters', '1', '--warmup', '0', '--rounds', '2', '--threads', '1',
         '--json', str(out),
     ]  # fmt: skip
     proc = tools.run(cmd)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert '| Vim-S paper naive | 224x224 | 8 | cpu |' in proc.stdout
+    assert '| tiny Vim paper naive | 64x64 | 2 | cpu |' in proc.stdout
     assert 'rounds 2 (median)' in proc.stdout
     saved = json.loads(out.read_text())
-    runs = saved['rounds']['prune-vim-s-224-naive']
+    runs = saved['rounds']['test-tiny-vim-naive']
     assert len(runs) == 2 and all(r['iters'] == 1 for r in runs)
-    assert saved['results']['prune-vim-s-224-naive']['rounds_ms'] == [
+    assert saved['results']['test-tiny-vim-naive']['rounds_ms'] == [
         round(r['ms_per_iter'], 1) for r in runs
     ]
     assert all(r['peak_fwd_mib'] > 0 for r in runs)
@@ -84,7 +84,7 @@ def test_interleaved_group(bench, tools, tmp_path):
     out = tmp_path / 'bench.json'
     cmd = [
         TOOL,
-        '--rows', 'prune-vim-s-224', '--interleave',
+        '--rows', 'test-tiny-vim', '--interleave',
         '--iters', '2', '--warmup', '0', '--threads', '1',
         '--json', str(out),
     ]  # fmt: skip
@@ -94,7 +94,7 @@ def test_interleaved_group(bench, tools, tmp_path):
     # one process for the three rows (one progress line for the group)
     assert proc.stderr.count(' ...') == 1
     for name in ('dense', 'paper aligned', 'paper naive'):
-        assert f'| Vim-S {name} | 224x224 | 8 | cpu |' in proc.stdout
+        assert f'| tiny Vim {name} | 64x64 | 2 | cpu |' in proc.stdout
     assert 'vs dense | - | - |' in proc.stdout  # no memory columns
     results = json.loads(out.read_text())['results']
     assert all(len(r['ms_all']) == 2 for r in results.values())
@@ -106,3 +106,62 @@ def test_bad_arguments(tools):
     proc = tools.run([TOOL, '--rows', 'no-such-row'])
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith('error: unknown')
+
+
+# --------------------------------------------------------------------------
+# tools/analysis_tools/benchmark_peer.py (issue 18's table): the mechanics,
+# and what its profile section reads, on tiny models.
+# --------------------------------------------------------------------------
+PEER = osp.join('tools', 'analysis_tools', 'benchmark_peer.py')
+
+
+@pytest.fixture(scope='module')
+def peer(tools):
+    return tools.load_script(PEER)
+
+
+def test_peer_tables(peer):
+    import torch
+
+    models = {'a': torch.nn.Linear(4, 4), 'b': torch.nn.Linear(4, 2)}
+    res = peer.time_group(models, torch.randn(1, 4), 2, 0, True)
+    assert set(res) == {'a', 'b'} and all(f > 0 for f, _ in res.values())
+    lines = peer.ratio_table(
+        'T', ['224'], {'224': {'a': (4.0, 8.0), 'b': (2.0, 2.0)}}, [('a', 'b')]
+    )
+    assert '| input | pass | a (ms) | b (ms) | a / b |' in lines
+    assert '| 224 | fwd | 4 | 2 | 2.00 |' in lines
+    assert '| 224 | fwd+bwd | 8 | 2 | 4.00 |' in lines
+    with pytest.raises(SystemExit):
+        peer.parse_args(['--rounds', '0'])
+
+
+def test_peer_profile_no_gathers_no_flips(peer):
+    """The dense forwards move no data around the scans: PlainMamba's four
+    orders are index patterns (no aten::gather), Vim's backward direction
+    is a reversed scan (no aten::flip) on the Linear layers' layout (no
+    copies per layer)."""
+    import torch
+
+    from mmssm.models.backbones import PlainMamba, Vim
+    from mmssm.testing import tiny_arch
+
+    x = torch.randn(1, 3, 64, 64)
+    pm = PlainMamba(tiny_arch('plainmamba'), img_size=64).eval()
+    shares = peer.profile_shares(pm, x)
+    assert shares['aten::gather'][1] == 0
+    assert shares['scan'][1] == 4 * pm.num_layers
+    vim = Vim(tiny_arch('vim'), img_size=64).eval()
+    shares = peer.profile_shares(vim, x)
+    assert shares['scan'][1] == 2 * vim.num_layers
+    with torch.no_grad():
+        with torch.profiler.profile(record_shapes=True) as prof:
+            vim(x)
+    events = prof.key_averages(group_by_input_shape=True)
+    assert not [e for e in events if e.key == 'aten::flip']
+    copies = [
+        e.count
+        for e in events
+        if e.key == 'aten::copy_' and e.input_shapes[0]  # not 0-dim
+    ]
+    assert sum(copies) < vim.num_layers  # none per layer (the output map)

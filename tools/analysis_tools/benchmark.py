@@ -55,6 +55,9 @@ class Row:
         direction_keep (float, optional): DyVM's direction gates set to
             keep this fraction of each layer's (image, direction) pairs
             (:func:`set_direction_budget`; the weights are random).
+        tiny (str, optional): Build the family's tiny test arch instead
+            (``mmssm.testing``; the paper's schedule becomes its
+            ``TINY_PRUNE``): the rows that the tool's tests run in seconds.
     """
 
     key: str
@@ -67,6 +70,7 @@ class Row:
     kind: str = 'backbone'
     baseline: Optional[str] = None
     direction_keep: Optional[float] = None
+    tiny: Optional[str] = None
 
 
 def _impl_rows(key, label, config, shape, batch) -> List[Row]:
@@ -78,17 +82,20 @@ def _impl_rows(key, label, config, shape, batch) -> List[Row]:
     ]  # fmt: skip
 
 
-def _pruning_rows(key, label, config, shape, batch, kind='backbone'):
+def _pruning_rows(
+    key, label, config, shape, batch, kind='backbone', tiny=None
+):
     """Dense, the paper's schedule aligned, and the same schedule naive."""
     dense = f'{key}-dense'
     return [
-        Row(dense, f'{label} dense', config, shape, batch, kind=kind),
+        Row(dense, f'{label} dense', config, shape, batch, kind=kind,
+            tiny=tiny),
         Row(f'{key}-aligned', f'{label} paper aligned', config, shape,
             batch, backbone=dict(prune_cfg='paper'), kind=kind,
-            baseline=dense),
+            baseline=dense, tiny=tiny),
         Row(f'{key}-naive', f'{label} paper naive', config, shape, batch,
             backbone=dict(prune_cfg=dict(schedule='paper', align=False)),
-            kind=kind, baseline=dense),
+            kind=kind, baseline=dense, tiny=tiny),
     ]  # fmt: skip
 
 
@@ -137,6 +144,9 @@ ROWS: List[Row] = [
     *_dyvm_rows('dyvm-vim-s-224', 'Vim-S', VIM_S, (224, 224), 8),
     *_dyvm_rows('dyvm-pm-l3-224', 'PlainMamba-L3', PM.format('l3'),
                 (224, 224), 8),
+    # the tool's own tests: the tiny test arch, seconds per row
+    *_pruning_rows('test-tiny-vim', 'tiny Vim', VIM_S, (64, 64), 2,
+                   tiny='vim'),
     # whole Mask R-CNN inference with the adapter: dense, aligned
     *_pruning_rows('maskrcnn-pm-l1', 'Mask R-CNN PlainMamba-L1',
                    MASK_RCNN.format('l1'), DET, 1, 'detector')[:2],
@@ -162,6 +172,13 @@ def build(row: Row):
     cfg = Config.fromfile(osp.join(ROOT, row.config))
     if row.kind == 'backbone':
         backbone = dict(cfg.model.get('backbone', cfg.model), **row.backbone)
+        if row.tiny:
+            from mmssm.testing.models import shrink_prune_cfg, tiny_arch
+
+            prune_cfg = shrink_prune_cfg(backbone.get('prune_cfg'))
+            backbone.update(
+                arch=tiny_arch(row.tiny), img_size=64, prune_cfg=prune_cfg
+            )
         model = MODELS.build(dict(backbone, scan_impl=row.scan_impl))
         if row.direction_keep is not None:
             x = torch.randn(

@@ -469,8 +469,10 @@ class PlainMambaMixer(nn.Module):
         y = None
         for d in range(4):
             order = orders[d]
-            # direction_Bs row of the move that arrived at each step
-            B_d = B + self.direction_Bs[moves[d]].t().to(B.dtype)
+            # direction_Bs row of the move that arrived at each step, added
+            # in the (B, L, N) layout of x_proj's output (the kernel's)
+            dir_B = self.direction_Bs[moves[d]].to(B.dtype)
+            B_d = (B.transpose(1, 2) + dir_B).transpose(1, 2)
             delta, C_d, bias, softplus = dt, C, delta_bias, True
             if mask is not None:  # the steps that scan a masked token
                 step_mask = mask[:, order]
