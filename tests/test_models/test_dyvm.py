@@ -300,3 +300,18 @@ def test_aux_channel_collects_gates_and_decisions(kind):
         assert len(aux['direction_gates']) == 4
         assert all(g.shape == (2, n_dir) for g in aux['direction_gates'])
         assert len(aux['token_decisions']) == 2
+
+
+def test_aux_channel_of_a_grouped_run():
+    """A driver that runs the layers group by group (the adapter) gets the
+    same aux channel and final state as ``forward``."""
+    model = Vim(arch=tiny_arch('vim'), img_size=64, direction_gate=True)
+    model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        state = model.init_tokens(x)
+        state = model.run_layers(state, 0, 2)
+        state = model.run_layers(state, 2, 4)
+    assert model.final_state is state
+    assert model.aux_outputs is state.aux
+    assert len(model.aux_outputs['direction_gates']) == 4

@@ -154,10 +154,11 @@ class SSMBackbone(BaseModule):
         if self.pruner is not None and hasattr(self.pruner, 'rearrange'):
             rearrange = self.MASKED_REARRANGE.get(self.family, True)
             self.pruner.rearrange = rearrange
-        #: What the layers and the pruner reported in the last forward
-        #: (``token_decisions``, ``direction_gates``; see ``TokenState.aux``).
+        #: What the layers and the pruner reported in the last run of the
+        #: layers (``token_decisions``, ``direction_gates``; see
+        #: ``TokenState.aux``), whoever drove it (``forward``, the adapter).
         self.aux_outputs: dict = {}
-        #: The token state after the last layer of the last forward.
+        #: The token state after the last layer of the last run.
         self.final_state: Optional[TokenState] = None
 
     # ----------------------------------------------------------- arguments
@@ -347,7 +348,12 @@ class SSMBackbone(BaseModule):
             TokenState: The state after layer ``end - 1`` (and its pruning
             step, if one is scheduled there).
         """
-        return run_layers(state, start, end, self.pruner, self.run_layer)
+        # any driver of the layers (forward, the adapter) records its run
+        self.aux_outputs = state.aux
+        state = run_layers(state, start, end, self.pruner, self.run_layer)
+        if end == self.num_layers:
+            self.final_state = state
+        return state
 
     def scan_gap_mode(self) -> str:
         """How the layers scan a pruned state: the pruner's choice, or
@@ -364,13 +370,11 @@ class SSMBackbone(BaseModule):
             tuple[Tensor]: One output per ``out_indices`` (see ``out_type``).
         """
         state = self.init_tokens(x)
-        self.aux_outputs = state.aux
         outs = []
         for i in range(self.num_layers):
             state = self.run_layers(state, i, i + 1)
             if i in self.out_indices:
                 outs.append(self.output(state, i))
-        self.final_state = state
         return tuple(outs)
 
     def final_tokens(self, state: TokenState) -> Tensor:
