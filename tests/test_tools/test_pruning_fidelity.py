@@ -103,15 +103,51 @@ def test_no_decay_rule(tool):
         assert (decay[id(p)] == 0) == spared, name
 
 
+def test_finetune(tool):
+    """Fine-tuning trains the pruned model in place (pruning in training)
+    for --finetune-epochs at --finetune-lr, then evaluates it."""
+    from mmssm.datasets.synthetic_cls import make_synthetic_cls
+
+    args = tool.parse_args(TINY + ['--finetune-epochs', '2'])
+    cfg = tool.backbone_cfg('plainmamba', 16, 3, 64)
+    model = tool.build_classifier(
+        dict(cfg, prune_cfg=tool.schedule(3, 0.6)), 6
+    )
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train = make_synthetic_cls(16, 64, 0, 'train')
+    images, labels, masks = make_synthetic_cls(8, 64, 0, 'test', True)
+    test = (images, labels, tool.patch_coverage(masks, (4, 4)), 16)
+    seen = []
+    model.backbone.pruner.register_step_hook(
+        lambda p, step, before, after, scores: seen.append(p.training)
+    )
+    top1, cpu = tool.finetune(model, dict(train=train), test, args)
+    assert 0 <= top1 <= 100 and cpu > 0
+    assert seen[:2] == [True, True]  # 2 steps of training, pruned
+    changed = [k for k, v in model.state_dict().items()
+               if not torch.equal(v, before[k])]  # fmt: skip
+    assert 'head.fc.weight' in changed
+    assert any(k.startswith('backbone.layers.') for k in changed)
+
+
 def test_bad_arguments(tool):
-    for argv in (['--depth', '2'], ['--keep', '0'], ['--epochs', '0']):
+    for argv in (
+        ['--depth', '2'],
+        ['--keep', '0'],
+        ['--epochs', '0'],
+        ['--finetune-epochs', '-1'],
+    ):
         with pytest.raises(SystemExit):
             tool.parse_args(argv)
 
 
 def test_tiny_run(tools, tmp_path):
     out = tmp_path / 'fidelity.json'
-    result = tools.run([TOOL, *TINY, '--out', str(out)], timeout=120)
+    result = tools.run(
+        [TOOL, *TINY, '--out', str(out), '--finetune-epochs', '1',
+         '--metrics', 'clip', 'oracle'],
+        timeout=120,
+    )  # fmt: skip
     tools.check_ok(result)
     header = (
         "| model | metric | dense top-1 | naive | aligned 'prev' "
@@ -119,6 +155,7 @@ def test_tiny_run(tools, tmp_path):
     )
     assert header in result.stdout
     assert '| plainmamba | clip |' in result.stdout
+    assert "| 'prev' ft | aligned 'null' | 'null' ft |" in result.stdout
     assert '| vim | clip |' in result.stdout
     assert 'trained in' in result.stdout
     report = json.loads(out.read_text())
@@ -127,8 +164,13 @@ def test_tiny_run(tools, tmp_path):
         res = report['results'][model]
         assert res['train_time_s'] >= 0 and len(res['train_losses']) == 1
         assert 0 <= res['dense'] <= 100
-        (entry,) = res['pruned']
+        entry, oracle = res['pruned']
         assert entry['layers'] == [1, 2] and entry['metric'] == 'clip'
+        # fine-tuned: the dense reference and each variant of 'clip'; the
+        # 'oracle' selection is not trained (it scores test images only)
+        assert 0 <= res['dense_ft'] <= 100 and res['finetune_cpu_s'] > 0
+        assert all(0 <= entry[f'{v}_ft'] <= 100 for v in ('naive', 'prev'))
+        assert 'null_ft' in entry and 'naive_ft' not in oracle
         # 4 x 4 grid at 0.6: 16 -> 12 -> 9 patch tokens
         assert (entry['tokens_kept'], entry['tokens']) == (9, 16)
         for name in ('naive', 'prev', 'null'):

@@ -11,7 +11,11 @@ fine-tuning, dense and pruned after about 1/3 and 2/3 of the depth (naive,
 aligned 'prev', aligned 'null'), for each ``--keep`` and each importance score
 (``--metrics``: the registered scorers 'clip', 'l1', 'l2', 'raw', and the
 reference selections 'oracle' and 'random'), and prints one markdown table
-(also written to ``--out`` as JSON). What it measures and why is in
+(also written to ``--out`` as JSON). With ``--finetune-epochs``, each pruned
+variant (and the dense model, for reference) is then fine-tuned from the
+dense weights for that budget, with the same training code, and a second
+table puts its zero-shot and fine-tuned top-1 side by side (the paper's
+Figure 2 at a small scale). What it measures and why is in
 ``docs/fidelity.md``.
 
 Example (about 10 minutes on a quiet 2-core machine)::
@@ -320,6 +324,31 @@ def train_or_load(
     return dict(saved, loaded=False)
 
 
+#: Metrics whose pruned models can be fine-tuned: the scorers that score a
+#: training batch by themselves ('oracle' needs the coverage of each image
+#: set before each forward, which only the evaluation does).
+FINETUNE_METRICS = SSM_SCORES + ('random',)
+
+
+def finetune(
+    model: nn.Module,
+    data: Dict[str, Tuple[Tensor, ...]],
+    test: tuple,
+    args: argparse.Namespace,
+) -> Tuple[float, float]:
+    """Fine-tune ``model`` in place for ``--finetune-epochs`` at
+    ``--finetune-lr`` (:func:`train`: the dense training's optimizer,
+    schedule and augmentation; a pruned model prunes in training too), then
+    evaluate it; returns the top-1 (%) and the CPU seconds it took."""
+    ft_args = argparse.Namespace(
+        **dict(vars(args), epochs=args.finetune_epochs, lr=args.finetune_lr)
+    )
+    start = time.process_time()
+    train(model, *data['train'], ft_args)
+    top1, _ = evaluate(model, *test, seed=args.seed)
+    return top1, time.process_time() - start
+
+
 def run_model(
     name: str, args: argparse.Namespace, data: Dict[str, Tuple[Tensor, ...]]
 ) -> dict:
@@ -356,6 +385,16 @@ def run_model(
         how = f'loaded ({how})'
     print(f'  {how}, final loss {losses[-1]:.3f}; dense top-1 '
           f'{dense_top1:.1f}', flush=True)  # fmt: skip
+    finetune_cpu = 0.0
+    if args.finetune_epochs:
+        # the dense model trained for the same budget: what more training
+        # alone gives
+        model = build_classifier(cfg, num_classes)
+        model.load_state_dict(state_dict, strict=True)
+        result['dense_ft'], cpu = finetune(model, data, test, args)
+        finetune_cpu += cpu
+        print(f'  dense fine-tuned: top-1 {result["dense_ft"]:.1f}',
+              flush=True)  # fmt: skip
     for keep in args.keep:
         sched = schedule(args.depth, keep)
         for metric in args.metrics:
@@ -373,10 +412,21 @@ def run_model(
                 top1, recall = evaluate(model, *test, seed=args.seed)
                 entry[variant] = top1
                 entry[f'{variant}_object_kept'] = recall
+                if args.finetune_epochs and metric in FINETUNE_METRICS:
+                    entry[f'{variant}_ft'], cpu = finetune(
+                        model, data, test, args
+                    )
+                    finetune_cpu += cpu
+                    print(f'  {metric} keep {keep} {variant}: zero-shot '
+                          f'{top1:.1f}, fine-tuned '
+                          f'{entry[f"{variant}_ft"]:.1f}',
+                          flush=True)  # fmt: skip
             kept, total = tokens_kept(model, images)
             entry.update(tokens_kept=kept, tokens=total)
             result['pruned'].append(entry)
     result['eval_time_s'] = round(time.perf_counter() - start, 1)
+    if args.finetune_epochs:
+        result['finetune_cpu_s'] = round(finetune_cpu, 1)
     return result
 
 
@@ -402,6 +452,31 @@ def table(results: Dict[str, dict]) -> str:
                 f'| {objects} |'
             )
     return '\n'.join(lines)
+
+
+def finetune_table(results: Dict[str, dict]) -> str:
+    """The markdown table of zero-shot and fine-tuned top-1, side by side
+    (empty if nothing was fine-tuned)."""
+    lines = [
+        '| model | metric | tokens kept | dense | dense ft | naive '
+        "| naive ft | aligned 'prev' | 'prev' ft | aligned 'null' "
+        "| 'null' ft |",
+        '|---|---|---|---|---|---|---|---|---|---|---|',
+    ]
+    for name, res in results.items():
+        for e in res['pruned']:
+            if 'naive_ft' not in e:
+                continue
+            cells = ' | '.join(
+                f'{e[v]:.1f} | {e[f"{v}_ft"]:.1f}'
+                for v in ('naive', 'prev', 'null')
+            )
+            lines.append(
+                f'| {name} | {e["metric"]} '
+                f'| {e["tokens_kept"]}/{e["tokens"]} | {res["dense"]:.1f} '
+                f'| {res["dense_ft"]:.1f} | {cells} |'
+            )
+    return '\n'.join(lines) if len(lines) > 2 else ''
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -445,6 +520,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     add('--depth', type=int, default=6, help='layers (6)')
     add('--batch-size', type=int, default=64, help='batch size (64)')
     add('--lr', type=float, default=3e-3, help='peak learning rate (3e-3)')
+    add(
+        '--finetune-epochs',
+        type=int,
+        default=0,
+        help='fine-tune each pruned variant (and the dense model) from the '
+        'dense weights for this many epochs and report its top-1 beside the '
+        'zero-shot one (0: zero-shot only)',
+    )
+    add(
+        '--finetune-lr',
+        type=float,
+        default=3e-4,
+        help='peak learning rate of the fine-tuning (3e-4)',
+    )
     add('--threads', type=int, default=2, help='torch threads (2)')
     add(
         '--log-every',
@@ -462,6 +551,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     for name in ('epochs', 'num_train', 'num_test', 'batch_size', 'threads'):
         if getattr(args, name) < 1:
             parser.error(f'--{name.replace("_", "-")} must be >= 1')
+    if args.finetune_epochs < 0 or args.finetune_lr <= 0:
+        parser.error('--finetune-epochs must be >= 0, --finetune-lr > 0')
     if args.depth < 3:
         parser.error('--depth must be >= 3 (two pruning steps)')
     if args.image_size < 32:
@@ -495,11 +586,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     results = {m: run_model(m, args, data) for m in args.models}
     total_time = time.perf_counter() - start
     print(f'\n{table(results)}\n')
+    finetuned = finetune_table(results)
+    if finetuned:
+        print(f'zero-shot and after {args.finetune_epochs} epoch(s) of '
+              f'fine-tuning (top-1 %):\n\n{finetuned}\n')  # fmt: skip
     for name, res in results.items():
         cpu = res['train_cpu_s']
         cpu = '' if cpu is None else f' ({cpu:.0f} s CPU)'
+        ft = res.get('finetune_cpu_s')
+        ft = '' if ft is None else f' (fine-tuning {ft:.0f} s CPU)'
         print(f'{name}: trained in {res["train_time_s"]:.0f} s{cpu}, '
-              f'evaluated in {res["eval_time_s"]:.0f} s')  # fmt: skip
+              f'evaluated in {res["eval_time_s"]:.0f} s{ft}')  # fmt: skip
     print(f'total {total_time:.0f} s ({args.threads} threads; chance '
           f'{100 / len(CLS_CLASSES):.1f}%)')  # fmt: skip
     report = dict(
