@@ -25,6 +25,8 @@ ratios of one run are what the table is for. Example::
     python tools/analysis_tools/benchmark_peer.py --threads 2
     python tools/analysis_tools/benchmark_peer.py --sections vim scan \\
         --sizes 224 --rounds 3
+    python tools/analysis_tools/benchmark_peer.py --threads 1 \\
+        --rounds 2 --warmup 0 --backward-sections vim  # a shared machine
 """
 
 import argparse
@@ -78,9 +80,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         '--warmup', type=int, default=1, help='untimed rounds first'
     )
     parser.add_argument(
-        '--no-backward',
-        action='store_true',
-        help='time the forward only (the det section is long)',
+        '--backward-sections',
+        nargs='*',
+        default=['vim', 'det'],
+        choices=['vim', 'det'],
+        help='the model sections whose forward+backward is timed too '
+        '(the det section is long)',
     )
     args = parser.parse_args(argv)
     if args.rounds < 1:
@@ -187,7 +192,11 @@ def vim_section(args) -> List[str]:
         print(f'vim section, {size}x{size} ...', file=sys.stderr)
         x = torch.randn(1, 3, size, size)
         results[f'{size}x{size}'] = time_group(
-            models, x, args.rounds, args.warmup, not args.no_backward
+            models,
+            x,
+            args.rounds,
+            args.warmup,
+            'vim' in args.backward_sections,
         )
     pairs = [('Vim-S', 'DeiT-S'), ('Vim-S pruned', 'DeiT-S')]
     pairs += [('Vim-S pruned', 'Vim-S')]
@@ -206,7 +215,11 @@ def det_section(args) -> List[str]:
     x = torch.randn(1, 3, h, w)
     results = {
         f'{h}x{w}': time_group(
-            models, x, args.rounds, args.warmup, not args.no_backward
+            models,
+            x,
+            args.rounds,
+            args.warmup,
+            'det' in args.backward_sections,
         )
     }
     pairs = [
