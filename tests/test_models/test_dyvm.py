@@ -2,6 +2,8 @@
 predictor, the schedule, the vectorised partition and training that equals
 inference, on both backbones and in both modes."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -315,3 +317,37 @@ def test_aux_channel_of_a_grouped_run():
     assert model.final_state is state
     assert model.aux_outputs is state.aux
     assert len(model.aux_outputs['direction_gates']) == 4
+
+
+@pytest.mark.parametrize('align', [False, True])
+@pytest.mark.parametrize('kind', BACKBONES)
+def test_a_driver_between_runs_cannot_move_masked_tokens(kind, align):
+    """As the adapter's injector updates only the kept tokens of a pruned
+    state, a change between runs of the layers reaches only the kept
+    tokens of a masked one: training still equals inference."""
+    cfg = learned_cfg(align=align, scorer='given', layers=(1,))
+    model = (
+        build(kind, cfg, cls_token=None) if kind == 'vim' else build(kind, cfg)
+    )
+    gen = torch.Generator().manual_seed(2)
+    model.pruner.scorer.scores = torch.rand(2, 16, generator=gen).double()
+    x = torch.randn(2, 3, 64, 64, generator=gen, dtype=torch.float64)
+    bump = torch.randn(2, 16, 16, generator=gen, dtype=torch.float64)
+
+    def drive(model):
+        state = model.init_tokens(x)
+        state = model.run_layers(state, 0, 2)
+        # a driver's change, given per position of the full sequence
+        index = state.index
+        if index is None:
+            index = torch.arange(16).expand(2, 16)
+        change = bump.gather(1, index[..., None].expand(-1, -1, 16))
+        state = dataclasses.replace(state, tokens=state.tokens + change)
+        return model.run_layers(state, 2, 4).full()
+
+    model.train()
+    trained = drive(model)
+    model.eval()
+    with torch.no_grad():
+        inferred = drive(model)
+    torch.testing.assert_close(trained, inferred, rtol=0, atol=1e-10)

@@ -350,7 +350,16 @@ class SSMBackbone(BaseModule):
         """
         # any driver of the layers (forward, the adapter) records its run
         self.aux_outputs = state.aux
+        if state.token_mask is not None and state.frozen is not None:
+            # a driver changed the tokens since the last run (the adapter's
+            # injector): masked tokens keep their values, as deleted ones
+            tokens = freeze_masked(
+                state.tokens, state.frozen, state.token_mask
+            )
+            state = dataclasses.replace(state, tokens=tokens)
         state = run_layers(state, start, end, self.pruner, self.run_layer)
+        if state.token_mask is not None:
+            state = dataclasses.replace(state, frozen=state.tokens)
         if end == self.num_layers:
             self.final_state = state
         return state

@@ -27,8 +27,11 @@ class TokenState:
             training mode).
         frozen (Tensor, optional): (B, L, C), the full sequence in which a
             pruned token keeps its value from the step that pruned it; None
-            while nothing is pruned, and in the masked mode (every token is
-            still in ``tokens``).
+            while nothing is pruned. In the masked mode (every token still
+            in ``tokens``): the tokens as the layers left them, in the
+            order of ``tokens``, from which a masked token is restored if a
+            driver of the layers changed it between their runs (the
+            adapter's injector), as a deleted token is never changed.
         cls_index (int, optional): Position of a class token in the full
             sequence (Vim's middle class token); it is never pruned.
             Defaults to None.
