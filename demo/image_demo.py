@@ -19,11 +19,14 @@ unexpected keys, other shapes) is refused, naming the keys.
 
 import argparse
 import logging
+import os
 import os.path as osp
 import warnings
 from typing import Optional
 
+import cv2
 import mmcv
+import numpy as np
 import torch
 from mmengine.config import Config, DictAction
 from mmengine.logging import print_log
@@ -31,8 +34,9 @@ from mmengine.registry import DefaultScope
 
 import mmssm  # noqa: F401  (allow-lists mmengine checkpoint types)
 from mmssm.errors import UserError
-from mmssm.utils.checkpoint import load_checkpoint_strict
+from mmssm.utils.checkpoint import load_checkpoint_strict, read_checkpoint
 from mmssm.utils.cli import exit_on_user_error
+from mmssm.utils.fileio import atomic_write
 from mmssm.utils.preflight import config_task
 
 
@@ -87,25 +91,50 @@ def read_meta(filename: str) -> Optional[dict]:
     The file is memory-mapped, so its tensors are not read.
 
     Raises:
-        UserError: If the file cannot be loaded as a checkpoint.
+        UserError: If the file cannot be loaded as a checkpoint (one line
+            naming it and what is wrong, :func:`read_checkpoint`).
     """
-    try:
-        try:
-            checkpoint = torch.load(
-                filename, map_location='cpu', weights_only=True, mmap=True
-            )
-        except RuntimeError:  # not a zip file: no mmap (old format)
-            checkpoint = torch.load(
-                filename, map_location='cpu', weights_only=True
-            )
-    except Exception as e:  # corrupt file, refused pickle global...
-        raise UserError(
-            f'cannot load checkpoint {filename!r} ({type(e).__name__}: {e})'
-        ) from None
+    checkpoint = read_checkpoint(filename, mmap=True)
     if not isinstance(checkpoint, dict):
         raise UserError(f'{filename!r} holds no checkpoint dict')
     meta = checkpoint.get('meta')
     return meta if isinstance(meta, dict) else None
+
+
+def write_image(path: str, rgb: np.ndarray) -> None:
+    """Write a drawing (RGB) to ``path``, whole or not at all."""
+    ok, data = cv2.imencode(osp.splitext(path)[1] or '.png', rgb[..., ::-1])
+    if not ok:
+        raise UserError(f'cannot encode the drawing as {path!r}')
+    os.makedirs(osp.dirname(osp.abspath(path)), exist_ok=True)
+    atomic_write(path, data.tobytes())
+
+
+def check_image_size(cfg: Config, image: np.ndarray, path: str) -> None:
+    """Refuse an image that the test pipeline's resize would make empty.
+
+    A ``Resize`` that keeps the aspect ratio fits the image into its
+    ``scale``: a very elongated image (7 x 3000 into 128 x 128) gets a side
+    of 0 pixels, and OpenCV fails inside ``cv2.resize`` naming no file.
+
+    Raises:
+        UserError: Naming the image, its size and the resize of the config.
+    """
+    h, w = image.shape[:2]
+    pipeline = cfg.get('test_dataloader', {}).get('dataset', {})
+    for step in pipeline.get('pipeline') or cfg.get('test_pipeline') or []:
+        scale = step.get('scale')
+        if str(step.get('type')).split('.')[-1] != 'Resize' or not scale:
+            continue
+        if not step.get('keep_ratio', False):
+            continue
+        new_w, new_h = mmcv.rescale_size((w, h), tuple(scale))
+        if min(new_w, new_h) < 1:
+            raise UserError(
+                f'image {path!r} ({w}x{h} pixels) is too elongated for the '
+                f"config's test pipeline: fitted into {tuple(scale)} it "
+                f'would be {new_w}x{new_h} pixels'
+            )
 
 
 def report_pruning(model: torch.nn.Module, meta: Optional[dict]) -> None:
@@ -147,8 +176,8 @@ def run_detector(cfg: Config, args, meta: Optional[dict]) -> None:
         draw_gt=False,
         show=False,
         pred_score_thr=args.score_thr,
-        out_file=args.out_file,
     )
+    write_image(args.out_file, visualizer.get_image())
     num = int((result.pred_instances.scores >= args.score_thr).sum())
     print(f'{num} detection(s) scoring >= {args.score_thr}')
 
@@ -170,7 +199,7 @@ def run_segmentor(cfg: Config, args, meta: Optional[dict]) -> None:
     result = inference_model(model, args.img)
     with warnings.catch_warnings():  # it asks for a save_dir: not needed
         warnings.filterwarnings('ignore', 'Failed to add')
-        show_result_pyplot(
+        drawn = show_result_pyplot(
             model,
             args.img,
             result,
@@ -178,8 +207,8 @@ def run_segmentor(cfg: Config, args, meta: Optional[dict]) -> None:
             title='result',
             draw_gt=False,
             show=False,
-            out_file=args.out_file,
         )
+    write_image(args.out_file, drawn)
     labels = result.pred_sem_seg.data.unique().tolist()
     classes = model.dataset_meta['classes']
     names = [classes[i] if i < len(classes) else str(i) for i in labels]
@@ -211,6 +240,7 @@ def main(argv=None) -> None:
     cfg = Config.fromfile(args.config)
     if args.cfg_options is not None:
         cfg.merge_from_dict(args.cfg_options)
+    check_image_size(cfg, image, args.img)
     task = config_task(cfg)
     meta = read_meta(args.checkpoint)
     run = dict(mmdet=run_detector, mmseg=run_segmentor).get(task)

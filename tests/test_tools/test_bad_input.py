@@ -233,3 +233,24 @@ def test_train_refuses_bad_checkpoints(tools, tmp_path, option):
     )
     _assert_refused(result, f'error: {key}: checkpoint {path!r}', text)
     assert 'Traceback' not in result.stderr
+
+
+def test_demo_refuses_an_image_its_resize_would_empty(tools):
+    """7 x 3000 fitted into the synthetic config's 128 x 128: 0 rows."""
+    import numpy as np
+    from mmengine.config import Config
+
+    from mmssm.errors import UserError
+
+    demo = tools.load_script('demo/image_demo.py')
+    cfg = Config.fromfile(
+        f'{tools.root}/configs/mask_rcnn/mask-rcnn_plainmamba-l1-prune_'
+        'adapter-fpn_1xb4-synthetic_coco-shapes.py'
+    )
+    with pytest.raises(UserError) as info:
+        demo.check_image_size(cfg, np.zeros((7, 3000, 3), np.uint8), 'x.png')
+    assert str(info.value) == (
+        "image 'x.png' (3000x7 pixels) is too elongated for the config's "
+        'test pipeline: fitted into (128, 128) it would be 128x0 pixels'
+    )
+    demo.check_image_size(cfg, np.zeros((30, 3000, 3), np.uint8), 'y.png')

@@ -406,7 +406,7 @@ def test_demo_refuses_bad_checkpoints(tools, demo, seg_ckpt, tmp_path):
     torch.save(dict(state_dict=state_dict), no_meta)
     cfg = osp.join(tools.root, tools.seg_cfg)
     for ckpt, text in (
-        (bad, f'error: cannot load checkpoint {str(bad)!r}'),
+        (bad, f'error: checkpoint {str(bad)!r} is truncated or corrupt'),
         (no_meta, f"error: checkpoint {str(no_meta)!r} has no 'meta'"),
     ):
         with pytest.raises(SystemExit) as e:
