@@ -27,6 +27,7 @@ from mmssm.utils.cli import (
 from mmssm.utils.distributed import end_distributed, setup_cpu_distributed
 from mmssm.utils.preflight import (
     check_data_paths,
+    check_dataset,
     check_pretrained,
     config_task,
 )
@@ -41,6 +42,13 @@ def parse_args(argv=None):
         const='auto',
         help='resume from this checkpoint; without a path, from the latest '
         'checkpoint in the work directory',
+    )
+    parser.add_argument(
+        '--check-data',
+        action='store_true',
+        help='before training, read every training image and check every '
+        'label (tools/misc/check_dataset.py); classification configs get '
+        'the label and class-folder checks without it',
     )
     parser.add_argument(
         '--amp',
@@ -114,8 +122,15 @@ def latest_checkpoint(work_dir: str) -> Optional[str]:
 def main(argv=None) -> None:
     args = parse_args(argv)
     cfg = build_cfg(args)
-    config_task(cfg)
+    task = config_task(cfg)
     check_data_paths(cfg, 'train')
+    if args.check_data or task == 'mmpretrain':
+        problems = check_dataset(cfg, 'train', decode=args.check_data)
+        if problems:
+            raise UserError(
+                f'{len(problems)} bad sample(s) in train_dataloader (see '
+                'tools/misc/check_dataset.py):\n  ' + '\n  '.join(problems)
+            )
     check_pretrained(cfg)
     note = setup_cpu_distributed(cfg, args.launcher)
     runner = build_runner(cfg, args.config)

@@ -94,7 +94,10 @@ class LoadImageFromFile(_MMCVLoadImageFromFile):
             return super().transform(results)
         except Exception as e:  # every cause, reported with the path
             cause = _cause(e)
-        message = f'cannot load image {str(filename)!r}: {cause}'
+        image_id = results.get('img_id')
+        name = str(filename)
+        where = '' if image_id is None else f' (image id {image_id})'
+        message = f'cannot load image {name!r}{where}: {cause}'
         if self.skip_bad:
             print_log(
                 f'{message}; skipped (ignore_empty=True)',

@@ -10,8 +10,9 @@ missing path and the config key that holds it. Remote paths (URLs,
 
 import os
 import os.path as osp
-from typing import Iterator, List, Mapping, Tuple
+from typing import Iterator, List, Mapping, Optional, Tuple
 
+import numpy as np
 from mmengine.config import Config
 
 from mmssm.errors import UserError
@@ -156,3 +157,147 @@ def check_pretrained(cfg: Config) -> None:
             '--cfg-options <key without .checkpoint>=None to start from '
             'scratch):\n  ' + '\n  '.join(problems)
         )
+
+
+_IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif')
+
+
+def _head_classes(model: Mapping) -> Optional[int]:
+    """The number of classes of a config's head(s), if it names one."""
+    for key, node in _nodes(model, 'model'):
+        if key.endswith(('.head', '.bbox_head', '.decode_head')):
+            num = node.get('num_classes')
+            if isinstance(num, int):
+                return num
+    return None
+
+
+def _file_problem(path, decode: bool) -> Optional[str]:
+    """What is wrong with an image or label map file, or None."""
+    if not isinstance(path, str) or '://' in path:
+        return None
+    if not osp.isfile(path):
+        return 'the file does not exist'
+    if osp.getsize(path) == 0:
+        return 'the file is empty (0 bytes)'
+    if decode:
+        import mmcv
+
+        with open(path, 'rb') as f:
+            data = f.read()
+        try:
+            image = mmcv.imfrombytes(data, flag='unchanged')
+        except Exception:  # any decoder failure: reported with the path
+            image = None
+        if image is None or image.size == 0:
+            return 'the file is corrupt, truncated or not an image'
+    return None
+
+
+def _labels(info: Mapping) -> List[int]:
+    """The class labels of a sample (classification or detection)."""
+    label = info.get('gt_label')
+    if label is not None:
+        return [int(x) for x in np.atleast_1d(np.asarray(label))]
+    return [
+        int(inst['bbox_label'])
+        for inst in info.get('instances') or ()
+        if 'bbox_label' in inst
+    ]
+
+
+def _empty_class_folders(dataset_cfg: Mapping) -> List[str]:
+    """mmpretrain's folder layout: class folders without an image."""
+    if dataset_cfg.get('ann_file'):
+        return []
+    prefix = dataset_cfg.get('data_prefix') or ''
+    if isinstance(prefix, Mapping):
+        prefix = prefix.get('img_path') or prefix.get('img') or ''
+    root = osp.join(dataset_cfg.get('data_root') or '', prefix)
+    if not osp.isdir(root):
+        return []
+    problems = []
+    for name in sorted(os.listdir(root)):
+        folder = osp.join(root, name)
+        if not osp.isdir(folder):
+            continue
+        has_image = any(
+            f.lower().endswith(_IMAGE_EXTENSIONS)
+            for _, _, files in os.walk(folder)
+            for f in files
+        )
+        if not has_image:
+            problems.append(f'class folder {folder!r} has no image')
+    return problems
+
+
+def check_dataset(
+    cfg: Config, split: str = 'train', decode: bool = True, limit: int = 20
+) -> List[str]:
+    """Find the bad samples of a split before a run reads them.
+
+    The dataset is built as the run builds it (without its pipeline); each
+    sample's image (and label map) must exist, be non-empty and, with
+    ``decode``, decode; each class label must be one of the head's classes
+    (``num_classes`` of the config's head, else the dataset's classes); in
+    mmpretrain's folder layout, every class folder must hold an image.
+
+    Args:
+        cfg (Config): The config.
+        split (str): 'train', 'val' or 'test'. Defaults to 'train'.
+        decode (bool): Decode every image (slower: reads all of them).
+            Defaults to True.
+        limit (int): Stop after this many problems. Defaults to 20.
+
+    Returns:
+        list[str]: One line per problem, naming the file, the image id
+        where there is one and what is wrong; empty if none.
+
+    Raises:
+        UserError: If the split's data root, annotation file or image
+            folder is missing.
+    """
+    from mmengine.registry import DATASETS, DefaultScope
+
+    task = config_task(cfg)
+    loader = cfg.get(f'{split}_dataloader')
+    if not loader:
+        raise UserError(f'the config has no {split}_dataloader')
+    ds_cfg = Config(dict(loader['dataset'])).to_dict()
+    missing = _data_problems(ds_cfg, f'{split}_dataloader.dataset')
+    if missing:
+        raise UserError('missing data:\n  ' + '\n  '.join(missing))
+    problems = _empty_class_folders(ds_cfg)
+    ds_cfg['pipeline'] = []
+    with DefaultScope.overwrite_default_scope(task):
+        dataset = DATASETS.build(ds_cfg)
+    num_classes = _head_classes(cfg.get('model') or {})
+    if num_classes is None:
+        num_classes = len(dataset.metainfo.get('classes') or ()) or None
+    for i in range(len(dataset)):
+        if len(problems) >= limit:
+            problems.append(f'... (stopped after {limit} problems)')
+            break
+        info = dataset.get_data_info(i)
+        name = repr(str(info.get('img_path')))
+        if info.get('img_id') is not None:
+            name += f' (image id {info["img_id"]})'
+        problem = _file_problem(info.get('img_path'), decode)
+        if problem:
+            problems.append(f'image {name}: {problem}')
+        problem = _file_problem(info.get('seg_map_path'), decode)
+        if problem:
+            problems.append(
+                f'label map {info["seg_map_path"]!r} of image {name}: '
+                f'{problem}'
+            )
+        if num_classes is not None:
+            bad = sorted(
+                {x for x in _labels(info) if not 0 <= x < num_classes}
+            )
+            if bad:
+                problems.append(
+                    f"{name}: label(s) {bad} not in the head's "
+                    f'{num_classes} classes (0..{num_classes - 1})'
+                )
+    return problems

@@ -183,7 +183,10 @@ def test_det_dataset_names_its_truncated_image(tmp_path):
     assert dataset[(index + 1) % len(dataset)]['inputs'].ndim == 3
     with pytest.raises(ImageLoadError) as e:
         dataset[index]
-    assert str(e.value).startswith(f'cannot load image {bad!r}: the file')
+    image_id = dataset.get_data_info(index)['img_id']  # named too
+    assert str(e.value).startswith(
+        f'cannot load image {bad!r} (image id {image_id}): the file'
+    )
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(dataset, [index]),
         num_workers=1,
