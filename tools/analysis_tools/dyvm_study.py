@@ -62,9 +62,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     add('--work-dir', default='work_dirs/dyvm_study')
     add(
         '--data',
-        default='data/synthetic/cls-128/',
-        help='the synthetic set (written if missing)',
+        default=None,
+        help='the synthetic set, written if missing (default: '
+        'data/synthetic/cls-SIZE-NTRAIN/)',
     )
+    add('--image-size', type=int, default=128, help='of the set (128)')
+    add('--num-train', type=int, default=600, help='training images (600)')
+    add('--num-val', type=int, default=120, help='validation images (120)')
     add('--dense-epochs', type=int, default=10)
     add('--ft-epochs', type=int, default=3)
     add('--dense-lr', type=float, default=1e-3)
@@ -74,6 +78,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if min(args.dense_epochs, args.ft_epochs, args.images) < 1:
         parser.error('--dense-epochs, --ft-epochs and --images must be >= 1')
+    if args.image_size % 16 or args.image_size < 64:
+        parser.error('--image-size must be a multiple of 16, >= 64')
+    if args.data is None:
+        args.data = f'data/synthetic/cls-{args.image_size}-{args.num_train}/'
     return args
 
 
@@ -91,6 +99,7 @@ def make_cfg(args, name: str, load_from=None):
     for split in ('train', 'val', 'test'):
         cfg[f'{split}_dataloader'].dataset.data_root = args.data
     model = cfg.model
+    model.backbone.img_size = args.image_size
     model.backbone.direction_gate = False
     model.backbone.prune_cfg = copy.deepcopy(prune_cfg)
     model.update(NO_DYVM_LOSSES)
@@ -198,7 +207,13 @@ def main(argv=None) -> None:
     from mmssm.utils.flops import count_flops
 
     if not osp.isdir(args.data):
-        write_synthetic_cls(args.data)
+        write_synthetic_cls(
+            args.data,
+            args.num_train,
+            args.num_val,
+            image_size=args.image_size,
+            seed=args.seed,
+        )
     os.makedirs(args.work_dir, exist_ok=True)
     start = time.perf_counter()
     results, runners = {}, {}
@@ -210,7 +225,7 @@ def main(argv=None) -> None:
             continue
         runners[name], top1 = run(args, name, dense_ckpt)
         results[name] = dict(top1=top1)
-    x = torch.randn(1, 3, 128, 128)
+    x = torch.randn(1, 3, args.image_size, args.image_size)
     for name, runner in runners.items():
         report = count_flops(runner.model, x)
         results[name].update(flops_g=report.total / 1e9)
@@ -234,14 +249,15 @@ def main(argv=None) -> None:
     draw(images, maps, pruned, osp.join(args.work_dir, 'kept_tokens.png'))
 
     total = time.perf_counter() - start
+    size, M = args.image_size, (args.image_size // 16) ** 2
     lines = [
-        '| method | top-1 (%) | FLOPs (G, 128x128) | kept patch tokens '
-        'after layers 2/4/6 (of 64) |',
+        f'| method | top-1 (%) | FLOPs (G, {size}x{size}) | kept patch '
+        f'tokens after layers 2/4/6 (of {M}) |',
         '|---|---:|---:|---|',
     ]
     for name, (label, *_) in METHODS.items():
         r = results[name]
-        kept = '/'.join(map(str, r.get('kept', []))) or '64'
+        kept = '/'.join(map(str, r.get('kept', []))) or str(M)
         lines.append(
             f'| {label} | {r["top1"]:.1f} | {r["flops_g"]:.4f} | {kept} |'
         )
