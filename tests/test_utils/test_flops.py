@@ -145,7 +145,7 @@ def test_tiny_plainmamba_counted():
     per_token = d * 2 * E + E * (R + 2 * N) + R * E + E * d  # dt_proj too
     assert report.linear == 2 * (2 * L * per_token + d * 10)
     assert report.conv == 2 * (stem + 2 * E * 49 * L + d * 9 * L)
-    assert report.scan_calls == 2  # the 4 directions in one call
+    assert report.scan_calls == 8  # one call per direction and layer
     assert report.scan_elements == 2 * 2 * 4 * L * E * N
 
 
