@@ -114,3 +114,45 @@ class AtomicLocalBackend(LocalBackend):
 
 
 register_backend(ATOMIC_BACKEND, AtomicLocalBackend, force=True)
+
+
+class LockHeld(OSError):
+    """Another live process holds the lock; its note is ``holder``."""
+
+    def __init__(self, path: str, holder: str) -> None:
+        super().__init__(f'{path} is held by {holder}')
+        self.path = path
+        self.holder = holder
+
+
+@contextlib.contextmanager
+def hold_lock(path: Union[str, Path], note: str) -> Iterator[None]:
+    """Hold an advisory lock on ``path`` while the ``with`` block runs.
+
+    ``fcntl.flock``: the kernel releases it when the process ends, however
+    it ends, so a crashed holder leaves nothing behind. The file keeps the
+    holder's ``note`` (e.g. its process id and command) for the message of
+    the next one.
+
+    Args:
+        path (str | Path): The lock file (made if missing).
+        note (str): Who holds it, written into the file.
+
+    Raises:
+        LockHeld: If another process holds it (with its note).
+    """
+    import fcntl
+
+    path = os.fspath(path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors='replace').strip()
+            raise LockHeld(path, holder or 'another process') from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, note.encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
