@@ -216,7 +216,7 @@ class ResumeHook(Hook):
         checkpoint[CHECKPOINT_KEY] = dict(
             random_states=get_random_states(),
             rank=get_rank(),
-            batches=checkpoint['meta']['iter'],
+            batches=checkpoint['meta'].get('iter', runner.iter),
         )
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
