@@ -10,14 +10,14 @@ import argparse
 import os
 import os.path as osp
 import re
-import tempfile
 from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from mmssm.errors import UserError
-from mmssm.utils.checkpoint import sha256sum
+from mmssm.utils.checkpoint import read_checkpoint, sha256sum
+from mmssm.utils.fileio import atomic_open
 from mmssm.version import __version__
 
 Rule = Tuple[str, str]  # (full-match regex, replacement template)
@@ -253,15 +253,8 @@ def save_atomic(obj: dict, dst: str) -> None:
     """``torch.save`` to a temporary file next to ``dst``, then rename."""
     folder = osp.dirname(osp.abspath(dst))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp-', suffix='.pth')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
-        os.replace(tmp, dst)
-    except BaseException:
-        if osp.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_open(dst) as f:  # mmssm.utils.fileio: whole or not at all
+        torch.save(obj, f)
 
 
 def convert_file(
@@ -296,16 +289,8 @@ def convert_file(
         UserError: If ``src`` is missing, cannot be loaded or converted, or
             ``dst`` cannot be written.
     """
-    if not osp.isfile(src):
-        raise UserError(f'{src}: no such file')
-    try:
-        with torch.serialization.safe_globals(list(safe_globals)):
-            checkpoint = torch.load(src, map_location='cpu', weights_only=True)
-    except Exception as e:  # an unpickling error names the refused global
-        raise UserError(
-            f'cannot load {src} with weights_only=True '
-            f'({type(e).__name__}: {e})'
-        ) from None
+    with torch.serialization.safe_globals(list(safe_globals)):
+        checkpoint = read_checkpoint(src)  # one-line errors, weights only
     try:
         state_dict = convert(checkpoint)
     except (KeyError, TypeError) as e:
