@@ -1,3 +1,4 @@
+from .aux_loss_hook import DyVMAuxLossHook
 from .checkpoint_hook import CheckpointHook, CheckpointSaveError
 from .pruning_meta_hook import (
     PruningMetaHook,
@@ -10,6 +11,7 @@ from .resume_hook import ResumeHook
 __all__ = [
     'CheckpointHook',
     'CheckpointSaveError',
+    'DyVMAuxLossHook',
     'PruningMetaHook',
     'ResumeHook',
     'format_pruning',
