@@ -10,6 +10,11 @@ in its defaults:
   line when a save fails);
 - :class:`~mmssm.engine.hooks.ResumeHook` is added (random states and the
   sampler position in every checkpoint; exact, fast resume);
+- :class:`~mmssm.engine.hooks.DyVMAuxLossHook` is added
+  (``default_hooks.dyvm_aux_loss``: DyVM's token-ratio and
+  direction-ratio losses of a learned-pruning mmssm backbone in the
+  model's loss dict, whatever the detector or segmentor; nothing for a
+  dense backbone; its loss configs are the entry's fields);
 - in a distributed run without CUDA, each process uses at most its share
   of the usable cores (:func:`mmssm.utils.distributed.cap_cpu_threads`);
 - one live training per work dir: ``train()`` holds an advisory lock
@@ -41,6 +46,7 @@ from mmssm.utils.distributed import cap_cpu_threads, local_world_size
 from mmssm.utils.fileio import LockHeld, hold_lock
 
 RESUME = 'mmssm.ResumeHook'
+AUX_LOSS = 'mmssm.DyVMAuxLossHook'
 
 
 @RUNNERS.register_module()
@@ -108,4 +114,10 @@ class Runner(_MMEngineRunner):
             del hooks['resume']
         elif isinstance(resume, dict):  # its arguments may come alone
             hooks['resume'] = dict(resume, type=resume.get('type', RESUME))
+        # DyVM's ratio losses in any detector's or segmentor's loss dict
+        aux = hooks.get('dyvm_aux_loss', {})
+        if aux is None:
+            del hooks['dyvm_aux_loss']
+        elif isinstance(aux, dict):
+            hooks['dyvm_aux_loss'] = dict(aux, type=aux.get('type', AUX_LOSS))
         super().register_hooks(hooks, custom_hooks)
