@@ -176,3 +176,120 @@ def test_hook_weights_targets_and_modes():
     model.other = _tiny_vim()
     with pytest.raises(UserError, match='2 mmssm backbones'):
         DyVMAuxLossHook().register(model)
+
+
+# --------------------------------------------------------------------------
+# Training equals inference through the adapter
+# --------------------------------------------------------------------------
+def _learned_adapter(kind: str, align: bool):
+    """A tiny adapter (float64) around a backbone with a learned pruner
+    that takes given scores (its inference top-k is then also the training
+    decision: two steps, 0.7 and 0.49 of the 24 tokens) and direction
+    gates, every parameter moved off its init."""
+    from mmssm.models.backbones import ViTAdapter
+    from mmssm.models.layers.direction_gate import DirectionGate
+    from mmssm.testing import tiny_backbone_cfg
+
+    torch.manual_seed(0)
+    changes = dict(embed_dims=32)
+    changes.update(conv_size=7 if kind == 'plainmamba' else {})
+    if kind == 'vim':
+        changes = dict(embed_dims=32, cls_token=None)
+    backbone = dict(
+        tiny_backbone_cfg(kind, changes),
+        prune_cfg=dict(
+            type='mmssm.LearnedTokenPruner',
+            layers=(2, 3),
+            keep_ratios=0.7,
+            align=align,
+            scorer='given',
+        ),
+        direction_gate=True,
+    )
+    model = ViTAdapter(backbone=backbone, conv_inplane=8, deform_num_heads=2)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if name.endswith('num_batches_tracked'):
+                continue
+            noise = torch.randn(t.shape, generator=gen, dtype=t.dtype)
+            if name.endswith('running_var'):
+                t.copy_(1 + 0.1 * noise.abs())
+            else:
+                t.add_(0.1 * noise)
+        for m in model.modules():
+            if isinstance(m, DirectionGate):
+                # bits that differ per image and depend on the pooled mean
+                m.fc.bias.zero_()
+                m.fc.weight.normal_(0, 1, generator=gen)
+    return model.double()
+
+
+def _train_mode_without_noise(model):
+    """Training mode (masked pruning), but batch norms on their running
+    statistics and direction gates on their thresholds, so that the two
+    modes differ only in how the pruned tokens are handled."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    from mmssm.models.layers.direction_gate import DirectionGate
+
+    model.train()
+    for m in model.modules():
+        if isinstance(m, (_BatchNorm, DirectionGate)):
+            m.eval()
+
+
+@pytest.mark.parametrize('align', [False, True])
+@pytest.mark.parametrize('kind', ['plainmamba', 'vim'])
+def test_adapter_training_equals_inference(kind, align):
+    """With the same decisions, the adapter's training-mode forward (full
+    length, pruned tokens masked, frozen and filled back) equals its
+    inference-mode forward with the tokens deleted: the four full-grid
+    maps, the backbone's last full grid, the kept tokens and the gates
+    (read as the mean over the kept tokens in both modes), in float64."""
+    model = _learned_adapter(kind, align)
+    backbone = model.backbone
+    gen = torch.Generator().manual_seed(1)
+    backbone.pruner.scorer.scores = torch.rand(3, 24, generator=gen).double()
+    x = torch.randn(3, 3, 64, 96, generator=gen, dtype=torch.float64)
+
+    from mmssm.models.layers.direction_gate import DirectionGate
+
+    pooled = []  # what each gate reads, per forward
+    for m in model.modules():
+        if isinstance(m, DirectionGate):
+            m.fc.register_forward_hook(lambda m, a, o: pooled.append(a[0]))
+
+    _train_mode_without_noise(model)
+    train_outs = model(x)
+    train_pooled, pooled[:] = list(pooled), []
+    train_state = backbone.final_state
+    train_aux = backbone.aux_outputs
+    assert train_state.masked
+    assert [d.shape for d in train_aux['token_decisions']] == [(3, 24)] * 2
+    assert [int(d[0].sum()) for d in train_aux['token_decisions']] == [16, 11]
+
+    model.eval()
+    with torch.no_grad():
+        eval_outs = model(x)
+    eval_state = backbone.final_state
+    eval_aux = backbone.aux_outputs
+    assert not eval_state.masked and eval_state.tokens.shape[1] == 11
+
+    assert torch.equal(train_state.kept_mask(), eval_state.kept_mask())
+    kept = eval_state.kept_mask()
+    for a, b in zip(train_outs, eval_outs):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    torch.testing.assert_close(
+        train_state.full(), eval_state.full(), rtol=0, atol=1e-10
+    )
+    torch.testing.assert_close(
+        train_state.full()[kept], eval_state.full()[kept], rtol=0, atol=1e-10
+    )
+    assert len(pooled) == len(train_pooled) == 4
+    for a, b in zip(train_pooled, pooled):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    train_gates = torch.stack(train_aux['direction_gates'])
+    eval_gates = torch.stack(eval_aux['direction_gates'])
+    assert torch.equal(train_gates.detach(), eval_gates)
+    assert 0 < float(eval_gates.mean()) < 1  # the gates decide something

@@ -48,6 +48,13 @@ class ViTAdapter(BaseModule):
        the last interaction adds two extra extractors.
 
     So pruning removes backbone work while the outputs keep every position.
+    A learned pruner (DyVM's ``mmssm.LearnedTokenPruner``) runs the same
+    way at inference; in training its state is masked and full length: the
+    injector updates every token, ``run_layers`` restores the masked ones
+    (frozen at their pruning, as deleted ones), and the extractor reads the
+    same full grid, so training equals inference for the same decisions;
+    its auxiliary losses reach the detector's loss dict through
+    :class:`~mmssm.engine.hooks.DyVMAuxLossHook`.
     Finally ``c1 = up(c2) + c1``; with ``add_vit_feature`` the backbone's
     full grid, bilinearly resized to each level, is added; each level goes
     through its norm (``ad_norm1`` .. ``ad_norm4``).
