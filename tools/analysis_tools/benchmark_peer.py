@@ -238,11 +238,13 @@ def det_section(args) -> List[str]:
 # The scan against its floors.
 # --------------------------------------------------------------------------
 def fma_per_second(n: int = 1024, repeat: int = 5) -> float:
-    """FMAs per second of a dense float32 matmul in this process."""
+    """FMAs per second of a dense float32 matmul in this process (the
+    median of ``repeat``, as the scan's times: the best of a few short
+    matmuls catches the quiet moments of a shared machine)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
-    best = min(_seconds(lambda: a @ b) for _ in range(repeat))
-    return n**3 / best
+    seconds = statistics.median(_seconds(lambda: a @ b) for _ in range(repeat))
+    return n**3 / seconds
 
 
 def _seconds(fn: Callable[[], object]) -> float:
