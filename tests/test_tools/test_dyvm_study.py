@@ -27,6 +27,7 @@ def test_method_configs(study, tmp_path):
         model = cfg.model
         assert model.backbone.direction_gate is False
         assert model.direction_ratio_loss is None
+        assert model.train_cfg is None  # no Mixup/CutMix without --mixup
         if name == 'dense':
             continue
         assert cfg.load_from == 'dense.pth'

@@ -75,6 +75,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     add('--ft-lr', type=float, default=2e-4)
     add('--images', type=int, default=4, help='images in the token maps')
     add('--seed', type=int, default=0)
+    add(
+        '--mixup',
+        action='store_true',
+        help="keep the config's Mixup/CutMix (off by default: they hold "
+        'back a small model trained from scratch on a small set)',
+    )
     args = parser.parse_args(argv)
     if min(args.dense_epochs, args.ft_epochs, args.images) < 1:
         parser.error('--dense-epochs, --ft-epochs and --images must be >= 1')
@@ -103,6 +109,8 @@ def make_cfg(args, name: str, load_from=None):
     model.backbone.direction_gate = False
     model.backbone.prune_cfg = copy.deepcopy(prune_cfg)
     model.update(NO_DYVM_LOSSES)
+    if not args.mixup:
+        model.train_cfg = None
     if dyvm:
         model.token_ratio_loss = dict(type='mmssm.TokenRatioLoss')
         model.distill_kl_loss = dict(type='mmssm.LogitDistillLoss')
