@@ -804,7 +804,9 @@ class Vim(SSMBackbone):
         if state.cls_index is not None:
             cls_index = state.cls_index
             if state.index is not None:  # its slot among the kept tokens
-                cls_index = (state.index < cls_index).sum(-1)
+                # (found, not counted: a learned pruner's rearranged
+                # order is not sorted around the class token)
+                cls_index = (state.index == cls_index).int().argmax(-1)
             kwargs.update(cls_index=cls_index)
         if state.index is None:
             return kwargs
