@@ -14,6 +14,7 @@ import ast
 import glob
 import importlib.util
 import os.path as osp
+import re
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from mmengine.config import Config
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from mmssm.engine.hooks import DyVMAuxLossHook
 from mmssm.registry import MODELS
 from mmssm.testing import (
     BACKBONE_TYPES,
@@ -60,7 +62,7 @@ def test_det_configs_are_all_there(configs):
         for pruning in configs.pruning
     }
     assert names == expected
-    assert len(DET_FULL) == 30
+    assert len(DET_FULL) == 50  # 2 x 5 x (dense, 2 static, 2 DyVM)
 
 
 @pytest.mark.parametrize('path', DET_FULL, ids=_name)
@@ -143,7 +145,11 @@ def test_det_config_builds_and_runs(path, one_thread, configs, det_scope):
     )
     data = model.data_preprocessor(data, True)
     model.train()
+    dyvm = '-dyvm' in _name(path)
+    assert DyVMAuxLossHook().register(model) is dyvm  # its ratio losses
     losses = model(**data, mode='loss')
+    aux = {'loss_token_ratio', 'loss_direction_ratio'}
+    assert (aux <= set(losses)) is dyvm
     total = sum(
         sum(v) if isinstance(v, list) else v
         for k, v in losses.items()
@@ -284,11 +290,13 @@ def _base_file(base: str, path: str) -> str:
 
 
 def _base_depth(path: str) -> int:
-    """The longest chain of ``_base_`` files above a config."""
-    return max(
-        (1 + _base_depth(_base_file(b, path)) for b in _bases(path)),
-        default=0,
-    )
+    """The longest chain of configs of the config's own folder above it
+    (the fragments of ``configs/_base_`` and the upstream bases are shared
+    blocks, not levels: the runtime fragments inherit the toolboxes' own
+    runtime, which would make every chain one longer)."""
+    local = [_base_file(b, path) for b in _bases(path)]
+    local = [f for f in local if osp.dirname(f) == osp.dirname(path)]
+    return max((1 + _base_depth(f) for f in local), default=0)
 
 
 def _family(path: str) -> str:
@@ -299,8 +307,7 @@ def _family(path: str) -> str:
 def test_dense_config_conventions(path):
     """How the detection and segmentation configs are written.
 
-    * at most 3 levels of ``_base_`` files above a config (an upstream
-      base counts as a level);
+    * at most 3 levels of configs of its folder above a config;
     * the blocks that the primitives share, the ViT-Adapter and the SSM
       optimizer, come from the ``configs/_base_`` fragments and are never
       restated;
@@ -321,6 +328,13 @@ def test_dense_config_conventions(path):
         dense = _name(path).replace('-naive', '')
         assert _bases(path) == [f'./{dense}.py']
         assert '_delete_' not in text
+    if '-dyvm' in _name(path):
+        # the dense config and the one DyVM fragment, nothing replaced
+        dense = re.sub('-dyvm(-align)?', '', _name(path))
+        fragment = '../_base_/models/dyvm_dense.py'
+        assert _bases(path) == [f'./{dense}.py', fragment]
+        assert '_delete_' not in text
+        assert 'LearnedTokenPruner' not in text  # the fragment's pruner
 
 
 def test_upstream_bases_are_inherited_not_copied():

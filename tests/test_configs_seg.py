@@ -18,6 +18,7 @@ import pytest
 import torch
 from mmengine.config import Config
 
+from mmssm.engine.hooks import DyVMAuxLossHook
 from mmssm.registry import MODELS
 from mmssm.utils.preflight import config_task
 
@@ -26,6 +27,9 @@ SEG_CONFIGS = sorted(glob.glob(osp.join(ROOT, 'configs', 'upernet', '*.py')))
 SEG_FULL = [
     p for p in SEG_CONFIGS if p.endswith('8xb2-160k_ade20k-512x512.py')
 ]
+# Vim's released segmentation architecture: UperNet on the plain backbone
+# (Feature2Pyramid), dense and DyVM, on DyVM's 80k schedule
+SEG_VIM = [p for p in SEG_CONFIGS if p.endswith('8xb2-80k_ade20k-512x512.py')]
 SEG_MINI = osp.join(
     ROOT,
     'configs',
@@ -42,6 +46,8 @@ def _name(path: str) -> str:
 def _seg_shrink(cfg: Config, configs) -> Config:
     """A CPU-sized copy of a segmentation config's model."""
     configs.shrink_backbone(cfg)
+    if cfg.model.get('neck') is not None:  # Feature2Pyramid
+        cfg.model.neck.embed_dim = 64
     cfg.model.decode_head.update(in_channels=[64] * 4, channels=32)
     cfg.model.auxiliary_head.update(in_channels=64, channels=16)
     cfg.model.data_preprocessor.size = (64, 64)
@@ -59,11 +65,17 @@ def test_seg_configs_are_all_there(configs):
         for backbone in configs.backbones
         for pruning in configs.pruning
         for neck in ('_adapter', '')
-        if neck or backbone.startswith('plainmamba')
+        if neck
+        or (backbone.startswith('plainmamba') and '-dyvm' not in pruning)
     }
     assert names == expected
-    assert len(SEG_FULL) == 15 + 9
-    assert set(SEG_CONFIGS) == set(SEG_FULL) | {SEG_MINI}
+    assert len(SEG_FULL) == 25 + 9
+    assert {_name(p) for p in SEG_VIM} == {
+        f'upernet_vim-{size}{pruning}_8xb2-80k_ade20k-512x512'
+        for size in ('t', 's')
+        for pruning in ('', '-dyvm', '-dyvm-align')
+    }
+    assert set(SEG_CONFIGS) == set(SEG_FULL) | set(SEG_VIM) | {SEG_MINI}
 
 
 @pytest.mark.parametrize('path', SEG_CONFIGS, ids=_name)
@@ -170,6 +182,60 @@ def test_seg_config_settings(path, configs):
     assert cfg.custom_hooks == [dict(type='mmssm.PruningMetaHook')]
 
 
+@pytest.mark.parametrize('path', SEG_VIM, ids=_name)
+def test_seg_vim_config_settings(path, configs):
+    """Vim's released segmentation architecture and DyVM's schedule.
+
+    UperNet on the plain Vim (no class token, no final norm) tapped after
+    layers 6, 12, 18, 24, its four stride-16 maps made a pyramid by mmseg's
+    ``Feature2Pyramid`` (rescales 4, 2, 1, 0.5); heads and data as in the
+    folder's other configs; AdamW lr 6e-5 (T) / 1.2e-4 (S), weight decay
+    0.01, warm-up 1500 then poly to 0 at 80k, gradient clipping at 5;
+    ``-dyvm``: DyVM's learned pruner (keep 0.9**s T, 0.8**s S) and
+    direction gates.
+    """
+    backbone_field = _name(path).split('_')[1]
+    size = backbone_field.split('-')[1]
+    pruning = backbone_field[len(f'vim-{size}') :]
+    cfg = Config.fromfile(path)
+    model = cfg.model
+    backbone = model.backbone
+    assert backbone.type == 'mmssm.Vim'
+    assert backbone.arch == {'t': 'tiny', 's': 'small'}[size]
+    assert backbone.cls_token is None and backbone.final_norm is False
+    assert tuple(backbone.out_indices) == (5, 11, 17, 23)
+    assert tuple(backbone.img_size) == (512, 512)
+    assert backbone.init_cfg == dict(
+        type='Pretrained', checkpoint=cfg.ckpt, prefix='backbone.'
+    )
+    if pruning:
+        expected = configs.dyvm_prune_cfg(size, pruning == '-dyvm-align')
+        assert backbone.prune_cfg == expected
+        assert backbone.direction_gate is True
+    else:
+        assert backbone.get('prune_cfg') is None
+        assert not backbone.get('direction_gate', False)
+    embed = {'t': 192, 's': 384}[size]
+    neck = model.neck
+    assert neck.type == 'Feature2Pyramid' and neck.embed_dim == embed
+    assert list(neck.rescales) == [4, 2, 1, 0.5]
+    assert model.decode_head.type == 'UPerHead'
+    assert model.decode_head.in_channels == [embed] * 4
+    assert model.auxiliary_head.in_channels == embed
+    assert model.auxiliary_head.in_index == 3
+    optim = cfg.optim_wrapper
+    assert optim.optimizer.type == 'AdamW'
+    assert optim.optimizer.lr == {'t': 6e-5, 's': 1.2e-4}[size]
+    assert optim.optimizer.weight_decay == 0.01
+    assert optim.clip_grad == dict(max_norm=5.0, norm_type=2)
+    warmup, poly = cfg.param_scheduler
+    assert (warmup.type, warmup.begin, warmup.end) == ('LinearLR', 0, 1500)
+    assert (poly.type, poly.begin, poly.end) == ('PolyLR', 1500, 80000)
+    assert (poly.power, poly.eta_min) == (1.0, 0.0)
+    assert cfg.train_cfg.max_iters == 80000
+    assert cfg.train_dataloader.batch_size == 2
+
+
 def _inputs(sizes, ori_sizes=None, seed=0):
     """Images and data samples (with random labels) as a dataloader's."""
     from mmengine.structures import PixelData
@@ -206,14 +272,19 @@ def test_seg_config_builds_and_runs(path, configs, seg_scope):
     data = model.data_preprocessor(_inputs([(64, 64), (48, 64)]), True)
     assert data['inputs'].shape == (2, 3, 64, 64)
     model.train()
+    dyvm = '-dyvm' in _name(path)
+    assert DyVMAuxLossHook().register(model) is dyvm  # its ratio losses
     losses = model(**data, mode='loss')
+    aux = {'loss_token_ratio', 'loss_direction_ratio'} if dyvm else set()
     assert set(losses) == {
         'decode.loss_ce',
         'decode.acc_seg',
         'aux.loss_ce',
         'aux.acc_seg',
+        *aux,
     }
     total = losses['decode.loss_ce'] + losses['aux.loss_ce']
+    total = total + sum(losses[k] for k in aux)
     assert torch.isfinite(total)
     total.backward()
     no_grad = [
