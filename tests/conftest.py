@@ -49,7 +49,23 @@ CONFIG_PRUNING = {
     '': None,
     '-prune': 'paper',
     '-naive': dict(schedule='paper', align=False),
+    # DyVM's learned pruning (configs/_base_/models/dyvm_dense.py): by size
+    '-dyvm': False,
+    '-dyvm-align': True,
 }
+
+
+def dyvm_prune_cfg(size: str, align: bool) -> dict:
+    """The learned pruner of a ``-dyvm`` det/seg config: after each
+    quarter of the layers, cumulative keep 0.9 (Vim-T) or 0.8."""
+    return dict(
+        type='mmssm.LearnedTokenPruner',
+        layers=(9, 18, 27) if size == 'l3' else (6, 12, 18),
+        keep_ratios=0.9 if size == 't' else 0.8,
+        align=align,
+    )
+
+
 # The arch of each backbone shrunk to 4 layers of 64 channels.
 TINY_ARCH = {
     'mmssm.PlainMamba': tiny_arch(
@@ -82,7 +98,12 @@ def shrink_backbone(cfg: Config) -> None:
     else:
         backbone.out_indices = (0, 1, 2, 3)
     backbone.arch = dict(TINY_ARCH[backbone.type])
-    backbone.prune_cfg = shrink_prune_cfg(backbone.get('prune_cfg'))
+    prune_cfg = backbone.get('prune_cfg')
+    if isinstance(prune_cfg, dict) and 'Learned' in prune_cfg.get('type', ''):
+        # a learned pruner's steps, moved into the tiny arch's layers
+        backbone.prune_cfg = dict(prune_cfg, layers=TINY_PRUNE['layers'])
+    else:
+        backbone.prune_cfg = shrink_prune_cfg(prune_cfg)
     backbone.init_cfg = None
 
 
@@ -140,7 +161,11 @@ def _check_ssm_backbone(
     )
     assert backbone.arch == {'t': 'tiny', 's': 'small'}.get(size, size)
     # a dense config leaves prune_cfg to the backbone's default, None
-    assert backbone.get('prune_cfg') == CONFIG_PRUNING[pruning]
+    expected = CONFIG_PRUNING[pruning]
+    if pruning.startswith('-dyvm'):
+        expected = dyvm_prune_cfg(size, align=expected)
+        assert backbone.direction_gate is True
+    assert backbone.get('prune_cfg') == expected
     if family == 'vim':
         assert backbone.cls_token is None
     # weights: a converted checkpoint named at the top, prefix backbone.
@@ -197,6 +222,7 @@ def configs():
         pruning=CONFIG_PRUNING,
         shrink_backbone=shrink_backbone,
         shrink_detector=shrink_detector,
+        dyvm_prune_cfg=dyvm_prune_cfg,
         check_pruner=check_pruner,
         check_adapter_settings=check_adapter_settings,
         check_plain_backbone_settings=check_plain_backbone_settings,
