@@ -742,3 +742,31 @@ def test_cls_metafile(folder):
         assert osp.join(ROOT, model['Config']) == configs[name]
         if model['Results'] is not None:
             assert 'not reproduced here' in model['Metadata']['Results From']
+
+
+@pytest.mark.parametrize('folder', DENSE_FOLDERS)
+def test_dense_metafile(folder):
+    """The folder's metafile lists every zoo config once (not the CPU-sized
+    smoke-test configs, ``1xb``), with published figures marked as not
+    reproduced here, and its README links every one."""
+    import yaml
+
+    with open(osp.join(ROOT, 'configs', folder, 'metafile.yml')) as f:
+        meta = yaml.safe_load(f)
+    models = {m['Name']: m for m in meta['Models']}
+    assert len(models) == len(meta['Models'])
+    configs = {
+        _name(p): p
+        for p in DENSE_CONFIGS
+        if osp.dirname(p).endswith(folder) and '_1xb' not in _name(p)
+    }
+    assert sorted(models) == sorted(configs)
+    with open(osp.join(ROOT, 'configs', folder, 'README.md')) as f:
+        readme = f.read()
+    for name, model in models.items():
+        assert osp.join(ROOT, model['Config']) == configs[name]
+        assert f'(./{name}.py)' in readme, name
+        if model['Results'] is not None:
+            assert 'not reproduced here' in model['Metadata']['Results From']
+        if '-dyvm' in name:
+            assert model['Metadata']['Token Pruning'].startswith('learned')
