@@ -23,6 +23,7 @@ _base_ = [
     'mmdet::_base_/models/retinanet_r50_fpn.py',
     'mmdet::_base_/datasets/coco_detection.py',
     'mmdet::_base_/schedules/schedule_1x.py',
+    'mmdet::_base_/default_runtime.py',
     '../_base_/default_runtime_det.py',
     '../_base_/models/ssm_vit_adapter.py',
     '../_base_/schedules/adamw_ssm.py',

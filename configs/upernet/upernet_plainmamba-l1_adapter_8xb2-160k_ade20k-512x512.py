@@ -29,6 +29,7 @@ _base_ = [
     'mmseg::_base_/models/upernet_r50.py',
     'mmseg::_base_/datasets/ade20k.py',
     'mmseg::_base_/schedules/schedule_160k.py',
+    'mmseg::_base_/default_runtime.py',
     '../_base_/default_runtime_seg.py',
     '../_base_/models/ssm_vit_adapter.py',
     '../_base_/schedules/adamw_ssm.py',
