@@ -276,12 +276,14 @@ def test_seg_config_builds_and_runs(path, configs, seg_scope):
     assert DyVMAuxLossHook().register(model) is dyvm  # its ratio losses
     losses = model(**data, mode='loss')
     aux = {'loss_token_ratio', 'loss_direction_ratio'} if dyvm else set()
+    keep = {'token_keep', 'direction_keep'} if dyvm else set()
     assert set(losses) == {
         'decode.loss_ce',
         'decode.acc_seg',
         'aux.loss_ce',
         'aux.acc_seg',
         *aux,
+        *keep,
     }
     total = losses['decode.loss_ce'] + losses['aux.loss_ce']
     total = total + sum(losses[k] for k in aux)

@@ -27,6 +27,7 @@ MINI_SEG = osp.join(
     'upernet_plainmamba-l1-prune_adapter_1xb2-mini_ade20k-256x256.py',
 )
 AUX_LOSSES = ('loss_token_ratio', 'loss_direction_ratio')
+KEEP = ('token_keep', 'direction_keep')  # logged, not summed
 
 
 def learned(cfg: Config) -> None:
@@ -91,7 +92,7 @@ def test_aux_losses_reach_the_loss_dict(
     scope = 'mmdet' if task == 'det' else 'mmseg'
     with DefaultScope.overwrite_default_scope(scope):
         scalars = run_two_iterations(cfg, tmp_path, monkeypatch)
-    for name in AUX_LOSSES:
+    for name in AUX_LOSSES + KEEP:
         logged = f'train/{name}' in scalars
         assert logged is dynamic, name
         if dynamic:
@@ -148,11 +149,13 @@ def test_hook_weights_targets_and_modes():
     expected_b = 2.0 * (gates - 0.5) ** 2
     torch.testing.assert_close(losses['loss_token_ratio'], expected_t)
     torch.testing.assert_close(losses['loss_direction_ratio'], expected_b)
+    torch.testing.assert_close(losses['token_keep'], d.mean())
+    torch.testing.assert_close(losses['direction_keep'], gates)
     losses['loss_token_ratio'].backward()  # reaches the predictor
     grads = [p.grad for p in model.backbone.pruner.parameters()]
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
     assert isinstance(model(x, mode='tensor'), tuple)
-    assert set(model(x, None, mode='loss')) == {'loss_x', *AUX_LOSSES}
+    assert set(model(x, None, mode='loss')) == {'loss_x', *AUX_LOSSES, *KEEP}
     hook.remove()
     assert set(model(x, None, mode='loss')) == {'loss_x'}
 
@@ -162,6 +165,7 @@ def test_hook_weights_targets_and_modes():
     assert set(model(x, None, mode='loss')) == {
         'loss_x',
         'loss_direction_ratio',
+        *KEEP,
     }
     off.remove()
     # a dense backbone: nothing registered

@@ -8,7 +8,8 @@ runtimes, puts them there without a subclass of any detector or segmentor:
 before training it registers a forward hook on the (unwrapped) model that,
 for ``mode='loss'`` only, adds ``loss_token_ratio`` and
 ``loss_direction_ratio`` to the returned dict; the model's ``parse_losses``
-then sums and logs them under their own names like any head's loss.
+then sums and logs them under their own names like any head's loss. The
+kept fractions (``token_keep``, ``direction_keep``) are logged beside them.
 A dense backbone (no learned pruner, no direction gates) gets nothing,
 nor does a model that computes the losses itself (``DyVMClassifier``).
 ``mmssm.Runner`` adds the hook by default (``default_hooks.dyvm_aux_loss``,
@@ -17,6 +18,7 @@ whose fields are the loss configs; None removes it).
 
 from typing import Dict, Optional
 
+import torch
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from torch import Tensor, nn
@@ -81,6 +83,30 @@ def dyvm_aux_losses(
     if direction_ratio_loss is not None and gates:
         losses['loss_direction_ratio'] = direction_ratio_loss(gates)
     return losses
+
+
+def dyvm_keep_ratios(backbone: nn.Module) -> Dict[str, Tensor]:
+    """What the backbone's last training forward kept, to log beside the
+    losses (not losses: mmengine logs, but does not sum, keys without
+    'loss').
+
+    Returns:
+        dict: ``token_keep``, the fraction of patch tokens kept after the
+        last pruning step (its target is the last cumulative keep ratio),
+        and ``direction_keep``, the fraction of scan directions run; each
+        only if the backbone reported it.
+    """
+    aux = backbone.aux_outputs
+    ratios = {}
+    decisions = aux.get('token_decisions', [])
+    if decisions:
+        ratios['token_keep'] = decisions[-1].detach().mean()
+    gates = aux.get('direction_gates', [])
+    if gates:
+        ratios['direction_keep'] = torch.stack(
+            [g.detach().mean() for g in gates]
+        ).mean()
+    return ratios
 
 
 @HOOKS.register_module()
@@ -150,6 +176,7 @@ class DyVMAuxLossHook(Hook):
                     f'set default_hooks.dyvm_aux_loss=None'
                 )
             output.update(losses)
+            output.update(dyvm_keep_ratios(backbone))
             return output
 
         self._handle = model.register_forward_hook(
