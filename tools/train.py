@@ -29,7 +29,6 @@ from mmssm.utils.preflight import (
     check_data_paths,
     check_dataset,
     check_pretrained,
-    config_task,
 )
 
 
@@ -46,9 +45,10 @@ def parse_args(argv=None):
     parser.add_argument(
         '--check-data',
         action='store_true',
-        help='before training, read every training image and check every '
-        'label (tools/misc/check_dataset.py); classification configs get '
-        'the label and class-folder checks without it',
+        help='before training, also decode every training image '
+        '(tools/misc/check_dataset.py); without it, every image and label '
+        'map is still checked to exist and be non-empty, and every label to '
+        "be one of the head's classes",
     )
     parser.add_argument(
         '--amp',
@@ -122,15 +122,15 @@ def latest_checkpoint(work_dir: str) -> Optional[str]:
 def main(argv=None) -> None:
     args = parse_args(argv)
     cfg = build_cfg(args)
-    task = config_task(cfg)
     check_data_paths(cfg, 'train')
-    if args.check_data or task == 'mmpretrain':
-        problems = check_dataset(cfg, 'train', decode=args.check_data)
-        if problems:
-            raise UserError(
-                f'{len(problems)} bad sample(s) in train_dataloader (see '
-                'tools/misc/check_dataset.py):\n  ' + '\n  '.join(problems)
-            )
+    # Cheap checks always (file sizes and labels, no decoding): a zero-byte
+    # image otherwise fails deep in OpenCV with no file name.
+    problems = check_dataset(cfg, 'train', decode=args.check_data)
+    if problems:
+        raise UserError(
+            f'{len(problems)} bad sample(s) in train_dataloader (see '
+            'tools/misc/check_dataset.py):\n  ' + '\n  '.join(problems)
+        )
     check_pretrained(cfg)
     note = setup_cpu_distributed(cfg, args.launcher)
     runner = build_runner(cfg, args.config)

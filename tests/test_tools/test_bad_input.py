@@ -254,3 +254,30 @@ def test_demo_refuses_an_image_its_resize_would_empty(tools):
         'test pipeline: fitted into (128, 128) it would be 128x0 pixels'
     )
     demo.check_image_size(cfg, np.zeros((30, 3000, 3), np.uint8), 'y.png')
+
+
+def test_train_names_a_zero_byte_image(tools, tmp_path):
+    """Found by the cheap data check every training run makes (no decoding),
+    not by OpenCV inside the data loader."""
+    import shutil
+
+    data = tmp_path / 'coco'
+    shutil.copytree(f'{tools.root}/data/coco_persons_mini', data)
+    (data / 'val2017' / '000000040083.jpg').write_bytes(b'')
+    result = tools.run(
+        [
+            'tools/train.py',
+            tools.mini_cfg,
+            '--work-dir',
+            str(tmp_path / 'work'),
+            '--cfg-options',
+            f'train_dataloader.dataset.data_root={data}/',
+        ]
+    )
+    _assert_refused(
+        result,
+        'error: 1 bad sample(s) in train_dataloader',
+        f"image '{data}/val2017/000000040083.jpg' (image id 40083): "
+        'the file is empty (0 bytes)',
+    )
+    assert 'Traceback' not in result.stderr
