@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmssm.utils.fileio import atomic_write
+from mmssm.utils.fileio import atomic_imwrite, atomic_write
 
 #: The classes, in the order of their labels.
 CLS_CLASSES = ('plus', 'cross', 'ring', 'ell', 'tee', 'bars')
@@ -284,7 +284,6 @@ def write_synthetic_cls(
     Returns:
         bool: True if written, False if ``out_dir`` already held this set.
     """
-    import cv2
 
     from .set_folder import write_set
 
@@ -314,8 +313,7 @@ def write_synthetic_cls(
                 rel = osp.join(split, CLS_CLASSES[label], f'{i:06d}.png')
                 os.makedirs(osp.dirname(osp.join(root, rel)), exist_ok=True)
                 bgr = image.permute(1, 2, 0).numpy()[..., ::-1]
-                if not cv2.imwrite(osp.join(root, rel), bgr):
-                    raise OSError(f'could not write {rel}')
+                atomic_imwrite(osp.join(root, rel), bgr)
                 lines.append(f'{rel} {int(label)}\n')
             atomic_write(
                 osp.join(root, 'meta', f'{split}.txt'), ''.join(lines)

@@ -30,6 +30,8 @@ import os
 import os.path as osp
 from typing import Dict, List, Sequence, Tuple, Union
 
+from mmssm.utils.fileio import atomic_imwrite
+
 from .set_folder import dump_json, read_set_meta, write_set
 
 #: The classes, in the order of their category ids (1, 2, 3).
@@ -191,10 +193,7 @@ def _make_image(rng, h: int, w: int):
 
 def _write_image(path: str, image) -> None:
     """Write an RGB uint8 image as PNG."""
-    import cv2
-
-    if not cv2.imwrite(path, image[..., ::-1]):
-        raise OSError(f'could not write {path}')
+    atomic_imwrite(path, image[..., ::-1])
 
 
 def _make_split(

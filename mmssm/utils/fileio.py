@@ -79,6 +79,26 @@ def atomic_write(path: Union[str, Path], data: Union[bytes, str]) -> None:
         f.write(data)
 
 
+def atomic_imwrite(path: Union[str, Path], image) -> None:
+    """Encode ``image`` (uint8, BGR or gray, as OpenCV) in the format of
+    ``path``'s extension and write it with :func:`atomic_open`."""
+    import cv2
+
+    ext = osp.splitext(os.fspath(path))[1] or '.png'
+    ok, encoded = cv2.imencode(ext, image)
+    if not ok:
+        raise OSError(f'could not encode an image as {ext} for {path}')
+    atomic_write(path, encoded.tobytes())
+
+
+def atomic_savefig(path: Union[str, Path], fig, **kwargs) -> None:
+    """``fig.savefig`` (matplotlib) with :func:`atomic_open`; the format
+    is ``path``'s extension."""
+    ext = osp.splitext(os.fspath(path))[1].lstrip('.') or 'png'
+    with atomic_open(path, 'wb') as f:
+        fig.savefig(f, format=ext, **kwargs)
+
+
 def atomic_copy(src: Union[str, Path], dst: Union[str, Path]) -> None:
     """Copy the file ``src`` to ``dst`` with :func:`atomic_open`."""
     with open(src, 'rb') as fin, atomic_open(dst, 'wb') as fout:

@@ -34,6 +34,7 @@ from typing import Dict, List, Optional, Tuple
 
 from mmssm.errors import UserError
 from mmssm.utils.cli import exit_on_user_error
+from mmssm.utils.fileio import atomic_write
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 
@@ -542,10 +543,8 @@ def format_table(rows: List[Row], results: Dict[str, dict]) -> str:
 
 
 def write_json(path: str, report: dict) -> None:
-    """Written aside and renamed: a stopped run leaves no half a file."""
-    with open(f'{path}.tmp', 'w') as f:
-        json.dump(report, f, indent=1)
-    os.replace(f'{path}.tmp', path)
+    """Written whole or not at all (a stopped run leaves no half a file)."""
+    atomic_write(path, json.dumps(report, indent=1))
 
 
 @exit_on_user_error

@@ -39,6 +39,8 @@ from typing import Dict, List
 
 import torch
 
+from mmssm.utils.fileio import atomic_open, atomic_write
+
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 CONFIG = osp.join(
     'configs',
@@ -167,7 +169,8 @@ def _checkpoint_at(data: str, tmp: str, at: int) -> str:
     checkpoint['meta']['iter'] = at
     checkpoint['resume']['batches'] = at
     out = osp.join(tmp, f'iter_{at}.pth')
-    torch.save(checkpoint, out)
+    with atomic_open(out) as f:
+        torch.save(checkpoint, f)
     return out
 
 
@@ -234,8 +237,6 @@ def main():
             print(f'resume  | {row["run"]:<50} | {row["seconds"]:.1f} s')
     print(f'load average {os.getloadavg()[0]:.2f} at the end')
     if args.out:
-        from mmssm.utils.fileio import atomic_write
-
         atomic_write(args.out, json.dumps(rows, indent=1) + '\n')
 
 

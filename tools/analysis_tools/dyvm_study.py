@@ -30,6 +30,7 @@ import numpy as np
 
 from mmssm.errors import UserError
 from mmssm.utils.cli import exit_on_user_error
+from mmssm.utils.fileio import atomic_imwrite, atomic_write
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 MINI = osp.join(
@@ -187,7 +188,6 @@ def kept_maps(runner, images):
 def draw(images, maps, labels, path: str) -> None:
     """One row per image: the image, then each method's kept tokens (the
     pruned ones darkened)."""
-    import mmcv
 
     rows = []
     for i, image in enumerate(images):
@@ -202,7 +202,7 @@ def draw(images, maps, labels, path: str) -> None:
         gap = np.full((img.shape[0], 4, 3), 255, np.float32)
         row = [t for tile in tiles for t in (tile, gap)][:-1]
         rows.append(np.concatenate(row, axis=1))
-    mmcv.imwrite(np.concatenate(rows, axis=0).astype(np.uint8), path)
+    atomic_imwrite(path, np.concatenate(rows, axis=0).astype(np.uint8))
 
 
 @exit_on_user_error
@@ -277,8 +277,10 @@ def main(argv=None) -> None:
         f'{total:.0f} s; maps: {args.work_dir}/kept_tokens.png '
         f'(columns: image, {", ".join(pruned)})'
     )
-    with open(osp.join(args.work_dir, 'results.json'), 'w') as f:
-        json.dump(dict(results=results, args=vars(args)), f, indent=1)
+    atomic_write(
+        osp.join(args.work_dir, 'results.json'),
+        json.dumps(dict(results=results, args=vars(args)), indent=1),
+    )
 
 
 if __name__ == '__main__':

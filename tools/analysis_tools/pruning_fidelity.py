@@ -48,6 +48,7 @@ from mmssm.datasets.synthetic_cls import (
 from mmssm.engine.optimizers import SSMOptimWrapperConstructor
 from mmssm.models.classifiers import build_classifier
 from mmssm.models.pruning import SSM_SCORES, GivenScore
+from mmssm.utils.fileio import atomic_open, atomic_write
 
 MODELS = ('plainmamba', 'vim')
 
@@ -320,7 +321,8 @@ def train_or_load(
     )
     if ckpt:
         os.makedirs(args.work_dir, exist_ok=True)
-        torch.save(saved, ckpt)
+        with atomic_open(ckpt) as f:
+            torch.save(saved, f)
     return dict(saved, loaded=False)
 
 
@@ -610,8 +612,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     )
     if args.out:
         os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
-        with open(args.out, 'w') as f:
-            json.dump(report, f, indent=2)
+        atomic_write(args.out, json.dumps(report, indent=2))
         print(f'wrote {args.out}')
     return report
 

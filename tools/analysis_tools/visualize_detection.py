@@ -30,6 +30,7 @@ from mmengine.config import Config, DictAction
 import mmssm  # noqa: F401  (allow-lists mmengine checkpoint types)
 from mmssm.errors import UserError
 from mmssm.utils.cli import exit_on_user_error
+from mmssm.utils.fileio import atomic_savefig
 
 GREY = 200.0  # the colour of a pruned token
 GREY_ALPHA = 0.75  # how much of it covers the image
@@ -189,7 +190,7 @@ def save_figure(panels: List[Tuple[str, np.ndarray]], out: str, title: str):
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     os.makedirs(osp.dirname(osp.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=100)
+    atomic_savefig(out, fig, dpi=100)
     plt.close(fig)
 
 

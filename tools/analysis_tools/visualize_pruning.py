@@ -35,6 +35,7 @@ import mmssm  # noqa: F401  (allow-lists the types of mmengine checkpoints)
 from mmssm.errors import UserError
 from mmssm.registry import MODELS
 from mmssm.utils.cli import exit_on_user_error
+from mmssm.utils.fileio import atomic_savefig
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -206,7 +207,7 @@ def draw(image: np.ndarray, steps: List[Step], out: str, title: str) -> None:
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     os.makedirs(osp.dirname(osp.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=120)
+    atomic_savefig(out, fig, dpi=120)
     plt.close(fig)
 
 
