@@ -9,7 +9,16 @@ gated SSM output is multiplied by its (straight-through) bit, at inference
 a direction only runs on the images whose bit is on.
 """
 
-from typing import Callable, Optional, Sequence, Union
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    List,
+    Optional,
+    Sequence,
+    Union,
+)
 
 import torch
 import torch.nn as nn
@@ -180,3 +189,176 @@ def run_selected(
     if index.numel() == 0:
         return out
     return out.index_copy(0, index, run(index))
+
+
+def _collect_gate_logits(
+    model: nn.Module,
+    gates: Sequence[DirectionGate],
+    batches: Sequence[Any],
+    forward: Optional[Callable[[nn.Module, Any], Any]],
+) -> List[Tensor]:
+    """Every gate's logits over the batches, one (N_g, n_dir) per gate.
+
+    A forward hook on each gate's ``fc`` reads the logits the gate thresholds
+    (the mixers are not touched); the model runs in eval mode without
+    gradient.
+    """
+    found: List[List[Tensor]] = [[] for _ in gates]
+
+    def hook_of(i: int) -> Callable:
+        def hook(module: nn.Module, args: Any, out: Tensor) -> None:
+            found[i].append(out.detach().reshape(-1, out.shape[-1]))
+
+        return hook
+
+    handles = [
+        gate.fc.register_forward_hook(hook_of(i))
+        for i, gate in enumerate(gates)
+    ]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                forward(model, batch) if forward else model(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [
+        torch.cat(logits).float() if logits else torch.empty(0)
+        for logits in found
+    ]
+
+
+def _keep_of(logits: Sequence[Tensor], thresholds: Sequence[float]) -> float:
+    """The fraction of the bits that are on, each gate at its threshold."""
+    kept = sum(int((lg > t).sum()) for lg, t in zip(logits, thresholds))
+    total = sum(lg.numel() for lg in logits)
+    return kept / total
+
+
+def _quantile_threshold(logits: Tensor, target: float) -> float:
+    """The threshold ``T`` with about ``target * N`` of ``logits > T``.
+
+    Equal logits are kept or dropped together (Vim's first layer reads its
+    class token before any image content enters it: its logits are the
+    same for every image), so the cut goes at the boundary between distinct
+    values nearest to ``round(target * N)``: the midpoint of the last kept
+    and the first dropped value (a small drift of the logits does not flip
+    a bit); below the smallest value when all are kept.
+    """
+    ordered = logits.flatten().sort(descending=True).values
+    n = ordered.numel()
+    want = max(1, min(n, round(target * n)))
+    # cut j keeps ordered[:j]: possible where the value changes, and at n
+    cuts = (ordered[:-1] > ordered[1:]).nonzero()[:, 0] + 1
+    cuts = torch.cat([cuts, cuts.new_tensor([n])])
+    k = int(cuts[(cuts - want).abs().argmin()])
+    last_on = ordered[k - 1]
+    if k == n:
+        return float(last_on) - 1.0
+    first_off = ordered[k]
+    threshold = (last_on + first_off) / 2
+    if threshold >= last_on:  # adjacent floats: the midpoint rounds up
+        threshold = first_off
+    return float(threshold)
+
+
+def calibrate_direction_gates(
+    model: nn.Module,
+    batches: Iterable[Any],
+    target: float,
+    forward: Optional[Callable[[nn.Module, Any], Any]] = None,
+    max_passes: int = 8,
+) -> Dict[str, Any]:
+    """Set the eval threshold of every direction gate to a direction budget.
+
+    The training loss pulls the mean of all gate bits towards its target,
+    but the eval decision ``logit > threshold_logit`` (threshold 0 by
+    default) keeps more (DyVM's released gates: about 0.89 for 0.8). This
+    sets ONE threshold shared by all the model's gates (the budget is global,
+    as the loss's mean) so that the fraction of the (image, layer, direction)
+    bits that are on over ``batches`` equals ``target``: the quantile of all
+    the gates' logits. A gate's bits change what the later layers see, and
+    so their logits: the model is run again with the new threshold and the
+    quantile is taken again, until the measured keep is within one bit's
+    share (1 / number of bits) of ``target`` or after ``max_passes``; the
+    threshold whose measured keep came closest is kept. Equal logits share
+    their bit (e.g. Vim's first layer, whose class token carries no image
+    yet, decides the same for every image): the cut falls between distinct
+    values, so the keep can miss the target by up to such a group's share.
+
+    Args:
+        model (nn.Module): A model whose mixers have direction gates (built
+            with ``direction_gate``); run in eval mode without gradient (its
+            mode is restored). Its gates' ``threshold_logit`` is set.
+        batches (Iterable): Inputs, one per forward; read once per pass (a
+            one-shot iterator is read into a list first).
+        target (float): The kept fraction of the directions, in (0, 1].
+        forward (Callable, optional): ``forward(model, batch)``; None:
+            ``model(batch)``. Defaults to None.
+        max_passes (int): The most forward passes after the first one.
+            Defaults to 8.
+
+    Returns:
+        dict: ``keep_before`` (the kept fraction at the gates' thresholds
+        before, measured on ``batches``), ``keep_after`` (at the new
+        threshold, measured by a run with it), ``threshold_logit`` (the
+        threshold set), ``target``, ``num_bits`` (images * layers *
+        directions) and ``passes`` (the forward passes after the first).
+
+    Raises:
+        UserError: If ``target`` is not in (0, 1], the model has no
+            direction gates, or ``batches`` gives none of their bits.
+    """
+    if not 0 < target <= 1:
+        raise UserError(
+            f'target (the kept fraction of the directions) must be in '
+            f'(0, 1], got {target}'
+        )
+    gates = [m for m in model.modules() if isinstance(m, DirectionGate)]
+    if not gates:
+        raise UserError(
+            f'{type(model).__name__} has no direction gates to calibrate: '
+            'build its backbone with direction_gate=True'
+        )
+    if not isinstance(batches, Sequence):
+        batches = list(batches)
+    was_training = model.training
+    model.eval()
+    try:
+        before = [gate.threshold_logit for gate in gates]
+        logits = _collect_gate_logits(model, gates, batches, forward)
+        num_bits = sum(lg.numel() for lg in logits)
+        if not num_bits:
+            raise UserError(
+                'the batches ran none of the direction gates: give at least '
+                'one batch the model runs'
+            )
+        keep_before = _keep_of(logits, before)
+        best = None
+        passes = 0
+        while passes < max_passes:
+            passes += 1
+            threshold = _quantile_threshold(
+                torch.cat([lg.flatten() for lg in logits]), target
+            )
+            for gate in gates:
+                gate.threshold_logit = threshold
+            logits = _collect_gate_logits(model, gates, batches, forward)
+            keep = _keep_of(logits, [threshold] * len(gates))
+            if best is None or abs(keep - target) < abs(best[1] - target):
+                best = (threshold, keep)
+            if abs(keep - target) <= 1 / num_bits:
+                break
+        threshold, keep_after = best
+        for gate in gates:
+            gate.threshold_logit = threshold
+    finally:
+        model.train(was_training)
+    return dict(
+        keep_before=keep_before,
+        keep_after=keep_after,
+        threshold_logit=threshold,
+        target=float(target),
+        num_bits=num_bits,
+        passes=passes,
+    )
