@@ -223,8 +223,7 @@ def _collect_gate_logits(
         for handle in handles:
             handle.remove()
     return [
-        torch.cat(logits).float() if logits else torch.empty(0)
-        for logits in found
+        torch.cat(logits) if logits else torch.empty(0) for logits in found
     ]
 
 
