@@ -18,6 +18,7 @@ import os.path as osp
 import pytest
 import torch
 from mmengine.config import Config, DictAction
+from mmengine.registry import DefaultScope
 
 from mmssm.errors import UserError
 from mmssm.models.layers.direction_gate import (
@@ -180,14 +181,14 @@ def load_tool():
 
 
 def build_classifier(cfg):
-    """The config's classifier, as the Runner builds it."""
-    from mmengine.registry import init_default_scope
+    """The config's classifier, as the Runner builds it (in the config's
+    default scope, restored afterwards)."""
     from mmpretrain.registry import MODELS as PRETRAIN_MODELS
 
-    init_default_scope(cfg.default_scope)
     model_cfg = cfg.model
     model_cfg.setdefault('data_preprocessor', cfg.get('data_preprocessor'))
-    return PRETRAIN_MODELS.build(model_cfg)
+    with DefaultScope.overwrite_default_scope(cfg.default_scope):
+        return PRETRAIN_MODELS.build(model_cfg)
 
 
 def parse_options(options):
@@ -217,7 +218,10 @@ def test_tool_end_to_end(tmp_path, capsys):
     tool = load_tool()
     argv = [MINI, checkpoint, '--work-dir', str(tmp_path / 'work')]
     argv += ['--target', '0.7', '--num-batches', '2', '--out', str(out)]
-    result = tool.main([*argv, '--cfg-options', *options])
+    # the tool's Runner sets mmpretrain's default scope for good: undone
+    # after it, as other tests build mmssm models by unscoped names
+    with DefaultScope.overwrite_default_scope('mmssm'):
+        result = tool.main([*argv, '--cfg-options', *options])
     printed = capsys.readouterr().out
     saved = json.loads(out.read_text())
     assert saved == result
@@ -241,6 +245,9 @@ def test_tool_end_to_end(tmp_path, capsys):
     assert len(gates) == 8
     assert {g.threshold_logit for g in gates} == {threshold}
     # bad input: one line naming the argument
-    with pytest.raises(SystemExit, match=r'^error: --target') as info:
+    with (
+        DefaultScope.overwrite_default_scope('mmssm'),
+        pytest.raises(SystemExit, match=r'^error: --target') as info,
+    ):
         tool.main([*argv[:4], '--target', '1.5'])
     assert '\n' not in str(info.value)
