@@ -297,3 +297,61 @@ def test_adapter_training_equals_inference(kind, align):
     eval_gates = torch.stack(eval_aux['direction_gates'])
     assert torch.equal(train_gates.detach(), eval_gates)
     assert 0 < float(eval_gates.mean()) < 1  # the gates decide something
+
+
+# --------------------------------------------------------------------------
+# The synthetic-shapes configs (issue 13's CPU run)
+# --------------------------------------------------------------------------
+def _shapes_config(pruning: str) -> str:
+    return osp.join(
+        ROOT,
+        'configs',
+        'mask_rcnn',
+        f'mask-rcnn_plainmamba-l1{pruning}_adapter-fpn_1xb4-'
+        'synthetic_coco-shapes.py',
+    )
+
+
+def test_shapes_configs_differ_only_in_the_pruning():
+    """The dense, 'paper'-pruned (the main job's) and DyVM shapes configs
+    are one set of CPU settings: they differ only in the backbone's
+    pruning (and the DyVM run validates every 100 iterations)."""
+    dense = Config.fromfile(_shapes_config('')).to_dict()
+    paper = Config.fromfile(_shapes_config('-prune')).to_dict()
+    dyvm = Config.fromfile(_shapes_config('-dyvm')).to_dict()
+    backbones = [c['model']['backbone']['backbone'] for c in (paper, dyvm)]
+    assert 'prune_cfg' not in dense['model']['backbone']['backbone']
+    assert backbones[0].pop('prune_cfg') == 'paper'
+    assert backbones[1].pop('prune_cfg') == dict(
+        type='mmssm.LearnedTokenPruner',
+        layers=(6, 12, 18),
+        keep_ratios=0.8,
+        align=False,
+    )
+    assert backbones[1].pop('direction_gate') is True
+    assert dyvm['train_cfg'].pop('val_interval') == 100
+    assert dense['train_cfg'].pop('val_interval') == 300
+    del paper['train_cfg']['val_interval']
+    dyvm.pop('dyvm_prune_cfg')
+    assert dense == paper == dyvm
+
+
+def test_shapes_dyvm_config_trains(configs, tmp_path, monkeypatch):
+    """The DyVM shapes config, shrunk, trains two iterations on a small
+    synthetic set with ``mmssm.Runner`` and logs the ratio losses and the
+    kept fractions."""
+    from mmssm.datasets.synthetic_coco import make_synthetic_coco
+
+    data = str(tmp_path / 'shapes')
+    make_synthetic_coco(data, num_train=4, num_val=2, image_size=64)
+    cfg = configs.shrink_detector(Config.fromfile(_shapes_config('-dyvm')))
+    assert cfg.model.backbone.backbone.prune_cfg.type == (
+        'mmssm.LearnedTokenPruner'
+    )
+    cfg.train_dataloader.dataset.data_root = data
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        scalars = run_two_iterations(cfg, tmp_path / 'work', monkeypatch)
+    for name in AUX_LOSSES + KEEP:
+        values = scalars[f'train/{name}'].data[0]
+        assert len(values) == 2 and all(v >= 0 for v in values), name
+    assert all(0 < v <= 1 for v in scalars['train/token_keep'].data[0])
