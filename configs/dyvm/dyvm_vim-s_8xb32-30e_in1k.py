@@ -33,8 +33,15 @@ _base_ = [
     '../_base_/schedules/dyvm_30e.py',
     '../_base_/default_runtime_cls.py',
 ]
+# DyVMClassifier subclasses mmpretrain's ImageClassifier: its module is a
+# plug-in, not imported by mmssm.models
 custom_imports = dict(
-    imports=['mmssm.models', 'mmssm.engine'], allow_failed_imports=False
+    imports=[
+        'mmssm.models',
+        'mmssm.models.classifiers.dyvm_classifier',
+        'mmssm.engine',
+    ],
+    allow_failed_imports=False,
 )
 # Checkpoints record the backbone's pruning schedule in meta['pruning'].
 custom_hooks = [dict(type='mmssm.PruningMetaHook')]

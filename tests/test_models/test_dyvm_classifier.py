@@ -1,13 +1,17 @@
 """DyVM's classifier (``mmssm.DyVMClassifier``): its loss terms, each under
 its own name and equal to its formula, and the frozen dense teacher."""
 
+import os.path as osp
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 from mmengine.registry import DefaultScope
 
-import mmssm.models.classifiers.dyvm_classifier  # noqa: F401 (registers)
 from mmssm.errors import UserError
+from mmssm.models.classifiers.dyvm_classifier import DyVMClassifier
 from mmssm.registry import MODELS
 from mmssm.testing import tiny_backbone_cfg
 
@@ -181,3 +185,34 @@ def test_predict_runs_the_pruned_inference():
     assert out.shape == (2, 4)
     state = model.backbone.final_state
     assert not state.masked and state.tokens.shape[1] == int(0.49 * 16) + 1
+
+
+def test_a_registered_class_imported_by_the_configs_only():
+    """``mmssm.DyVMClassifier`` is the class itself, in a module that
+    ``import mmssm.models`` does not load (no mmpretrain for dense-prediction
+    users); a DyVM config's ``custom_imports`` registers it."""
+    assert MODELS.get('DyVMClassifier') is DyVMClassifier
+    assert isinstance(build('vim'), DyVMClassifier)
+    config = 'configs/dyvm/dyvm_vim-t_8xb64-30e_in1k.py'
+    code = (
+        'import sys\n'
+        'import mmssm, mmssm.models, mmssm.engine\n'
+        'from mmssm.registry import MODELS\n'
+        "print('mmpretrain' in sys.modules, MODELS.get('DyVMClassifier'))\n"
+        'from mmengine.config import Config\n'
+        f'Config.fromfile({config!r})\n'
+        "print(MODELS.get('DyVMClassifier').__module__)\n"
+    )
+    root = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+    out = subprocess.run(
+        [sys.executable, '-W', 'ignore', '-c', code],
+        capture_output=True,
+        text=True,
+        cwd=root,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [
+        'False',
+        'None',
+        'mmssm.models.classifiers.dyvm_classifier',
+    ]

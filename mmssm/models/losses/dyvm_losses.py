@@ -1,7 +1,7 @@
 """DyVM's training losses besides cross-entropy (as released in
 NUS-HPC-AI-Lab/DyVM ``losses.py``, ``DyVMLoss_Token_Block``), each a
 registered module with its own weight, used by
-:class:`~mmssm.models.classifiers.DyVMClassifier`."""
+:class:`~mmssm.models.classifiers.dyvm_classifier.DyVMClassifier`."""
 
 from typing import Sequence
 
