@@ -365,6 +365,8 @@ def test_get_flops_tool_direction_keep(tmp_path, monkeypatch, capsys):
     cfg = tmp_path / 'dyvm.py'
     cfg.write_text(
         'default_scope = "mmpretrain"\n'
+        'custom_imports = dict(imports=['
+        '"mmssm.models.classifiers.dyvm_classifier"])\n'
         'model = dict(type="mmssm.DyVMClassifier", '
         f'backbone=dict(type="mmssm.Vim", arch={TINY_VIM!r}, img_size=32, '
         'out_type="cls_token", direction_gate=True, prune_cfg=dict('
