@@ -109,6 +109,103 @@ def test_bad_arguments(tools):
 
 
 # --------------------------------------------------------------------------
+# The end-to-end rows (issue 13 item 5): Mask R-CNN and UperNet, dense, the
+# paper's static pruning, DyVM rearranged and aligned
+# --------------------------------------------------------------------------
+def test_e2e_rows(bench):
+    """``--rows e2e-`` selects the 24 end-to-end rows: each variant is its
+    own config (the dense config's ``-prune``, ``-dyvm``, ``-dyvm-align``
+    variants), one image per forward; the tiny test rows are the same
+    variants."""
+    rows = bench.select_rows(['e2e-'], None)
+    assert len(rows) == 2 * 3 * 4
+    variants = ('dense', 'paper', 'dyvm', 'dyvm-align')
+    for prefix, kind, shape in (
+        ('e2e-maskrcnn-', 'detector', (800, 1333)),
+        ('e2e-upernet-', 'segmentor', (512, 512)),
+    ):
+        for backbone in ('pm-l1', 'pm-l3', 'vim-s'):
+            key = f'{prefix}{backbone}-'
+            group = [r for r in rows if r.key.startswith(key)]
+            assert [r.key[len(key) :] for r in group] == list(variants)
+            dense = group[0]
+            assert all(
+                r.kind == kind and r.shape == shape and r.batch == 1
+                for r in group
+            )
+            assert dense.baseline is None and dense.direction_keep is None
+            assert all(r.baseline == dense.key for r in group[1:])
+            fields = ('', '-prune', '-dyvm', '-dyvm-align')
+            assert [r.config for r in group] == [
+                dense.config.replace('_adapter', f'{f}_adapter')
+                for f in fields
+            ]
+            assert all(
+                osp.isfile(osp.join(bench.ROOT, r.config)) for r in group
+            )
+            # DyVM's gates (random) at the budget their loss trains
+            assert [r.direction_keep for r in group] == [None, None, 0.8, 0.8]
+            assert not any(r.backbone or r.tiny for r in group)
+    tiny = bench.select_rows(['test-tiny-e2e-'], None)
+    assert len(tiny) == 8 and all(r.tiny for r in tiny)
+    assert {r.key.split('-', 3)[3] for r in tiny} == {
+        f'{task}-{v}' for task in ('maskrcnn', 'upernet') for v in variants
+    }
+
+
+@pytest.mark.parametrize(
+    'key, sample',
+    [
+        ('test-tiny-e2e-maskrcnn-dyvm', 'DetDataSample'),
+        ('test-tiny-e2e-upernet-dyvm-align', 'SegDataSample'),
+    ],
+)
+def test_e2e_tiny_models(bench, key, sample):
+    """A tiny row builds its config's detector / segmentor with the
+    config's learned pruner (steps moved into the tiny arch) and runs
+    ``predict``; the toolbox's scope is left as it was."""
+    import torch
+    from mmengine.registry import DefaultScope
+
+    from mmssm.models.pruning import LearnedTokenPruner
+    from mmssm.utils.flops import measure_direction_keep
+
+    (row,) = bench.select_rows([key], None)  # a whole key: its row only
+    scope = DefaultScope.get_current_instance()
+    model = bench.build(row).eval()
+    assert DefaultScope.get_current_instance() is scope
+    ssm = model.model.backbone.backbone
+    assert isinstance(ssm.pruner, LearnedTokenPruner)
+    assert ssm.pruner.align is key.endswith('-align')
+    assert ssm.pruner.layers == (2,) and ssm.num_layers == 4
+    x = torch.randn(4, 3, *row.shape)
+    with torch.no_grad():
+        results = model(x)
+    assert len(results) == 4 and type(results[0]).__name__ == sample
+    if sample == 'SegDataSample':
+        assert results[0].pred_sem_seg.data.shape[-2:] == row.shape
+    else:
+        assert 'bboxes' in results[0].pred_instances
+    # the gates were set to a budget of 0.8 (at their init they run all)
+    assert 0.5 <= measure_direction_keep(model, [x]) < 1
+
+
+def test_e2e_tiny_row_timed(bench):
+    """A segmentor row timed as the worker times it: images/s, peak
+    memory and the fraction of directions its gates ran, in its line of
+    the table."""
+    (row,) = bench.select_rows(['test-tiny-e2e-upernet-dyvm'], None)
+    (result,) = bench.run_rows([row], iters=1, warmup=0, threads=1)
+    assert result['iters'] == 1 and result['images_per_s'] > 0
+    assert result['peak_fwd_mib'] > 0
+    assert 0.5 <= result['direction_keep'] < 1
+    result['wall_s'] = 1.0
+    line = bench.format_table([row], {row.key: result}).splitlines()[-1]
+    assert line.startswith('| tiny UperNet DyVM | 64x64 | 1 | cpu |')
+    assert line.endswith(f' | {result["direction_keep"]:.2f} |')
+
+
+# --------------------------------------------------------------------------
 # tools/analysis_tools/benchmark_peer.py (issue 18's table): the mechanics,
 # and what its profile section reads, on tiny models.
 # --------------------------------------------------------------------------

@@ -1,21 +1,24 @@
-"""Backbone and detector throughput and peak memory on the CPU, side by side.
+"""Throughput and peak memory of backbones, detectors and segmentors (CPU).
 
 Each row of :data:`ROWS` builds a config's backbone (with overrides such as
 the paper's pruning, aligned or naive, and the scan implementation: 'cpu'
-the compiled kernel, 'ref' the PyTorch reference) or a whole Mask R-CNN,
-and times its forward in eval mode under ``torch.no_grad()`` with
-``torch.utils.benchmark`` (the median of ``--iters`` forwards after
-``--warmup``) in a fresh process that also measures the peak memory;
-``--rounds`` repeats every row in a rotating order and ``--interleave``
-times a dense row and its pruned variants in one process, their forwards
-alternating. One markdown table is printed, with the machine; how the
-numbers are taken and how to read them is in ``docs/benchmark.md``.
+the compiled kernel, 'ref' the PyTorch reference) or a whole detector or
+segmentor (random weights: end-to-end ``predict``, e.g. the ``e2e-`` rows,
+Mask R-CNN and UperNet dense, with the paper's static pruning and with
+DyVM's learned pruning), and times its forward in eval mode under
+``torch.no_grad()`` with ``torch.utils.benchmark`` (the median of
+``--iters`` forwards after ``--warmup``) in a fresh process that also
+measures the peak memory; ``--rounds`` repeats every row in a rotating
+order and ``--interleave`` times a dense row and its pruned variants in
+one process, their forwards alternating. One markdown table is printed,
+with the machine; how the numbers are taken and how to read them is in
+``docs/benchmark.md``.
 
 Example::
 
     python tools/analysis_tools/benchmark.py --threads 2 --iters 3
     python tools/analysis_tools/benchmark.py --rows pm-l1-224 --impls cpu
-    python tools/analysis_tools/benchmark.py --rows prune- maskrcnn-
+    python tools/analysis_tools/benchmark.py --rows prune- e2e-
 """
 
 import argparse
@@ -51,7 +54,9 @@ class Row:
         batch (int): Images per forward.
         scan_impl (str): ``scan_impl`` of the backbone ('cpu', 'ref', ...).
         backbone (dict): Overrides merged into the (inner) backbone.
-        kind (str): 'backbone' or 'detector' (``predict`` on the batch).
+        kind (str): 'backbone', or 'detector' / 'segmentor' (an mmdet /
+            mmseg model of the config, ``predict`` on the batch; the
+            overrides go to its SSM backbone, inside the adapter if any).
         baseline (str, optional): The row the speed-up is relative to.
         direction_keep (float, optional): DyVM's direction gates set to
             keep this fraction of each layer's (image, direction) pairs
@@ -123,10 +128,41 @@ def _dyvm_rows(key, label, config, shape, batch):
     ]  # fmt: skip
 
 
+#: The end-to-end rows of a model: (key suffix, label, the config name's
+#: pruning field, direction_keep). DyVM's direction gates (random) keep
+#: 0.8 of the directions, the target their direction-ratio loss trains.
+E2E_VARIANTS = (
+    ('dense', 'dense', '', None),
+    ('paper', 'paper static', '-prune', None),
+    ('dyvm', 'DyVM', '-dyvm', 0.8),
+    ('dyvm-align', 'DyVM aligned', '-dyvm-align', 0.8),
+)
+
+
+def _e2e_rows(key, label, config, shape, kind, tiny=None):
+    """End-to-end ``predict`` of a detector or segmentor, one image per
+    forward: the dense config, the paper's static pruning (``-prune``,
+    aligned) and DyVM's learned pruning, rearranged (``-dyvm``) and
+    aligned (``-dyvm-align``), each its config as written (``config``
+    has ``{}`` for the pruning field of the name)."""
+    dense = f'{key}-dense'
+    return [
+        Row(f'{key}-{name}', f'{label} {text}', config.format(field), shape,
+            1, kind=kind, baseline=None if name == 'dense' else dense,
+            direction_keep=keep, tiny=tiny)
+        for name, text, field, keep in E2E_VARIANTS
+    ]  # fmt: skip
+
+
 PM = 'configs/plainmamba/plainmamba-{}_8xb64_in1k.py'
 VIM_S = 'configs/vim/vim-s_8xb64_in1k.py'
-MASK_RCNN = (
-    'configs/mask_rcnn/mask-rcnn_plainmamba-{}_adapter-fpn_8xb2-1x_coco.py'
+MASK_RCNN = 'configs/mask_rcnn/mask-rcnn_{}{{}}_adapter-fpn_8xb2-1x_coco.py'
+UPERNET = 'configs/upernet/upernet_{}{{}}_adapter_8xb2-160k_ade20k-512x512.py'
+#: (key, label, config name) of the end-to-end rows' backbones
+E2E_BACKBONES = (
+    ('pm-l1', 'PlainMamba-L1', 'plainmamba-l1'),
+    ('pm-l3', 'PlainMamba-L3', 'plainmamba-l3'),
+    ('vim-s', 'Vim-S', 'vim-s'),
 )
 DET = (800, 1333)
 ROWS: List[Row] = [
@@ -148,11 +184,19 @@ ROWS: List[Row] = [
     # the tool's own tests: the tiny test arch, seconds per row
     *_pruning_rows('test-tiny-vim', 'tiny Vim', VIM_S, (64, 64), 2,
                    tiny='vim'),
-    # whole Mask R-CNN inference with the adapter: dense, aligned
-    *_pruning_rows('maskrcnn-pm-l1', 'Mask R-CNN PlainMamba-L1',
-                   MASK_RCNN.format('l1'), DET, 1, 'detector')[:2],
-    *_pruning_rows('maskrcnn-pm-l3', 'Mask R-CNN PlainMamba-L3',
-                   MASK_RCNN.format('l3'), DET, 1, 'detector')[:2],
+    *_e2e_rows('test-tiny-e2e-maskrcnn', 'tiny Mask R-CNN',
+               MASK_RCNN.format('plainmamba-l1'), (64, 64), 'detector',
+               tiny='plainmamba'),
+    *_e2e_rows('test-tiny-e2e-upernet', 'tiny UperNet',
+               UPERNET.format('vim-s'), (64, 64), 'segmentor', tiny='vim'),
+    # end to end with the adapter (--rows e2e-): Mask R-CNN and UperNet,
+    # dense, the paper's static pruning, DyVM rearranged and aligned
+    *[row for key, label, name in E2E_BACKBONES
+      for row in _e2e_rows(f'e2e-maskrcnn-{key}', f'Mask R-CNN {label}',
+                           MASK_RCNN.format(name), DET, 'detector')],
+    *[row for key, label, name in E2E_BACKBONES
+      for row in _e2e_rows(f'e2e-upernet-{key}', f'UperNet {label}',
+                           UPERNET.format(name), (512, 512), 'segmentor')],
 ]  # fmt: skip
 
 
@@ -161,12 +205,12 @@ ROWS: List[Row] = [
 # --------------------------------------------------------------------------
 def build(row: Row):
     """The module that the row runs on its input batch: the config's
-    backbone (the inner one for a detector) gets the row's overrides; a
-    detector (random weights, SyncBN as BN) runs ``predict``."""
+    backbone with the row's overrides, or its detector / segmentor
+    (:func:`build_task_model`); DyVM's direction gates, if the row sets
+    ``direction_keep``, at that budget."""
     import torch
     from mmengine.config import Config
-    from mmengine.model import revert_sync_batchnorm
-    from mmengine.registry import MODELS, init_default_scope
+    from mmengine.registry import MODELS
 
     import mmssm.models  # noqa: F401
 
@@ -181,38 +225,109 @@ def build(row: Row):
                 arch=tiny_arch(row.tiny), img_size=64, prune_cfg=prune_cfg
             )
         model = MODELS.build(dict(backbone, scan_impl=row.scan_impl))
-        if row.direction_keep is not None:
-            x = torch.randn(
-                row.batch,
-                3,
-                *row.shape,
-                generator=torch.Generator().manual_seed(1),
-            )
-            set_direction_budget(model.eval(), x, row.direction_keep)
-        return model
-    from mmdet.registry import MODELS as DET_MODELS
+    else:
+        model = build_task_model(cfg, row)
+    if row.direction_keep is not None:
+        # a backbone's own batch; a detector / segmentor (one image per
+        # forward) is calibrated on 8 smaller images: a quantile over one
+        # image's 2 (Vim) or 4 directions could not hit the budget
+        batch, shape = row.batch, row.shape
+        if row.kind != 'backbone':
+            batch, shape = 8, tuple(min(s, 256) for s in row.shape)
+        x = torch.randn(
+            batch, 3, *shape, generator=torch.Generator().manual_seed(1)
+        )
+        set_direction_budget(model.eval(), x, row.direction_keep)
+    return model
 
-    init_default_scope(cfg.get('default_scope', 'mmdet'))
-    cfg.model.backbone.backbone.update(
-        row.backbone, scan_impl=row.scan_impl, init_cfg=None
-    )
-    detector = revert_sync_batchnorm(DET_MODELS.build(cfg.model))
+
+#: The toolbox of each task kind: its default scope and data sample class.
+TASKS = {
+    'detector': ('mmdet', 'mmdet.structures', 'DetDataSample'),
+    'segmentor': ('mmseg', 'mmseg.structures', 'SegDataSample'),
+}
+
+
+def build_task_model(cfg, row: Row):
+    """The config's mmdet detector or mmseg segmentor (random weights,
+    SyncBN as BN), wrapped to run ``predict`` on an image batch with the
+    metas of unresized images. The row's overrides (and, for a tiny row,
+    :func:`shrink_task_model`) go to its SSM backbone."""
+    import importlib
+
+    import torch
+    from mmengine.model import revert_sync_batchnorm
+    from mmengine.registry import DefaultScope
+
+    if row.kind not in TASKS:
+        raise UserError(f'row {row.key}: unknown kind {row.kind!r}')
+    scope, structures, sample_name = TASKS[row.kind]
+    if cfg.get('default_scope') != scope:
+        raise UserError(
+            f'row {row.key} ({row.kind}): {row.config} is not an {scope} '
+            f'config (default_scope {cfg.get("default_scope")!r})'
+        )
+    registry = importlib.import_module(f'{scope}.registry').MODELS
+    sample_cls = getattr(importlib.import_module(structures), sample_name)
+    backbone = cfg.model.backbone
+    if backbone.type == 'mmssm.ViTAdapter':
+        backbone = backbone.backbone
+    backbone.update(row.backbone, scan_impl=row.scan_impl, init_cfg=None)
+    if row.tiny:
+        shrink_task_model(cfg, row.tiny, row.shape)
+    # the toolbox's scope while building only (the tests build in-process)
+    with DefaultScope.overwrite_default_scope(scope):
+        task_model = revert_sync_batchnorm(registry.build(cfg.model))
 
     class Predict(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.detector = detector
+            self.model = task_model
 
         def forward(self, x):
-            from mmdet.structures import DetDataSample
-
             h, w = x.shape[-2:]
             meta = dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w),
-                        scale_factor=(1.0, 1.0))  # fmt: skip
-            samples = [DetDataSample(metainfo=meta) for _ in x]
-            return self.detector.predict(x, samples)
+                        scale_factor=(1.0, 1.0),
+                        padding_size=[0, 0, 0, 0])  # fmt: skip
+            samples = [sample_cls(metainfo=meta) for _ in x]
+            return self.model.predict(x, samples)
 
     return Predict()
+
+
+def shrink_task_model(cfg, family: str, shape: Tuple[int, int]) -> None:
+    """A detection / segmentation config's model on the family's tiny
+    test arch (the tool's tests), in place: its 4 layers in 2 adapter
+    interactions, the paper's schedule as ``TINY_PRUNE``, a learned
+    pruner's steps after ``TINY_PRUNE``'s layers, the neck and heads
+    reading the tiny channels, 100 proposals per image."""
+    from mmssm.testing.models import TINY_PRUNE, shrink_prune_cfg, tiny_arch
+
+    arch = tiny_arch(family)
+    model = cfg.model
+    backbone = model.backbone
+    if backbone.type == 'mmssm.ViTAdapter':
+        backbone.update(
+            interaction_indexes=[[0, 1], [2, 3]],
+            conv_inplane=16,
+            deform_num_heads=2,
+        )
+        backbone = backbone.backbone
+    prune_cfg = backbone.get('prune_cfg')
+    if isinstance(prune_cfg, dict) and 'layers' in prune_cfg:
+        prune_cfg = dict(prune_cfg, layers=TINY_PRUNE['layers'])
+    backbone.update(
+        arch=arch, img_size=shape, prune_cfg=shrink_prune_cfg(prune_cfg)
+    )
+    channels = arch['embed_dims']
+    if 'neck' in model:
+        model.neck.in_channels = [channels] * 4
+    if 'rpn' in model.get('test_cfg', {}):  # fewer RoIs for the box head
+        model.test_cfg.rpn.max_per_img = 100
+    for head in ('decode_head', 'auxiliary_head'):
+        if head in model:
+            multi = isinstance(model[head].in_channels, (list, tuple))
+            model[head].in_channels = [channels] * 4 if multi else channels
 
 
 def set_direction_budget(model, x, keep: float) -> None:
@@ -309,6 +424,11 @@ def run_rows(
     results = []
     for row, model, measurements in zip(rows, models, runs):
         (m,) = Measurement.merge(measurements)
+        if row.direction_keep is not None:
+            from mmssm.utils.flops import measure_direction_keep
+
+            # the bits of the last timed forward (no forward is re-run)
+            kept = measure_direction_keep(model, [None], lambda *_: None)
         results.append(
             dict(
                 key=row.key,
@@ -322,6 +442,8 @@ def run_rows(
                 params_m=sum(p.numel() for p in model.parameters()) / 1e6,
             )
         )
+        if row.direction_keep is not None:
+            results[-1]['direction_keep'] = kept
     if len(rows) == 1:  # rows sharing a process share its memory
         if exact:
             peak_fwd = _status_kb('VmHWM') - rss_before
@@ -426,9 +548,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 def select_rows(
     names: Optional[List[str]], impls: Optional[List[str]]
 ) -> List[Row]:
-    """The rows whose key starts with one of ``names``, of ``impls``."""
+    """The rows whose key is one of ``names`` or, for a name that is no
+    row's whole key, starts with it; of ``impls``."""
+    keys = {r.key for r in ROWS}
+
+    def chosen(key: str, name: str) -> bool:
+        return key == name if name in keys else key.startswith(name)
+
     unknown = [n for n in names or [] if not any(
-        r.key.startswith(n) for r in ROWS)]  # fmt: skip
+        chosen(r.key, n) for r in ROWS)]  # fmt: skip
     if unknown:
         raise UserError(
             f'unknown rows {unknown}; rows are {[r.key for r in ROWS]}'
@@ -436,7 +564,7 @@ def select_rows(
     rows = [
         r
         for r in ROWS
-        if (not names or any(r.key.startswith(n) for n in names))
+        if (not names or any(chosen(r.key, n) for n in names))
         and (not impls or r.scan_impl in impls)
     ]
     if not rows:
@@ -512,8 +640,8 @@ def combine_rounds(runs: List[dict]) -> dict:
 def format_table(rows: List[Row], results: Dict[str, dict]) -> str:
     lines = [
         '| model | input | batch | scan | ms / iter | images/s | speed-up '
-        '| peak fwd (MiB) | peak RSS (MiB) | row time (s) |',
-        '|---|---|---:|---|---:|---:|---:|---:|---:|---:|',
+        '| peak fwd (MiB) | peak RSS (MiB) | row time (s) | directions |',
+        '|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|',
     ]
     for row in rows:
         res = results[row.key]
@@ -522,7 +650,7 @@ def format_table(rows: List[Row], results: Dict[str, dict]) -> str:
             f'| {row.scan_impl} |'
         )
         if 'error' in res:
-            lines.append(f'{head} failed: {res["error"]} | | | | | |')
+            lines.append(f'{head} failed: {res["error"]} | | | | | | |')
             continue
         base = results.get(row.baseline or '', {})
         speedup = ''
@@ -535,9 +663,12 @@ def format_table(rows: List[Row], results: Dict[str, dict]) -> str:
             memory = (
                 f'{bound}{res["peak_fwd_mib"]:.0f} | {res["peak_rss_mib"]:.0f}'
             )
+        # the fraction of directions that DyVM's gates ran (timed input)
+        dirs = res.get('direction_keep')
+        dirs = '' if dirs is None else f'{dirs:.2f}'
         lines.append(
             f'{head} {res["ms_per_iter"]:.0f} | {res["images_per_s"]:.3g} | '
-            f'{speedup} | {memory} | {res["wall_s"]:.0f} |'
+            f'{speedup} | {memory} | {res["wall_s"]:.0f} | {dirs} |'
         )
     return '\n'.join(lines)
 
