@@ -55,13 +55,15 @@ def test_kept_to_image(tool):
     assert not full[8:, :8].any() and full[8:, 8:].all()
 
 
-def test_visualize_detection_tool(tool, tools, configs, tmp_path):
-    """A tiny pruned Mask R-CNN (random weights) on a mini-COCO image: one
-    panel per step, recorded by a step hook, and the hook removed."""
+def _tiny_detector(tools, configs, tmp_path, prune_cfg=None):
+    """A tiny Mask R-CNN of the mini config (random weights): its config
+    file and checkpoint."""
     from mmdet.apis import init_detector
 
     cfg = Config.fromfile(osp.join(tools.root, tools.mini_cfg))
     configs.shrink_backbone(cfg)
+    if prune_cfg is not None:
+        cfg.model.backbone.backbone.prune_cfg = prune_cfg
     # the heads and images of the shrunk mini config (not its backbone
     # keys: shrink_backbone did it)
     shrink = tools.shrink.items()
@@ -79,12 +81,23 @@ def test_visualize_detection_tool(tool, tools, configs, tmp_path):
         ),
         checkpoint,
     )
-    image = osp.join(tools.root, 'data', 'coco_persons_mini', 'val2017')
-    image = osp.join(image, '000000000785.jpg')
+    return config, checkpoint
+
+
+def _mini_images(tools, *names):
+    folder = osp.join(tools.root, 'data', 'coco_persons_mini', 'val2017')
+    return [osp.join(folder, name) for name in names]
+
+
+def test_visualize_detection_tool(tool, tools, configs, tmp_path):
+    """A tiny pruned Mask R-CNN (random weights) on a mini-COCO image: one
+    panel per step, recorded by a step hook, and the hook removed."""
+    config, checkpoint = _tiny_detector(tools, configs, tmp_path)
+    (image,) = _mini_images(tools, '000000000785.jpg')
     out = tmp_path / 'vis.png'
     argv = [config, checkpoint, image, '--out', str(out)]
     summary = tool.main(argv + ['--ann-file', tools.mini_ann])
-    ((layer, kept, total),) = summary['steps']
+    ((layer, kept, total),) = summary['images'][0]['steps']
     assert layer == 2 and kept == total // 2 > 0
     from PIL import Image
 
@@ -96,3 +109,24 @@ def test_visualize_detection_tool(tool, tools, configs, tmp_path):
     )
     with pytest.raises(SystemExit, match='^error: .*no image named'):
         tool.main(argv + ['--ann-file', str(other)])
+
+
+def test_learned_pruning_on_two_images(tool, tools, configs, tmp_path):
+    """DyVM's learned pruner (eval: the top int(0.5 M) of its predictor)
+    drawn on two images, one row each; the figure names it."""
+    learned = dict(
+        type='mmssm.LearnedTokenPruner', layers=(2,), keep_ratios=0.5
+    )
+    config, checkpoint = _tiny_detector(tools, configs, tmp_path, learned)
+    images = _mini_images(tools, '000000000785.jpg', '000000040083.jpg')
+    out = tmp_path / 'vis.png'
+    summary = tool.main([config, checkpoint, *images, '--out', str(out)])
+    assert [s['image'] for s in summary['images']] == images
+    for image in summary['images']:
+        ((layer, kept, total),) = image['steps']
+        assert layer == 2 and kept == int(0.5 * total) > 0
+    assert 'learned (DyVM), rearranged;' in summary['pruner']
+    from PIL import Image
+
+    with Image.open(out) as png:  # 2 rows of (prediction, one step)
+        assert 0.6 * png.height < png.width < 1.6 * png.height

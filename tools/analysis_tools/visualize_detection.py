@@ -1,18 +1,20 @@
-"""Draw a detector's predictions on one image beside its pruned-token maps.
+"""Draw a detector's predictions on images beside its pruned-token maps.
 
-Runs an mmdet detector (a config and its checkpoint) on one image with
-mmdet's ``inference_detector`` (the config's test pipeline) and writes one
-PNG with, left to right: the ground truth if ``--ann-file`` (a COCO json
-holding the image, matched by file name and read with pycocotools) is
-given; the predictions above ``--score-thr`` (mmdet's
-``DetLocalVisualizer``); and one panel per pruning step of the token-pruned
-backbone, the tokens pruned by then greyed out, as a step hook of its
-pruner saw them while the detector ran on this very image.
+Runs an mmdet detector (a config and its checkpoint) on one or more images
+with mmdet's ``inference_detector`` (the config's test pipeline) and writes
+one PNG with a row per image, left to right: the ground truth if
+``--ann-file`` (a COCO json holding the image, matched by file name and
+read with pycocotools) is given; the predictions above ``--score-thr``
+(mmdet's ``DetLocalVisualizer``); and one panel per pruning step of the
+token-pruned backbone, the tokens pruned by then greyed out, as a step hook
+of its pruner saw them while the detector ran on this very image. A
+learned pruner (DyVM's predictor) keeps different tokens in each image.
 
 Example::
 
     python tools/analysis_tools/visualize_detection.py CONFIG CKPT \\
-        data/synthetic/shapes-128/val/000000.png --out vis.png \\
+        data/synthetic/shapes-128/val/000000.png \\
+        data/synthetic/shapes-128/val/000001.png --out vis.png \\
         --ann-file data/synthetic/shapes-128/annotations/instances_val.json
 """
 
@@ -41,7 +43,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('config', help='detector config file')
     parser.add_argument('checkpoint', help='checkpoint of the detector')
-    parser.add_argument('image', help='image file')
+    parser.add_argument('image', nargs='+', help='image file(s)')
     parser.add_argument('--out', required=True, help='the PNG to write')
     parser.add_argument(
         '--ann-file',
@@ -64,9 +66,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     for name in ('config', 'checkpoint', 'image', 'ann_file'):
-        path = getattr(args, name)
-        if path is not None and not osp.isfile(path):
-            parser.error(f'{name} file not found: {path}')
+        paths = getattr(args, name)
+        for path in paths if isinstance(paths, list) else [paths]:
+            if path is not None and not osp.isfile(path):
+                parser.error(f'{name} file not found: {path}')
     return args
 
 
@@ -170,22 +173,30 @@ def draw_instances(visualizer, image, instances, factor, pred, thr):
     return visualizer.get_image()
 
 
-def save_figure(panels: List[Tuple[str, np.ndarray]], out: str, title: str):
-    """Write the panels side by side, each with its title, to a PNG."""
+def save_figure(
+    rows: List[List[Tuple[str, np.ndarray]]], out: str, title: str
+):
+    """Write the panels to a PNG, each row of panels side by side (one row
+    per image), each panel with its title."""
     import matplotlib
 
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
-    n = len(panels)
-    h, w = panels[0][1].shape[:2]
+    n = max(len(panels) for panels in rows)
+    h, w = rows[0][0][1].shape[:2]
     fig, axes = plt.subplots(
-        1, n, figsize=(4.0 * n, 4.0 * h / w + 0.9), squeeze=False
+        len(rows),
+        n,
+        figsize=(4.0 * n, (4.0 * h / w + 0.4) * len(rows) + 0.5),
+        squeeze=False,
     )
-    for ax, (name, image) in zip(axes[0], panels):
-        ax.imshow(image, interpolation='nearest')
-        ax.set_title(name, fontsize=10)
-        ax.set_axis_off()
+    for ax_row, panels in zip(axes, rows):
+        for ax in ax_row:
+            ax.set_axis_off()
+        for ax, (name, image) in zip(ax_row, panels):
+            ax.imshow(image, interpolation='nearest')
+            ax.set_title(name, fontsize=10)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -194,8 +205,25 @@ def save_figure(panels: List[Tuple[str, np.ndarray]], out: str, title: str):
     plt.close(fig)
 
 
+def describe_pruner(name: str, pruner) -> str:
+    """One line on the figure: where the pruner prunes and how."""
+    from mmssm.models.pruning import LearnedTokenPruner
+
+    if isinstance(pruner, LearnedTokenPruner):
+        how = 'learned (DyVM), ' + (
+            'aligned scan' if pruner.align else 'rearranged'
+        )
+    else:
+        how = f'{"aligned" if pruner.align else "naive"} scan'
+    return (
+        f'{name}: pruned after layers {list(pruner.layers)}, keep '
+        f'{list(pruner.keep_ratios)}, {how}; grey = pruned tokens'
+    )
+
+
 def run(args: argparse.Namespace) -> dict:
-    """Run the detector and write the figure; returns a summary."""
+    """Run the detector on each image and write the figure; returns a
+    summary per image."""
     import mmcv
     from mmdet.apis import inference_detector, init_detector
     from mmdet.visualization import DetLocalVisualizer
@@ -207,69 +235,73 @@ def run(args: argparse.Namespace) -> dict:
         raise UserError(f'{args.config} is not an mmdet config')
     model = init_detector(cfg, args.checkpoint, device=args.device).eval()
     name, pruner = find_pruner(model)
+    classes = tuple(model.dataset_meta['classes'])
+    visualizer = DetLocalVisualizer.get_instance('visualize_detection')
+    visualizer.dataset_meta = model.dataset_meta
     records = []  # (layer, (h, w) kept tokens, pixels per token)
 
     def hook(pruner, step, before, after, scores):
         kept = after.patch_kept_mask()[0].cpu().numpy()
         records.append((pruner.layers[step], kept, after.patch_stride))
 
-    handle = pruner.register_step_hook(hook) if pruner is not None else None
-    try:
-        with torch.no_grad():
-            result = inference_detector(model, args.image)
-    finally:
-        if handle is not None:
-            handle.remove()
-
-    image = mmcv.imread(args.image, channel_order='rgb')
-    factor = max(1, -(-MIN_PANEL // min(image.shape[:2])))
-    classes = tuple(model.dataset_meta['classes'])
-    visualizer = DetLocalVisualizer.get_instance('visualize_detection')
-    visualizer.dataset_meta = model.dataset_meta
-    panels = []  # (title, RGB image)
-    if args.ann_file:
-        gt = gt_instances(args.ann_file, args.image, classes)
-        drawn = draw_instances(visualizer, image, gt, factor, False, 0)
-        panels.append((f'ground truth: {len(gt)} objects', drawn))
-    pred = result.pred_instances.cpu()
-    num = int((pred.scores >= args.score_thr).sum())
-    drawn = draw_instances(visualizer, image, pred, factor, True,
-                           args.score_thr)  # fmt: skip
-    panels.append((f'prediction: {num} with score >= {args.score_thr:g}',
-                   drawn))  # fmt: skip
-    steps = []
-    for layer, kept, stride in records:
-        full = kept_to_image(
-            kept, stride, result.metainfo['img_shape'], image.shape
-        )
-        steps.append((layer, int(kept.sum()), kept.size))
-        panels.append((
-            f'after layer {layer}: {int(kept.sum())}/{kept.size} tokens kept',
-            upscale(grey_out(image, full), factor),
-        ))  # fmt: skip
+    rows, summaries = [], []
+    for path in args.image:
+        records.clear()
+        handle = pruner.register_step_hook(hook) if pruner else None
+        try:
+            with torch.no_grad():
+                result = inference_detector(model, path)
+        finally:
+            if handle is not None:
+                handle.remove()
+        image = mmcv.imread(path, channel_order='rgb')
+        factor = max(1, -(-MIN_PANEL // min(image.shape[:2])))
+        panels = []  # (title, RGB image)
+        if args.ann_file:
+            gt = gt_instances(args.ann_file, path, classes)
+            drawn = draw_instances(visualizer, image, gt, factor, False, 0)
+            panels.append((f'ground truth: {len(gt)} objects', drawn))
+        pred = result.pred_instances.cpu()
+        num = int((pred.scores >= args.score_thr).sum())
+        drawn = draw_instances(visualizer, image, pred, factor, True,
+                               args.score_thr)  # fmt: skip
+        panels.append((f'prediction: {num} with score >= '
+                       f'{args.score_thr:g}', drawn))  # fmt: skip
+        steps = []
+        for layer, kept, stride in records:
+            full = kept_to_image(
+                kept, stride, result.metainfo['img_shape'], image.shape
+            )
+            steps.append((layer, int(kept.sum()), kept.size))
+            panels.append((
+                f'after layer {layer}: {int(kept.sum())}/{kept.size} kept',
+                upscale(grey_out(image, full), factor),
+            ))  # fmt: skip
+        if len(args.image) > 1:  # which image the row is
+            panels[0] = (f'{osp.basename(path)}: {panels[0][0]}', panels[0][1])
+        rows.append(panels)
+        summaries.append(dict(image=path, num_predictions=num, steps=steps))
     title = args.title
-    if pruner is not None:
-        title = (title + '\n' if title else '') + (
-            f'{name}: pruned after layers {list(pruner.layers)}, keep '
-            f'{list(pruner.keep_ratios)}, '
-            f'{"aligned" if pruner.align else "naive"} scan; grey = pruned '
-            'tokens'
-        )
-    save_figure(panels, args.out, title)
-    return dict(num_predictions=num, steps=steps, out=args.out)
+    described = describe_pruner(name, pruner) if pruner else None
+    if described:
+        title = (title + '\n' if title else '') + described
+    save_figure(rows, args.out, title)
+    return dict(images=summaries, pruner=described, out=args.out)
 
 
 @exit_on_user_error
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    """Run the tool; returns the number of predictions and the steps."""
+    """Run the tool; returns the number of predictions and the steps of
+    each image."""
     args = parse_args(argv)
     summary = run(args)
-    print(
-        f'{summary["num_predictions"]} predictions with score >= '
-        f'{args.score_thr:g}'
-    )
-    for layer, kept, total in summary['steps']:
-        print(f'after layer {layer}: {kept}/{total} tokens kept')
+    for image in summary['images']:
+        print(
+            f'{image["image"]}: {image["num_predictions"]} predictions '
+            f'with score >= {args.score_thr:g}'
+        )
+        for layer, kept, total in image['steps']:
+            print(f'  after layer {layer}: {kept}/{total} tokens kept')
     print(f'written: {args.out}')
     return summary
 
