@@ -1,28 +1,11 @@
 """PlainMamba-L1 on ImageNet-1K at 224 x 224: the converted release, dense.
 
-Evaluates the released weights converted with ``python
-tools/model_converters/plainmamba2mmssm.py l1.pth
-checkpoints/plainmamba-l1_in1k.pth`` (``load_from``; ``l1.pth`` of
-ChenhongyiYang/PlainMamba) on mmpretrain's ImageNet layout under
-``data/imagenet/``::
-
-    python tools/test.py configs/plainmamba/plainmamba-l1_8xb64_in1k.py \\
-        checkpoints/plainmamba-l1_in1k.pth
-
-Data as mmpretrain's DeiT-style ImageNet base (train: random resized crop,
-flip, RandAugment m9-mstd0.5, random erasing 0.25; test: resize to 256,
-bicubic, centre crop 224); label smoothing and Mixup/CutMix from the model
-fragment. The config also holds the 30-epoch fine-tuning recipe of its
-``-prune`` and ``-naive`` configs (ToP's for PlainMamba,
-``configs/_base_/schedules/imagenet_finetune_30e.py``): training it
-fine-tunes the dense model for the same budget, from ``load_from``.
-
-8 GPUs x 64 images (``8xb64``, a total batch of 512, which the lr is set
-for); with another setup pass ``--auto-scale-lr``.
-
-Paper (Table 1 of "Exploring Token Pruning in Vision State Space Models"):
-7 M params, 3.0 G FLOPs (multiply-accumulates, scan convention
-'plainmamba': 9*K*E*N per direction), 77.9% top-1.
+``load_from``: ``l1.pth`` of ChenhongyiYang/PlainMamba, converted by
+``tools/model_converters/plainmamba2mmssm.py``. Paper (Table 1 of the pruning
+paper, FLOPs in its 'plainmamba' convention): 7 M params, 3.0 G FLOPs, 77.9%
+top-1. The data, the 30-epoch fine-tuning recipe that this config also holds
+(its ``-prune`` and ``-naive`` configs'), the 8 x 64 batch and the commands are
+in ``configs/plainmamba/README.md``.
 """
 
 _base_ = [
