@@ -276,7 +276,8 @@ def kept_maps(runner, images):
 
 def draw(images, maps, labels, path: str) -> None:
     """One row per image: the image, then each method's kept tokens (the
-    pruned ones darkened); enlarged to rows of at least 128 pixels."""
+    pruned ones washed out towards white, as the glyphs are dark); enlarged
+    to rows of at least 128 pixels."""
 
     rows = []
     for i, image in enumerate(images):
@@ -287,7 +288,7 @@ def draw(images, maps, labels, path: str) -> None:
             scale = img.shape[0] // mask.shape[0]
             big = np.kron(mask, np.ones((scale, scale), np.float32))
             big = big[: img.shape[0], : img.shape[1], None]
-            tiles.append(img * (0.25 + 0.75 * big))
+            tiles.append(img * (0.3 + 0.7 * big) + 178.5 * (1 - big))
         gap = np.full((img.shape[0], 4, 3), 255, np.float32)
         row = [t for tile in tiles for t in (tile, gap)][:-1]
         rows.append(np.concatenate(row, axis=1))
