@@ -673,6 +673,18 @@ def format_table(rows: List[Row], results: Dict[str, dict]) -> str:
     return '\n'.join(lines)
 
 
+def progress(res: dict) -> str:
+    """A row's result as it is measured (an interrupted run keeps what
+    it printed): time, peak memory, kept directions, load average."""
+    parts = [f'{res["ms_per_iter"]:.0f} ms / iter']
+    if 'peak_fwd_mib' in res:
+        parts.append(f'peak fwd {res["peak_fwd_mib"]:.0f} MiB')
+    if 'direction_keep' in res:
+        parts.append(f'directions {res["direction_keep"]:.2f}')
+    load = ' '.join(f'{x:.1f}' for x in os.getloadavg())
+    return ', '.join(parts + [f'load {load}'])
+
+
 def write_json(path: str, report: dict) -> None:
     """Written whole or not at all (a stopped run leaves no half a file)."""
     atomic_write(path, json.dumps(report, indent=1))
@@ -702,9 +714,7 @@ def main(argv=None) -> None:
                   file=sys.stderr, flush=True)  # fmt: skip
             for res in measure(unit, args):
                 rounds[res['key']].append(res)
-                done = (
-                    res.get('error') or f'{res["ms_per_iter"]:.0f} ms / iter'
-                )
+                done = res.get('error') or progress(res)
                 print(f'[benchmark] {res["key"]}: {done}', file=sys.stderr,
                       flush=True)  # fmt: skip
     results = {key: combine_rounds(runs) for key, runs in rounds.items()}
