@@ -37,21 +37,43 @@ def get_version():
 def make_extensions():
     if os.getenv('MMSSM_WITH_OPS', '1') == '0':
         return [], {}
-    from torch.utils.cpp_extension import BuildExtension, CppExtension
+    from torch.utils.cpp_extension import BuildExtension
 
     # -Wno-psabi: the 64-byte vector types of kernels/common/vec16.h only
     # pass between inline functions, never across an ABI boundary.
     flags = ['-O3', '-std=c++20', '-fopenmp', '-Wno-psabi']
     if os.getenv('MMSSM_NATIVE', '0') == '1':
         flags.append('-march=native')
-    ext = CppExtension(
-        name='mmssm._ext',
-        sources=['kernels/bindings.cpp', *sorted(glob('kernels/*/*.cpp'))],
-        depends=sorted(glob('kernels/*/*.h')),
+    sources = ['kernels/bindings.cpp', *sorted(glob('kernels/*/*.cpp'))]
+    sources = [s for s in sources if not s.startswith('kernels/avx2/')]
+    depends = sorted(glob('kernels/*/*.h')) + sources
+    exts = [_extension('mmssm._ext', sources, depends, flags)]
+    # The same kernels again for AVX2 + FMA, which mmssm/ops/ext.py loads
+    # when the CPU has them: kernels/avx2/*.cpp include the generic sources
+    # (own object files; the builds' symbols differ, kernels/common/isa.h).
+    if os.getenv('MMSSM_WITH_AVX2', '1') != '0' and _is_x86_64():
+        avx2 = sorted(glob('kernels/avx2/*.cpp'))
+        flags_avx2 = [*flags, '-mavx2', '-mfma']
+        exts.append(_extension('mmssm._ext_avx2', avx2, depends, flags_avx2))
+    return exts, {'build_ext': BuildExtension}
+
+
+def _extension(name, sources, depends, flags):
+    from torch.utils.cpp_extension import CppExtension
+
+    return CppExtension(
+        name=name,
+        sources=sources,
+        depends=depends,
         extra_compile_args={'cxx': flags},
         extra_link_args=['-fopenmp'],
     )
-    return [ext], {'build_ext': BuildExtension}
+
+
+def _is_x86_64():
+    import platform
+
+    return platform.machine().lower() in ('x86_64', 'amd64')
 
 
 ext_modules, cmdclass = make_extensions()

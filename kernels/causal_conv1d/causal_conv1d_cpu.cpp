@@ -37,6 +37,8 @@
 
 #include "causal_conv1d_cpu.h"
 
+#include "../common/isa.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
@@ -51,6 +53,7 @@
 #include "../common/vectorized_exp.h"
 
 namespace mmssm {
+inline namespace MMSSM_ISA {
 namespace {
 
 int conv_threads() { return std::max(1, at::get_num_threads()); }
@@ -353,4 +356,5 @@ std::vector<std::optional<at::Tensor>> causal_conv1d_bwd(
   return {dx, dw, dbias};
 }
 
+}  // namespace MMSSM_ISA
 }  // namespace mmssm

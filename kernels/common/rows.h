@@ -7,12 +7,15 @@
 // scan no flipped or gathered copy.
 #pragma once
 
+#include "isa.h"
+
 #include <ATen/ATen.h>
 
 #include <algorithm>
 #include <cstdint>
 
 namespace mmssm {
+inline namespace MMSSM_ISA {
 
 template <typename T>
 struct Rows {
@@ -67,4 +70,5 @@ struct Rows {
   }
 };
 
+}  // namespace MMSSM_ISA
 }  // namespace mmssm

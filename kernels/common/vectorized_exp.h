@@ -2,6 +2,8 @@
 // (fast_exp), shared by kernels/selective_scan and kernels/causal_conv1d.
 #pragma once
 
+#include "isa.h"
+
 #include <algorithm>
 #include <bit>
 #include <cmath>
@@ -10,6 +12,7 @@
 #include "vec16.h"
 
 namespace mmssm {
+inline namespace MMSSM_ISA {
 
 // exp for float32 (Cody-Waite range reduction and Cephes' polynomial; max
 // relative error ~2 ulp). exp(x) for x < -87.3 is flushed to ~1e-38, which is
@@ -53,4 +56,5 @@ inline vf16 exp16(vf16 x) {
 // float64 is for checking against the references: plain libm.
 inline double fast_exp(double x) { return std::exp(x); }
 
+}  // namespace MMSSM_ISA
 }  // namespace mmssm
