@@ -149,121 +149,149 @@ struct ScanArgs {
   }
 };
 
-// One thread's buffers for one tile, kChunk W-lane vectors each.
+// A tile's constants and the state it carries from chunk to chunk.
 template <typename T>
-struct TileBuffers {
+struct Tile {
+  using V = vec_t<T>;
+  int64_t d0 = 0;
+  int lanes = 0;
+  V* At = nullptr;  // N: A transposed, (n, lane)
+  V* h = nullptr;   // N: the state
+  V bias{}, D{}, gap_step{};
+  V prev_step{};  // delta of the step before the chunk ('prev' gaps)
+  // backward only
+  V* dh = nullptr;    // N: d loss / d state, from the later steps
+  V* dA = nullptr;    // N
+  V* ckpt = nullptr;  // chunks x N: the state before each chunk
+  V dD{}, dbias{}, dgap_null{};
+  V dstep_from_next{};  // 'prev': step k+1's gap decays with delta_k
+};
+
+// One thread's buffers: one chunk of one tile (kChunk W-lane vectors
+// each), and the per-tile storage of its tiles of one batch element.
+template <typename T>
+struct Work {
   using V = vec_t<T>;
   std::vector<V> step, e, x, u, gate, dgate, dsdraw, y, dout;
   std::vector<int64_t> tok_s, tok_u;
-  std::vector<V> At, h, ckpt;  // N; N; (chunks + 1) x N
   std::vector<V> decay, state;  // kChunk x N; (kChunk + 1) x N
-  std::vector<V> dh, dA, dB, dC;  // N; N; kChunk x N; kChunk x N
-  TileBuffers(int64_t K, int64_t N, bool backward)
+  std::vector<V> dB, dC;        // kChunk x N: sums over the tiles
+  std::vector<Tile<T>> tiles;
+  std::vector<V> At, h, dh, dA, ckpt;
+  Work(int64_t N, bool backward)
       : step(kChunk), e(kChunk), x(kChunk), u(kChunk), gate(kChunk),
         dgate(kChunk), dsdraw(kChunk), y(kChunk), dout(kChunk),
-        tok_s(kChunk), tok_u(kChunk), At(N), h(N) {
+        tok_s(kChunk), tok_u(kChunk) {
     if (backward) {
-      ckpt.resize(((K + kChunk - 1) / kChunk + 1) * N);
       decay.resize(kChunk * N);
       state.resize((kChunk + 1) * N);
-      dh.resize(N);
-      dA.resize(N);
       dB.resize(kChunk * N);
       dC.resize(kChunk * N);
     }
   }
+
+  // Tiles g0..g1-1 (of W channels) of a batch element, state zero.
+  void set_tiles(const ScanArgs<T>& a, int64_t g0, int64_t g1,
+                 bool backward) {
+    constexpr int W = Simd<T>::W;
+    const int64_t G = g1 - g0, N = a.N;
+    const int64_t chunks = (a.K + kChunk - 1) / kChunk;
+    tiles.assign(G, Tile<T>{});
+    At.resize(G * N);
+    h.assign(G * N, V{});
+    if (backward) {
+      dh.assign(G * N, V{});
+      dA.assign(G * N, V{});
+      ckpt.resize(G * chunks * N);
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      Tile<T>& t = tiles[g];
+      t.d0 = (g0 + g) * W;
+      t.lanes = static_cast<int>(std::min<int64_t>(W, a.dim - t.d0));
+      t.At = At.data() + g * N;
+      t.h = h.data() + g * N;
+      for (int64_t n = 0; n < N; ++n) {
+        V v{};
+        for (int w = 0; w < t.lanes; ++w) v[w] = a.A[(t.d0 + w) * N + n];
+        t.At[n] = v;
+      }
+      for (int w = 0; w < t.lanes; ++w) {
+        if (a.bias) t.bias[w] = a.bias[t.d0 + w];
+        if (a.D) t.D[w] = a.D[t.d0 + w];
+      }
+      t.gap_step = a.softplus ? vsoftplus(t.bias) : t.bias;
+      if (backward) {
+        t.dh = dh.data() + g * N;
+        t.dA = dA.data() + g * N;
+        t.ckpt = ckpt.data() + g * chunks * N;
+      }
+    }
+  }
 };
 
-// Per-tile constants: A transposed to (N, lanes), bias, D, the gap step.
-template <typename T>
-struct TileConst {
-  using V = vec_t<T>;
-  V bias{}, D{}, gap_step{};
-};
-
-template <typename T>
-TileConst<T> load_tile(const ScanArgs<T>& a, int64_t d0, int lanes,
-                       TileBuffers<T>& buf) {
-  using V = vec_t<T>;
-  TileConst<T> c;
-  for (int64_t n = 0; n < a.N; ++n) {
-    V v{};
-    for (int w = 0; w < lanes; ++w) v[w] = a.A[(d0 + w) * a.N + n];
-    buf.At[n] = v;
-  }
-  for (int w = 0; w < lanes; ++w) {
-    if (a.bias) c.bias[w] = a.bias[d0 + w];
-    if (a.D) c.D[w] = a.D[d0 + w];
-  }
-  c.gap_step = a.softplus ? vsoftplus(c.bias) : c.bias;
-  return c;
-}
-
-// Steps j0..j0+len-1 of the tile: tokens, packed inputs, the step sizes
-// delta_k, the decay exponents e_k, the inputs delta_k u_k, the gate
-// silu(z_k) and, for the backward pass, the derivatives of the softplus and
-// the gate. prev_step carries delta_{k-1} over chunks ('prev' gaps).
+// Steps j0..j0+len-1 (tokens in w.tok_s, w.tok_u) of tile t: packed
+// inputs, the step sizes delta_k, the decay exponents e_k, the inputs
+// delta_k u_k, the gate silu(z_k) and, for the backward pass, the
+// derivatives of the softplus and the gate. Updates t.prev_step.
 template <typename T, bool kBackward>
-void prepare_chunk(const ScanArgs<T>& a, int64_t b, int64_t d0, int lanes,
-                   int64_t j0, int64_t len, const TileConst<T>& c,
-                   TileBuffers<T>& buf, vec_t<T>& prev_step) {
+void prepare_chunk(const ScanArgs<T>& a, int64_t b, int64_t j0, int64_t len,
+                   Tile<T>& t, Work<T>& w) {
   using V = vec_t<T>;
-  a.tokens(b, j0, len, buf.tok_s.data(), buf.tok_u.data());
-  V* step = buf.step.data();
-  pack(a.delta, b, d0, lanes, buf.tok_s.data(), len, step);
-  pack(a.u, b, d0, lanes, buf.tok_u.data(), len, buf.u.data());
+  V* step = w.step.data();
+  pack(a.delta, b, t.d0, t.lanes, w.tok_s.data(), len, step);
+  pack(a.u, b, t.d0, t.lanes, w.tok_u.data(), len, w.u.data());
   const bool z = a.z.p != nullptr;
-  if (z) pack(a.z, b, d0, lanes, buf.tok_u.data(), len, buf.gate.data());
+  if (z) pack(a.z, b, t.d0, t.lanes, w.tok_u.data(), len, w.gate.data());
   const T* g = a.gaps ? a.gaps + b * a.K + j0 : nullptr;
   for (int64_t j = 0; j < len; ++j) {
-    const V raw = step[j] + c.bias;
+    const V raw = step[j] + t.bias;
     const V s = a.softplus ? vsoftplus(raw) : raw;
     step[j] = s;
-    buf.x[j] = s * buf.u[j];
+    w.x[j] = s * w.u[j];
     if constexpr (kBackward) {
-      buf.dsdraw[j] = a.softplus ? vsigmoid(raw) : V{} + T(1);
+      w.dsdraw[j] = a.softplus ? vsigmoid(raw) : V{} + T(1);
     }
     if (!g) {
-      buf.e[j] = s;
+      w.e[j] = s;
     } else if (a.gap_mode == kGapPrev) {
-      buf.e[j] = s + g[j] * prev_step;  // g_0 = 0
+      w.e[j] = s + g[j] * t.prev_step;  // g_0 = 0
     } else {  // 'null': a zero-input token's step
-      buf.e[j] = s + g[j] * c.gap_step;
+      w.e[j] = s + g[j] * t.gap_step;
     }
-    prev_step = s;
+    t.prev_step = s;
     if (z) {
-      const V zk = buf.gate[j];
+      const V zk = w.gate[j];
       const V sig = vsigmoid(zk);
-      buf.gate[j] = zk * sig;
+      w.gate[j] = zk * sig;
       if constexpr (kBackward) {
-        buf.dgate[j] = sig * (T(1) + zk * (T(1) - sig));
+        w.dgate[j] = sig * (T(1) + zk * (T(1) - sig));
       }
     }
   }
 }
 
-// The recurrence over steps j0..j0+len-1, from the states in h (updated).
-// kOut: y[j] = C_k . h_k. kStore: keeps the decays and the states (state[0]
-// is the state before the chunk) for the backward pass.
+// The recurrence of tile t over the len steps of the chunk, from the state
+// t.h (updated). kOut: y[j] = C_k . h_k. kStore: keeps the decays and the
+// states (state[0] is the state before the chunk) for the backward pass.
 template <typename T, int kN, bool kOut, bool kStore>
 inline void recurrence(const ScanArgs<T>& a, int64_t b, int64_t len,
-                       TileBuffers<T>& buf) {
+                       const Tile<T>& t, Work<T>& w) {
   using V = vec_t<T>;
   const int64_t N = kN > 0 ? kN : a.N;
-  const V* __restrict At = buf.At.data();
-  V* __restrict h = buf.h.data();
-  const V* __restrict e = buf.e.data();
-  const V* __restrict x = buf.x.data();
-  V* __restrict y = buf.y.data();
-  V* __restrict decay = buf.decay.data();
-  V* __restrict state = buf.state.data();
+  const V* __restrict At = t.At;
+  V* __restrict h = t.h;
+  const V* __restrict e = w.e.data();
+  const V* __restrict x = w.x.data();
+  V* __restrict y = w.y.data();
+  V* __restrict decay = w.decay.data();
+  V* __restrict state = w.state.data();
   const T* Bb = a.Bt + b * a.sBb;
   const T* Cb = a.Ct + b * a.sCb;
   if constexpr (kStore) std::copy(h, h + N, state);
   for (int64_t j = 0; j < len; ++j) {
-    const int64_t t = buf.tok_s[j];
-    const T* __restrict Bk = Bb + t * a.sBk;
-    const T* __restrict Ck = Cb + t * a.sCk;
+    const int64_t k = w.tok_s[j];
+    const T* __restrict Bk = Bb + k * a.sBk;
+    const T* __restrict Ck = Cb + k * a.sCk;
     const V ej = e[j], xj = x[j];
     V yj{};
     for (int64_t n = 0; n < N; ++n) {
@@ -280,23 +308,27 @@ inline void recurrence(const ScanArgs<T>& a, int64_t b, int64_t len,
   }
 }
 
+// A thread's tiles g0..g1-1 of batch element b, chunk by chunk: each chunk's
+// rows of the inputs are read for all these tiles (adjacent channels) while
+// they are in cache.
 template <typename T, int kN>
-void forward_tile(const ScanArgs<T>& a, int64_t b, int64_t d0, int lanes,
-                  TileBuffers<T>& buf) {
+void forward_tiles(const ScanArgs<T>& a, int64_t b, int64_t g0, int64_t g1,
+                   Work<T>& w) {
   using V = vec_t<T>;
-  const TileConst<T> c = load_tile(a, d0, lanes, buf);
-  std::fill(buf.h.begin(), buf.h.end(), V{});
-  V prev_step{};
+  w.set_tiles(a, g0, g1, false);
   for (int64_t j0 = 0; j0 < a.K; j0 += kChunk) {
     const int64_t len = std::min(kChunk, a.K - j0);
-    prepare_chunk<T, false>(a, b, d0, lanes, j0, len, c, buf, prev_step);
-    recurrence<T, kN, true, false>(a, b, len, buf);
-    V* y = buf.y.data();
-    for (int64_t j = 0; j < len; ++j) {
-      y[j] = y[j] + c.D * buf.u[j];
-      if (a.z.p) y[j] *= buf.gate[j];
+    a.tokens(b, j0, len, w.tok_s.data(), w.tok_u.data());
+    for (Tile<T>& t : w.tiles) {
+      prepare_chunk<T, false>(a, b, j0, len, t, w);
+      recurrence<T, kN, true, false>(a, b, len, t, w);
+      V* y = w.y.data();
+      for (int64_t j = 0; j < len; ++j) {
+        y[j] = y[j] + t.D * w.u[j];
+        if (a.z.p) y[j] *= w.gate[j];
+      }
+      unpack(a.out, b, t.d0, t.lanes, w.tok_u.data(), len, y);
     }
-    unpack(a.out, b, d0, lanes, buf.tok_u.data(), len, y);
   }
 }
 
@@ -316,117 +348,143 @@ void add_lane_sums(const vec_t<T>* acc, int64_t len, int64_t N,
     const V* row = acc + j * N;
     T* o = out + tok[j] * N;
     int64_t n = 0;
-    for (; n + W <= N; n += W) vstore(o + n, vload<V>(o + n) + row_sums(row + n));
+    for (; n + W <= N; n += W) {
+      vstore(o + n, vload<V>(o + n) + row_sums(row + n));
+    }
     for (; n < N; ++n) {
       T s = 0;
-      for (int w = 0; w < W; ++w) s += row[n][w];
+      for (int i = 0; i < W; ++i) s += row[n][i];
       o[n] += s;
     }
   }
 }
 
-// Backward over one tile; dB_loc/dC_loc (K x N, token order) are this
-// thread's sums over the channels it has processed for batch element b.
+// The softplus'd step size of step j of tile t (delta_{j0-1} for the 'prev'
+// gap of a chunk's first step, when the chunks run backwards).
+template <typename T>
+vec_t<T> step_at(const ScanArgs<T>& a, int64_t b, int64_t j,
+                 const Tile<T>& t) {
+  int64_t tok_s, tok_u;
+  a.tokens(b, j, 1, &tok_s, &tok_u);
+  vec_t<T> raw;
+  pack(a.delta, b, t.d0, t.lanes, &tok_s, 1, &raw);
+  raw += t.bias;
+  return a.softplus ? vsoftplus(raw) : raw;
+}
+
+// Backward over one chunk of tile t: the chunk's states recomputed from its
+// checkpoint, then the reverse recurrence. w.dB/w.dC (the chunk's dB, dC)
+// get this tile's lanes added.
 template <typename T, int kN>
-void backward_tile(const ScanArgs<T>& a, const GradArgs<T>& g, int64_t b,
-                   int64_t d0, int lanes, TileBuffers<T>& buf, T* dB_loc,
-                   T* dC_loc) {
+void backward_chunk(const ScanArgs<T>& a, const GradArgs<T>& g, int64_t b,
+                    int64_t i, int64_t len, Tile<T>& t, Work<T>& w) {
   using V = vec_t<T>;
   const int64_t N = kN > 0 ? kN : a.N;
-  const int64_t K = a.K;
-  const TileConst<T> c = load_tile(a, d0, lanes, buf);
-  const int64_t chunks = (K + kChunk - 1) / kChunk;
-  // pass 1: the state at the start of every chunk
-  std::fill(buf.h.begin(), buf.h.end(), V{});
-  V prev_step{};
-  for (int64_t i = 0; i < chunks; ++i) {
-    const int64_t j0 = i * kChunk, len = std::min(kChunk, K - j0);
-    std::copy(buf.h.begin(), buf.h.end(), buf.ckpt.begin() + i * N);
-    prepare_chunk<T, false>(a, b, d0, lanes, j0, len, c, buf, prev_step);
-    recurrence<T, kN, false, false>(a, b, len, buf);
+  const int64_t j0 = i * kChunk;
+  t.prev_step = V{};
+  if (j0 > 0 && a.gaps && a.gap_mode == kGapPrev) {
+    t.prev_step = step_at(a, b, j0 - 1, t);
   }
-  // pass 2: the chunks from the last, states recomputed
-  V* __restrict dh = buf.dh.data();
-  V* __restrict dA = buf.dA.data();
-  std::fill(dh, dh + N, V{});
-  std::fill(dA, dA + N, V{});
-  V dD{}, dbias{}, dgap_null{};
-  V dstep_from_next{};  // 'prev': step k+1's gap decays with delta_k
-  const V* __restrict At = buf.At.data();
+  prepare_chunk<T, true>(a, b, j0, len, t, w);
+  std::copy(t.ckpt + i * N, t.ckpt + (i + 1) * N, t.h);
+  recurrence<T, kN, true, true>(a, b, len, t, w);
+  V* dy = w.dout.data();
+  pack(g.dout, b, t.d0, t.lanes, w.tok_u.data(), len, dy);
+  if (a.z.p) {
+    V* dz = w.dgate.data();  // in place
+    for (int64_t j = 0; j < len; ++j) {
+      dz[j] = dy[j] * (w.y[j] + t.D * w.u[j]) * w.dgate[j];
+      dy[j] = dy[j] * w.gate[j];
+    }
+    unpack(g.dz, b, t.d0, t.lanes, w.tok_u.data(), len, dz);
+  }
+  const V* __restrict At = t.At;
+  V* __restrict dh = t.dh;
+  V* __restrict dA = t.dA;
+  const V* __restrict decay = w.decay.data();
+  const V* __restrict state = w.state.data();
+  V* __restrict dBc = w.dB.data();
+  V* __restrict dCc = w.dC.data();
+  V* du = w.gate.data();  // reused: the gate is no longer needed
+  V* dstep = w.y.data();  // reused: y is no longer needed
   const T* Bb = a.Bt + b * a.sBb;
   const T* Cb = a.Ct + b * a.sCb;
+  const T* gaps = a.gaps ? a.gaps + b * a.K + j0 : nullptr;
+  for (int64_t j = len - 1; j >= 0; --j) {
+    const int64_t k = w.tok_s[j];
+    const T* __restrict Bk = Bb + k * a.sBk;
+    const T* __restrict Ck = Cb + k * a.sCk;
+    const V dyj = dy[j], xj = w.x[j], ej = w.e[j];
+    t.dD += dyj * w.u[j];
+    V de{}, dx{};
+    for (int64_t n = 0; n < N; ++n) {
+      const V dhn = dh[n] + dyj * Ck[n];
+      dCc[j * N + n] += dyj * state[(j + 1) * N + n];
+      // d(decay) * decay; h_{-1} = 0 makes it 0 at the first step
+      const V dd = dhn * state[j * N + n] * decay[j * N + n];
+      de += dd * At[n];
+      dA[n] += dd * ej;
+      dBc[j * N + n] += dhn * xj;
+      dx += dhn * Bk[n];
+      dh[n] = dhn * decay[j * N + n];
+    }
+    du[j] = dyj * t.D + dx * w.step[j];
+    dstep[j] = dx * w.u[j] + de + t.dstep_from_next;
+    t.dstep_from_next = V{};
+    if (gaps && gaps[j] > T(0)) {
+      if (a.gap_mode == kGapPrev) {
+        t.dstep_from_next = de * gaps[j];
+      } else {
+        t.dgap_null += de * gaps[j];
+      }
+    }
+  }
+  for (int64_t j = 0; j < len; ++j) {
+    dstep[j] *= w.dsdraw[j];  // d delta (raw)
+    t.dbias += dstep[j];
+  }
+  unpack(g.du, b, t.d0, t.lanes, w.tok_u.data(), len, du);
+  unpack(g.ddelta, b, t.d0, t.lanes, w.tok_s.data(), len, dstep);
+}
+
+// Backward over a thread's tiles g0..g1-1 of batch element b; dB_loc/dC_loc
+// (K x N, token order) are this thread's sums over its channels.
+template <typename T, int kN>
+void backward_tiles(const ScanArgs<T>& a, const GradArgs<T>& g, int64_t b,
+                    int64_t g0, int64_t g1, Work<T>& w, T* dB_loc,
+                    T* dC_loc) {
+  using V = vec_t<T>;
+  const int64_t N = a.N, K = a.K;
+  const int64_t chunks = (K + kChunk - 1) / kChunk;
+  w.set_tiles(a, g0, g1, true);
+  // pass 1: the state before every chunk
+  for (int64_t i = 0; i < chunks; ++i) {
+    const int64_t j0 = i * kChunk, len = std::min(kChunk, K - j0);
+    a.tokens(b, j0, len, w.tok_s.data(), w.tok_u.data());
+    for (Tile<T>& t : w.tiles) {
+      std::copy(t.h, t.h + N, t.ckpt + i * N);
+      prepare_chunk<T, false>(a, b, j0, len, t, w);
+      recurrence<T, kN, false, false>(a, b, len, t, w);
+    }
+  }
+  // pass 2: the chunks from the last
   for (int64_t i = chunks - 1; i >= 0; --i) {
     const int64_t j0 = i * kChunk, len = std::min(kChunk, K - j0);
-    // delta_{j0-1} for the first step's 'prev' gap (g_0 = 0 for j0 = 0)
-    V prev{};
-    if (j0 > 0 && a.gaps && a.gap_mode == kGapPrev) {
-      prepare_chunk<T, false>(a, b, d0, lanes, j0 - 1, 1, c, buf, prev);
-    }
-    prepare_chunk<T, true>(a, b, d0, lanes, j0, len, c, buf, prev);
-    std::copy(buf.ckpt.begin() + i * N, buf.ckpt.begin() + (i + 1) * N,
-              buf.h.begin());
-    recurrence<T, kN, true, true>(a, b, len, buf);
-    V* dy = buf.dout.data();
-    pack(g.dout, b, d0, lanes, buf.tok_u.data(), len, dy);
-    if (a.z.p) {
-      V* dz = buf.dgate.data();  // in place
-      for (int64_t j = 0; j < len; ++j) {
-        dz[j] = dy[j] * (buf.y[j] + c.D * buf.u[j]) * buf.dgate[j];
-        dy[j] = dy[j] * buf.gate[j];
-      }
-      unpack(g.dz, b, d0, lanes, buf.tok_u.data(), len, dz);
-    }
-    const V* __restrict decay = buf.decay.data();
-    const V* __restrict state = buf.state.data();
-    V* __restrict dBc = buf.dB.data();
-    V* __restrict dCc = buf.dC.data();
-    V* du = buf.gate.data();      // reused: the gate is no longer needed
-    V* dstep = buf.y.data();      // reused: y is no longer needed
-    const T* gaps = a.gaps ? a.gaps + b * K + j0 : nullptr;
-    for (int64_t j = len - 1; j >= 0; --j) {
-      const int64_t t = buf.tok_s[j];
-      const T* __restrict Bk = Bb + t * a.sBk;
-      const T* __restrict Ck = Cb + t * a.sCk;
-      const V dyj = dy[j], xj = buf.x[j], ej = buf.e[j];
-      dD += dyj * buf.u[j];
-      V de{}, dx{};
-      for (int64_t n = 0; n < N; ++n) {
-        const V dhn = dh[n] + dyj * Ck[n];
-        dCc[j * N + n] = dyj * state[(j + 1) * N + n];
-        // d(decay) * decay; h_{-1} = 0 makes it 0 at the first step
-        const V dd = dhn * state[j * N + n] * decay[j * N + n];
-        de += dd * At[n];
-        dA[n] += dd * ej;
-        dBc[j * N + n] = dhn * xj;
-        dx += dhn * Bk[n];
-        dh[n] = dhn * decay[j * N + n];
-      }
-      du[j] = dyj * c.D + dx * buf.step[j];
-      dstep[j] = dx * buf.u[j] + de + dstep_from_next;
-      dstep_from_next = V{};
-      if (gaps && gaps[j] > T(0)) {
-        if (a.gap_mode == kGapPrev) {
-          dstep_from_next = de * gaps[j];
-        } else {
-          dgap_null += de * gaps[j];
-        }
-      }
-    }
-    for (int64_t j = 0; j < len; ++j) {
-      dstep[j] *= buf.dsdraw[j];  // d delta (raw)
-      dbias += dstep[j];
-    }
-    unpack(g.du, b, d0, lanes, buf.tok_u.data(), len, du);
-    unpack(g.ddelta, b, d0, lanes, buf.tok_s.data(), len, dstep);
-    add_lane_sums<T>(dBc, len, N, buf.tok_s.data(), dB_loc);
-    add_lane_sums<T>(dCc, len, N, buf.tok_s.data(), dC_loc);
+    a.tokens(b, j0, len, w.tok_s.data(), w.tok_u.data());
+    std::fill(w.dB.begin(), w.dB.begin() + len * N, V{});
+    std::fill(w.dC.begin(), w.dC.begin() + len * N, V{});
+    for (Tile<T>& t : w.tiles) backward_chunk<T, kN>(a, g, b, i, len, t, w);
+    add_lane_sums<T>(w.dB.data(), len, N, w.tok_s.data(), dB_loc);
+    add_lane_sums<T>(w.dC.data(), len, N, w.tok_s.data(), dC_loc);
   }
-  const V dgap = a.softplus ? dgap_null * vsigmoid(c.bias) : dgap_null;
-  for (int w = 0; w < lanes; ++w) {
-    const int64_t bd = b * a.dim + d0 + w;
-    for (int64_t n = 0; n < N; ++n) g.dA_part[bd * N + n] = dA[n][w];
-    g.dD_part[bd] = dD[w];
-    g.dbias_part[bd] = dbias[w] + dgap[w];
+  for (const Tile<T>& t : w.tiles) {
+    const V dgap = a.softplus ? t.dgap_null * vsigmoid(t.bias) : t.dgap_null;
+    for (int l = 0; l < t.lanes; ++l) {
+      const int64_t bd = b * a.dim + t.d0 + l;
+      for (int64_t n = 0; n < N; ++n) g.dA_part[bd * N + n] = t.dA[n][l];
+      g.dD_part[bd] = t.dD[l];
+      g.dbias_part[bd] = t.dbias[l] + dgap[l];
+    }
   }
 }
 
@@ -517,18 +575,32 @@ ScanArgs<T> make_args(const at::Tensor& u, const at::Tensor& delta,
   return a;
 }
 
+// This thread's share [lo, hi) of n items split evenly over the team.
+inline void thread_range(int64_t n, int64_t& lo, int64_t& hi) {
+#ifdef _OPENMP
+  const int64_t tid = omp_get_thread_num(), team = omp_get_num_threads();
+#else
+  const int64_t tid = 0, team = 1;
+#endif
+  lo = n * tid / team;
+  hi = n * (tid + 1) / team;
+}
+
 template <typename T, int kN>
 void forward_impl(const ScanArgs<T>& a, int64_t batch) {
   constexpr int W = Simd<T>::W;
   const int64_t tiles = (a.dim + W - 1) / W;
 #pragma omp parallel num_threads(num_threads())
   {
-    TileBuffers<T> buf(a.K, a.N, false);
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < batch * tiles; ++i) {
-      const int64_t b = i / tiles, d0 = (i % tiles) * W;
-      const int lanes = static_cast<int>(std::min<int64_t>(W, a.dim - d0));
-      forward_tile<T, kN>(a, b, d0, lanes, buf);
+    // contiguous tiles per thread, so that each reads whole row spans
+    Work<T> w(a.N, false);
+    int64_t lo, hi;
+    thread_range(batch * tiles, lo, hi);
+    for (int64_t i = lo; i < hi;) {
+      const int64_t b = i / tiles;
+      const int64_t end = std::min(hi, (b + 1) * tiles);
+      forward_tiles<T, kN>(a, b, i - b * tiles, end - b * tiles, w);
+      i = end;
     }
   }
 }
@@ -552,17 +624,15 @@ void backward_impl(const ScanArgs<T>& a, const GradArgs<T>& g, int64_t batch,
     const int tid = 0;
     const int team = 1;
 #endif
-    TileBuffers<T> buf(K, N, true);
+    Work<T> w(N, true);
     T* dB_loc = partial.data() + static_cast<size_t>(tid) * 2 * KN;
     T* dC_loc = dB_loc + KN;
+    int64_t lo, hi;
+    thread_range(tiles, lo, hi);
     for (int64_t b = 0; b < batch; ++b) {
       std::fill(dB_loc, dB_loc + 2 * KN, T(0));
-#pragma omp for schedule(static)
-      for (int64_t i = 0; i < tiles; ++i) {
-        const int64_t d0 = i * W;
-        const int lanes = static_cast<int>(std::min<int64_t>(W, a.dim - d0));
-        backward_tile<T, kN>(a, g, b, d0, lanes, buf, dB_loc, dC_loc);
-      }  // implicit barrier: every thread's partial sums are complete
+      if (lo < hi) backward_tiles<T, kN>(a, g, b, lo, hi, w, dB_loc, dC_loc);
+#pragma omp barrier  // every thread's partial sums are complete
 #pragma omp for schedule(static)
       for (int64_t i = 0; i < KN; ++i) {
         T sb = 0, sc = 0;
