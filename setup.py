@@ -39,8 +39,8 @@ def make_extensions():
         return [], {}
     from torch.utils.cpp_extension import BuildExtension
 
-    # -Wno-psabi: the 64-byte vector types of kernels/common/vec16.h only
-    # pass between inline functions, never across an ABI boundary.
+    # -Wno-psabi: the vector types of kernels/common/simd.h only pass
+    # between inline functions, never across an ABI boundary.
     flags = ['-O3', '-std=c++20', '-fopenmp', '-Wno-psabi']
     if os.getenv('MMSSM_NATIVE', '0') == '1':
         flags.append('-march=native')
