@@ -379,3 +379,28 @@ def test_vim_layer_kwargs_class_slot():
     assert torch.equal(
         state.index.gather(1, slot[:, None])[:, 0], torch.full((2,), 8)
     )
+
+
+@pytest.mark.parametrize('family', ['vim', 'plainmamba'])
+def test_checkpointed_layers_record_their_gates_once(family):
+    """With ``with_cp`` the backward pass recomputes each layer; its gate
+    decisions are recorded by the forward only, and equal the unchecked
+    model's (the checkpoint restores the RNG state)."""
+    cls = Vim if family == 'vim' else PlainMamba
+    x = torch.randn(2, 3, 64, 64)
+    recorded = []
+    for with_cp in (False, True):
+        torch.manual_seed(0)
+        model = cls(
+            tiny_arch(family),
+            img_size=64,
+            direction_gate=dict(init_bias=0.0),
+            with_cp=with_cp,
+        )
+        model.train()
+        torch.manual_seed(1)
+        sum(o.sum() for o in model(x.requires_grad_())).backward()
+        recorded.append(model.aux_outputs['direction_gates'])
+    assert len(recorded[1]) == len(recorded[0]) == model.num_layers
+    for a, b in zip(*recorded):
+        assert torch.equal(a, b)

@@ -155,9 +155,19 @@ def build_direction_gate(
 
 def record_gates(aux: Optional[dict], bits: Tensor) -> None:
     """Append a layer's (B, n_dir) decisions to ``aux['direction_gates']``
-    (the aux channel of the backbone's forward), if ``aux`` is given."""
-    if aux is not None:
+    (the aux channel of the backbone's forward), if ``aux`` is given.
+
+    Not while autograd runs a backward pass: that is the recomputation of a
+    checkpointed layer (``with_cp``), whose decisions the forward already
+    recorded (the same bits: the checkpoint restores the RNG state).
+    """
+    if aux is not None and not _in_backward():
         aux.setdefault('direction_gates', []).append(bits)
+
+
+def _in_backward() -> bool:
+    """Whether this code runs inside autograd's backward pass."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def run_selected(
