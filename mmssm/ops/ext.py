@@ -1,9 +1,13 @@
-"""The compiled extension ``mmssm._ext``, loaded on first use of a kernel.
+"""The compiled extension, loaded on first use of a kernel.
 
-``import mmssm.ops`` does not import it: :func:`load_ext` does, once, when
-an op first needs to know whether its kernel is there. A missing or broken
-extension is not an error here; the ops fall back to PyTorch and say why
-(:func:`ext_status`, :func:`warn_once`).
+The kernels are built twice (setup.py): ``mmssm._ext`` for any x86-64 and
+``mmssm._ext_avx2`` for CPUs with AVX2 + FMA; :func:`load_ext` loads the one
+this CPU runs best (``MMSSM_KERNEL_ISA`` forces one). ``import mmssm.ops``
+does not import either: :func:`load_ext` does, once, when an op first needs
+to know whether its kernel is there. A missing or broken extension is not
+an error here; the ops fall back to PyTorch and say why (:func:`ext_status`,
+:func:`warn_once`). An unknown ``MMSSM_KERNEL_ISA``, or 'avx2' on a CPU
+without it, is an error.
 """
 
 import importlib
@@ -23,7 +27,7 @@ _error = ''
 _isa = ''
 _warned: Set[str] = set()
 
-
+#: The instruction sets the kernels are built for.
 ISAS = ('generic', 'avx2')
 
 
@@ -66,8 +70,9 @@ def load_ext():
     Two builds of the same kernels exist (setup.py): generic x86-64
     (``mmssm._ext``) and AVX2 + FMA (``mmssm._ext_avx2``). The AVX2 one is
     loaded when the CPU has AVX2 and ``MMSSM_KERNEL_ISA`` does not say
-    'generic'; a missing AVX2 build falls back to the generic one with a
-    warning (an old build), never silently.
+    'generic'. When it was chosen automatically, a missing AVX2 build (an
+    old build) falls back to the generic one with a warning; when forced,
+    it does not.
 
     Returns:
         module | None: The extension, or None (the reason is in
@@ -80,7 +85,8 @@ def load_ext():
             _ext, _isa = import_isa(isa), isa
         except (ImportError, OSError) as e:  # OSError: a broken .so
             _ext, _error = None, f'{type(e).__name__}: {e}'
-        if _ext is None and isa != 'generic':
+        forced = bool(os.environ.get('MMSSM_KERNEL_ISA'))
+        if _ext is None and isa != 'generic' and not forced:
             try:
                 _ext, _isa = import_isa('generic'), 'generic'
                 warn_once(

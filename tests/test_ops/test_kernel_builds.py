@@ -169,3 +169,30 @@ def test_dispatch_refuses_an_unknown_isa():
     assert "MMSSM_KERNEL_ISA must be one of ('generic', 'avx2')" in (
         out.stderr
     )
+
+
+@needs_ext
+def test_missing_avx2_build_falls_back_with_a_warning(monkeypatch):
+    """An old build without ``mmssm._ext_avx2`` on an AVX2 CPU: the generic
+    build, with a warning; forced with MMSSM_KERNEL_ISA=avx2, no fallback."""
+    real = ext_module.import_isa
+
+    def no_avx2(isa):
+        if isa == 'avx2':
+            raise ImportError('No module named mmssm._ext_avx2')
+        return real(isa)
+
+    monkeypatch.setattr(ext_module, 'import_isa', no_avx2)
+    monkeypatch.setattr(ext_module, 'cpu_has_avx2', lambda: True)
+    monkeypatch.setattr(ext_module, '_warned', set())
+    monkeypatch.setattr(ext_module, '_isa', ext_module._isa)
+    monkeypatch.setattr(ext_module, '_error', ext_module._error)
+    monkeypatch.delenv('MMSSM_KERNEL_ISA', raising=False)
+    monkeypatch.setattr(ext_module, '_ext', ext_module._NOT_LOADED)
+    with pytest.warns(UserWarning, match='using the generic build'):
+        assert ext_module.load_ext() is real('generic')
+    assert ext_module.loaded_isa() == 'generic'
+    monkeypatch.setenv('MMSSM_KERNEL_ISA', 'avx2')
+    monkeypatch.setattr(ext_module, '_ext', ext_module._NOT_LOADED)
+    assert ext_module.load_ext() is None
+    assert 'mmssm._ext_avx2' in ext_module.ext_status()
