@@ -16,6 +16,7 @@ from mmssm.models.backbones import PlainMamba, Vim
 from mmssm.models.backbones.plainmamba import PlainMambaLayer, PlainMambaMixer
 from mmssm.models.backbones.vim import BiMambaV2, VimBlock
 from mmssm.models.layers import DirectionGate, run_selected
+from mmssm.models.layers.direction_gate import select_rows
 from mmssm.testing import needs_ext, random_positions, tiny_arch
 
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -285,6 +286,28 @@ def test_run_selected():
     assert out[:, 0].tolist() == [0, 0, 20, 0, 0]
     assert torch.equal(run_selected(run, torch.ones(5), (5, 3), rows), rows)
     assert not run_selected(run, torch.zeros(5), (5, 3), rows).any()
+
+
+def test_selected_rows_keep_the_kernels_layout():
+    """At inference a direction's inputs are selected in their tokens-major
+    layout (a (B, E, K) view of a projection's (B, K, 2E) output), which
+    the kernels read without a copy, and the gated output keeps it."""
+    xz = torch.randn(4, 7, 10)
+    u = xz[..., :5].transpose(1, 2)  # (B, E, K) view
+    index = torch.tensor([0, 2])
+    rows = select_rows(u, index)
+    assert torch.equal(rows, u[index]) and rows.stride(1) == 1
+    assert select_rows(None, index) is None
+    mask = torch.rand(4, 7)
+    assert torch.equal(select_rows(mask, index), mask[index])
+
+    def run(index):
+        return u if index is None else 2 * select_rows(u, index)
+
+    out = run_selected(run, torch.tensor([1, 0, 1, 0]), u.shape, u)
+    assert out.stride(1) == 1
+    assert torch.equal(out[index], 2 * u[index])
+    assert not out[[1, 3]].any()
 
 
 @pytest.mark.parametrize('gap_mode', ['null', 'prev'])
