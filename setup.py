@@ -1,17 +1,18 @@
-"""Install mmssm and build its compiled ops (``mmssm._ext``) from kernels/.
+"""Install mmssm and build its compiled ops from kernels/.
 
-One extension holds the CPU kernels (the selective scan and the causal
-conv1d) and their bindings (``kernels/bindings.cpp``). It is always built
-(``MMSSM_WITH_OPS=0`` skips it; mmssm then falls back to its PyTorch scan and
-conv with a warning). There are no CUDA sources of our own: on CUDA tensors
-the scan runs through mamba-ssm (extra ``cuda``) and the conv through
-PyTorch.
-
-The kernels are compiled for a generic x86-64 by default, so that an
-extension built on one machine runs on any other (an editable install or a
-shared home directory can move between CPUs). ``MMSSM_NATIVE=1`` compiles
-them with ``-march=native`` instead: for this CPU only (an illegal
-instruction, SIGILL, on a CPU without its instruction set extensions).
+The CPU kernels (the selective scan and the causal conv1d) and their
+bindings (``kernels/bindings.cpp``) are built twice: ``mmssm._ext`` for a
+generic x86-64, so that an extension built on one machine runs on any other
+(an editable install or a shared home directory can move between CPUs), and
+``mmssm._ext_avx2`` with AVX2 + FMA (x86-64 only; ``kernels/avx2/`` compiles
+the same sources with ``MMSSM_ISA_AVX2``). mmssm/ops/ext.py loads the AVX2
+one on a CPU that has it (``MMSSM_KERNEL_ISA=generic`` forces the other).
+``MMSSM_WITH_OPS=0`` skips both (mmssm then falls back to its PyTorch scan
+and conv with a warning); ``MMSSM_WITH_AVX2=0`` skips the AVX2 build.
+``MMSSM_NATIVE=1`` adds ``-march=native`` to both: for this CPU only (an
+illegal instruction, SIGILL, on a CPU without its instruction set
+extensions). There are no CUDA sources of our own: on CUDA tensors the scan
+runs through mamba-ssm (extra ``cuda``) and the conv through PyTorch.
 """
 
 import os
