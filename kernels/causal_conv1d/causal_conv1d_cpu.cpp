@@ -20,22 +20,30 @@
 // Without positions only the pairs (t, t) exist and have no mask. Pairs whose
 // mask is all zero in a batch row are skipped there.
 //
-// Rows (batch, channel) run in parallel with OpenMP. The backward recomputes
-// a (for the SiLU) and writes dx directly; the weight and bias gradients are
-// summed per row into (batch, E, k) / (batch, E) buffers and then over the
-// batch in a fixed order, so they do not depend on the thread count.
+// Vectorised across channels: a tile of W adjacent channels (one W-lane
+// vector per token, kernels/common/simd.h and tiles.h) runs as one unit;
+// the masks are per token and shared by the lanes. Each thread runs a
+// contiguous range of tiles, chunk of tokens by chunk (with the k - 1
+// tokens before the chunk, and for the backward pass the k - 1 after it),
+// so that the chunk's rows of x are read once for all its tiles. The
+// backward recomputes a (for the SiLU) and writes dx directly; the weight
+// and bias gradients are summed per (batch element, channel) in token order
+// into (batch, E, k) / (batch, E) buffers and then over the batch in a
+// fixed order, so they do not depend on the thread count.
 //
 // reverse: the anti-causal conv (taps on the following tokens), i.e. the
 // causal conv of the reversed sequence, reversed back; Vim's backward
-// direction runs it on the tokens in their order instead of a flipped copy.
+// direction runs it on the tokens in their order instead of a flipped copy
+// (the token list of the tiles is reversed).
 //
 // Layout: x, dout: (batch, E, K) with any strides (a (batch, E, K) view of a
-// (batch, K, E) tensor needs no copy: each row is read into a contiguous
-// buffer, in scan order); out and dx in the layout of x (empty_layout);
-// weight: (E, k) and bias: (E) contiguous; positions: int64 (batch, K)
-// contiguous, strictly increasing.
+// (batch, K, E) tensor needs no copy); out and dx in the layout of x
+// (empty_layout); weight: (E, k) and bias: (E) contiguous; positions: int64
+// (batch, K) contiguous, strictly increasing.
 
 #include "causal_conv1d_cpu.h"
+
+#include "../common/isa.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -46,18 +54,19 @@
 #include <vector>
 
 #include "../common/check_tensor.h"
-#include "../common/rows.h"
-#include "../common/vec16.h"
-#include "../common/vectorized_exp.h"
+#include "../common/simd.h"
+#include "../common/tiles.h"
 
 namespace mmssm {
+inline namespace MMSSM_ISA {
 namespace {
 
 int conv_threads() { return std::max(1, at::get_num_threads()); }
 
 template <typename T>
 struct ConvArgs {
-  Rows<T> x;
+  Strided<T> x;
+  std::vector<int64_t> tok;  // token of scan step i
   const T* w = nullptr;
   const T* bias = nullptr;
   // (batch, pairs, K) 0/1 masks and (batch, pairs) "any nonzero" flags;
@@ -87,7 +96,9 @@ ConvArgs<T> make_args(const at::Tensor& x, const at::Tensor& weight,
   const auto dtype = x.scalar_type();
   check_tensor(x, "x", dtype, {a.batch, a.dim, a.K}, false);
   check_tensor(weight, "weight", dtype, {a.dim, a.k});
-  a.x = Rows<T>(x, reverse);
+  a.x = Strided<T>(x);
+  a.tok.resize(a.K);
+  for (int64_t i = 0; i < a.K; ++i) a.tok[i] = reverse ? a.K - 1 - i : i;
   a.w = weight.data_ptr<T>();
   if (bias) {
     check_tensor(*bias, "bias", dtype, {a.dim});
@@ -121,169 +132,177 @@ ConvArgs<T> make_args(const at::Tensor& x, const at::Tensor& weight,
   return a;
 }
 
-// The pre-activation a of row (b, e) into y, from the row x (scan order).
-template <typename T>
-void conv_row(const ConvArgs<T>& a, int64_t b, int64_t e,
-              const T* __restrict x, T* __restrict y) {
-  const int64_t K = a.K, k = a.k;
-  const T* w = a.w + e * k;
-  const T bias = a.bias ? a.bias[e] : T(0);
-  const T w0 = w[k - 1];
-#pragma omp simd
-  for (int64_t i = 0; i < K; ++i) y[i] = bias + w0 * x[i];
+// Tokens per chunk.
+constexpr int64_t kConvChunk = 256;
+
+// Calls f(t, d, m) for the taps t >= 1 of scan step i: tap t at distance d
+// (weight k-1-d), with the mask value m (1 without positions).
+template <typename T, typename F>
+inline void for_taps(const ConvArgs<T>& a, int64_t b, int64_t i, F&& f) {
   if (a.masks.empty()) {
-    for (int64_t t = 1; t < k && t < K; ++t) {
-      const T c = w[k - 1 - t];
-#pragma omp simd
-      for (int64_t i = t; i < K; ++i) y[i] += c * x[i - t];
-    }
+    for (int64_t t = 1; t < a.k && t <= i; ++t) f(t, t, T(1));
     return;
   }
   int64_t pair = 0;
-  for (int64_t t = 1; t < k; ++t) {
-    for (int64_t d = t; d < k; ++d, ++pair) {
-      if (!a.used[b * a.pairs + pair]) continue;
-      const T c = w[k - 1 - d];
-      const T* __restrict m = a.masks.data() + (b * a.pairs + pair) * K;
-#pragma omp simd
-      for (int64_t i = t; i < K; ++i) y[i] += c * m[i] * x[i - t];
+  for (int64_t t = 1; t < a.k; ++t) {
+    for (int64_t d = t; d < a.k; ++d, ++pair) {
+      if (t > i || !a.used[b * a.pairs + pair]) continue;
+      f(t, d, a.masks[(b * a.pairs + pair) * a.K + i]);
     }
   }
 }
 
-// y = silu(y).
+// The pre-activation at scan step i of a tile: x holds steps s0.. of it,
+// w its k weights (W-lane vectors), bias its bias.
+template <typename T, typename V = vec_t<T>>
+inline V conv_at(const ConvArgs<T>& a, int64_t b, int64_t i, int64_t s0,
+                 const V* __restrict x, const V* __restrict w, V bias) {
+  V acc = bias + w[a.k - 1] * x[i - s0];
+  for_taps(a, b, i, [&](int64_t t, int64_t d, T m) {
+    acc += (w[a.k - 1 - d] * m) * x[i - t - s0];
+  });
+  return acc;
+}
+
+// A thread's tiles g0..g0+G-1 of a batch element: their weights (G x k)
+// and biases (G) as W-lane vectors, their first channels and lane counts.
 template <typename T>
-void silu_inplace(T* __restrict y, int64_t K) {
-  for (int64_t i = 0; i < K; ++i) y[i] = y[i] / (T(1) + fast_exp(-y[i]));
-}
+struct ConvTiles {
+  using V = vec_t<T>;
+  std::vector<V> w, bias;
+  std::vector<int64_t> d0;
+  std::vector<int> lanes;
 
-// float32: 16 at a time (the compiler does not vectorise fast_exp).
-template <>
-void silu_inplace<float>(float* __restrict y, int64_t K) {
-  int64_t i = 0;
-  for (; i + 16 <= K; i += 16) {
-    const vf16 v = load16(y + i);
-    store16(y + i, v / (1.0f + exp16(-v)));
+  void set(const ConvArgs<T>& a, int64_t g0, int64_t G) {
+    constexpr int W = Simd<T>::W;
+    w.assign(G * a.k, V{});
+    bias.assign(G, V{});
+    d0.resize(G);
+    lanes.resize(G);
+    for (int64_t g = 0; g < G; ++g) {
+      d0[g] = (g0 + g) * W;
+      lanes[g] = static_cast<int>(std::min<int64_t>(W, a.dim - d0[g]));
+      for (int l = 0; l < lanes[g]; ++l) {
+        const int64_t e = d0[g] + l;
+        for (int64_t j = 0; j < a.k; ++j) w[g * a.k + j][l] = a.w[e * a.k + j];
+        if (a.bias) bias[g][l] = a.bias[e];
+      }
+    }
   }
-  for (; i < K; ++i) y[i] = y[i] / (1.0f + fast_exp(-y[i]));
-}
+};
 
-// g = dout * silu'(a), in place of a: silu'(a) = s (1 + a (1 - s)).
-template <typename T>
-void silu_grad(const T* __restrict dout, T* __restrict g, int64_t K) {
-  for (int64_t i = 0; i < K; ++i) {
-    const T s = T(1) / (T(1) + fast_exp(-g[i]));
-    g[i] = dout[i] * s * (T(1) + g[i] * (T(1) - s));
-  }
-}
-
-template <>
-void silu_grad<float>(const float* __restrict dout, float* __restrict g,
-                      int64_t K) {
-  int64_t i = 0;
-  for (; i + 16 <= K; i += 16) {
-    const vf16 a = load16(g + i);
-    const vf16 s = 1.0f / (1.0f + exp16(-a));
-    store16(g + i, load16(dout + i) * s * (1.0f + a * (1.0f - s)));
-  }
-  for (; i < K; ++i) {
-    const float s = 1.0f / (1.0f + fast_exp(-g[i]));
-    g[i] = dout[i] * s * (1.0f + g[i] * (1.0f - s));
+// Calls f(b, g0, G) for this thread's tiles of each batch element.
+template <typename F>
+inline void for_thread_tiles(int64_t batch, int64_t tiles, F&& f) {
+  int64_t lo, hi;
+  thread_range(batch * tiles, lo, hi);
+  for (int64_t i = lo; i < hi;) {
+    const int64_t b = i / tiles;
+    const int64_t end = std::min(hi, (b + 1) * tiles);
+    f(b, i - b * tiles, end - i);
+    i = end;
   }
 }
 
 template <typename T>
-void forward_impl(const ConvArgs<T>& a, const Rows<T>& out) {
-  const int64_t rows = a.batch * a.dim;
+void forward_impl(const ConvArgs<T>& a, const Strided<T>& out) {
+  using V = vec_t<T>;
+  constexpr int W = Simd<T>::W;
+  const int64_t tiles = (a.dim + W - 1) / W, halo = a.k - 1;
 #pragma omp parallel num_threads(conv_threads())
   {
-    std::vector<T> x(static_cast<size_t>(a.K)), y(static_cast<size_t>(a.K));
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t b = r / a.dim, e = r % a.dim;
-      a.x.read(b, e, x.data());
-      conv_row(a, b, e, x.data(), y.data());
-      if (a.silu) silu_inplace(y.data(), a.K);
-      out.write(b, e, y.data());
-    }
-  }
-}
-
-// Row (b, e): dx, and the row's parts of dweight (k) and dbias (1).
-// All rows in scan order: x, dout (read), dx (written), g (work).
-template <typename T>
-void backward_row(const ConvArgs<T>& a, int64_t b, int64_t e,
-                  const T* __restrict x, const T* __restrict dout,
-                  T* __restrict dx, T* __restrict g, T* __restrict dw,
-                  T& dbias) {
-  const int64_t K = a.K, k = a.k;
-  const T* w = a.w + e * k;
-  if (a.silu) {  // g = dout * silu'(a), a recomputed
-    conv_row(a, b, e, x, g);
-    silu_grad(dout, g, K);
-  } else {
-    std::copy(dout, dout + K, g);
-  }
-  T sb = 0, sw = 0;
-  const T w0 = w[k - 1];
-#pragma omp simd reduction(+ : sb, sw)
-  for (int64_t i = 0; i < K; ++i) {
-    sb += g[i];
-    sw += g[i] * x[i];
-    dx[i] = w0 * g[i];
-  }
-  dbias = sb;
-  std::fill(dw, dw + k, T(0));
-  dw[k - 1] = sw;
-  if (a.masks.empty()) {
-    for (int64_t t = 1; t < k && t < K; ++t) {
-      const T c = w[k - 1 - t];
-      T s = 0;
-#pragma omp simd reduction(+ : s)
-      for (int64_t i = t; i < K; ++i) {
-        s += g[i] * x[i - t];
-        dx[i - t] += c * g[i];
+    std::vector<V> x(kConvChunk + halo), y(kConvChunk);
+    ConvTiles<T> c;
+    for_thread_tiles(a.batch, tiles, [&](int64_t b, int64_t g0, int64_t G) {
+      c.set(a, g0, G);
+      for (int64_t i0 = 0; i0 < a.K; i0 += kConvChunk) {
+        const int64_t i1 = std::min(a.K, i0 + kConvChunk);
+        const int64_t s0 = std::max<int64_t>(0, i0 - halo);
+        for (int64_t g = 0; g < G; ++g) {
+          pack(a.x, b, c.d0[g], c.lanes[g], a.tok.data() + s0, i1 - s0,
+               x.data());
+          const V* w = c.w.data() + g * a.k;
+          for (int64_t i = i0; i < i1; ++i) {
+            const V v = conv_at(a, b, i, s0, x.data(), w, c.bias[g]);
+            y[i - i0] = a.silu ? v * vsigmoid(v) : v;
+          }
+          unpack(out, b, c.d0[g], c.lanes[g], a.tok.data() + i0, i1 - i0,
+                 y.data());
+        }
       }
-      dw[k - 1 - t] = s;
-    }
-    return;
-  }
-  int64_t pair = 0;
-  for (int64_t t = 1; t < k; ++t) {
-    for (int64_t d = t; d < k; ++d, ++pair) {
-      if (!a.used[b * a.pairs + pair]) continue;
-      const T c = w[k - 1 - d];
-      const T* __restrict m = a.masks.data() + (b * a.pairs + pair) * K;
-      T s = 0;
-#pragma omp simd reduction(+ : s)
-      for (int64_t i = t; i < K; ++i) {
-        const T gm = g[i] * m[i];
-        s += gm * x[i - t];
-        dx[i - t] += c * gm;
-      }
-      dw[k - 1 - d] += s;
-    }
+    });
   }
 }
 
 template <typename T>
-void backward_impl(const ConvArgs<T>& a, const Rows<T>& dout,
-                   const Rows<T>& dx, T* dw_part, T* dbias_part, T* dw,
+void backward_impl(const ConvArgs<T>& a, const Strided<T>& dout,
+                   const Strided<T>& dx, T* dw_part, T* dbias_part, T* dw,
                    T* dbias) {
-  const int64_t rows = a.batch * a.dim, K = a.K, k = a.k;
+  using V = vec_t<T>;
+  constexpr int W = Simd<T>::W;
+  const int64_t K = a.K, k = a.k, halo = k - 1;
+  const int64_t tiles = (a.dim + W - 1) / W;
 #pragma omp parallel num_threads(conv_threads())
   {
-    std::vector<T> g(static_cast<size_t>(K)), x(static_cast<size_t>(K));
-    std::vector<T> dy(static_cast<size_t>(K)), dxr(static_cast<size_t>(K));
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t b = r / a.dim, e = r % a.dim;
-      a.x.read(b, e, x.data());
-      dout.read(b, e, dy.data());
-      backward_row(a, b, e, x.data(), dy.data(), dxr.data(), g.data(),
-                   dw_part + r * k, dbias_part[r]);
-      dx.write(b, e, dxr.data());
-    }  // implicit barrier
+    std::vector<V> x(kConvChunk + 2 * halo), g(kConvChunk + halo);
+    std::vector<V> dxc(kConvChunk), dwv, dbv;
+    ConvTiles<T> c;
+    for_thread_tiles(a.batch, tiles, [&](int64_t b, int64_t g0, int64_t G) {
+      c.set(a, g0, G);
+      dwv.assign(G * k, V{});
+      dbv.assign(G, V{});
+      for (int64_t i0 = 0; i0 < K; i0 += kConvChunk) {
+        // outputs i0..i1-1; their dx needs g up to e1-1, g needs x from s0
+        const int64_t i1 = std::min(K, i0 + kConvChunk);
+        const int64_t e1 = std::min(K, i1 + halo);
+        const int64_t s0 = std::max<int64_t>(0, i0 - halo);
+        for (int64_t t = 0; t < G; ++t) {
+          const V* w = c.w.data() + t * k;
+          V* dw_t = dwv.data() + t * k;
+          pack(a.x, b, c.d0[t], c.lanes[t], a.tok.data() + s0, e1 - s0,
+               x.data());
+          pack(dout, b, c.d0[t], c.lanes[t], a.tok.data() + i0, e1 - i0,
+               g.data());
+          if (a.silu) {  // g = dout * silu'(a), a recomputed
+            for (int64_t i = i0; i < e1; ++i) {
+              const V v = conv_at(a, b, i, s0, x.data(), w, c.bias[t]);
+              const V s = vsigmoid(v);
+              g[i - i0] *= s * (T(1) + v * (T(1) - s));
+            }
+          }
+          for (int64_t i = i0; i < i1; ++i) {
+            const V gi = g[i - i0];
+            dbv[t] += gi;
+            dw_t[k - 1] += gi * x[i - s0];
+            dxc[i - i0] = w[k - 1] * gi;
+          }
+          for (int64_t i = i0; i < i1; ++i) {
+            const V gi = g[i - i0];
+            for_taps(a, b, i, [&](int64_t tp, int64_t d, T m) {
+              dw_t[k - 1 - d] += (gi * m) * x[i - tp - s0];
+            });
+          }
+          // tap tp of step i reaches dx at i - tp
+          for (int64_t i = i0 + 1; i < e1; ++i) {
+            const V gi = g[i - i0];
+            for_taps(a, b, i, [&](int64_t tp, int64_t d, T m) {
+              const int64_t j = i - tp;
+              if (j >= i0 && j < i1) dxc[j - i0] += (w[k - 1 - d] * m) * gi;
+            });
+          }
+          unpack(dx, b, c.d0[t], c.lanes[t], a.tok.data() + i0, i1 - i0,
+                 dxc.data());
+        }
+      }
+      for (int64_t t = 0; t < G; ++t) {
+        for (int l = 0; l < c.lanes[t]; ++l) {
+          const int64_t r = b * a.dim + c.d0[t] + l;
+          for (int64_t j = 0; j < k; ++j) dw_part[r * k + j] = dwv[t * k + j][l];
+          dbias_part[r] = dbv[t][l];
+        }
+      }
+    });
+#pragma omp barrier
 #pragma omp for schedule(static)
     for (int64_t e = 0; e < a.dim; ++e) {  // over the batch, in order
       for (int64_t j = 0; j < k; ++j) {
@@ -321,7 +340,7 @@ at::Tensor causal_conv1d_fwd(const at::Tensor& x, const at::Tensor& weight,
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_fwd", [&] {
     const auto a =
         make_args<scalar_t>(x, weight, bias, positions, silu, reverse);
-    forward_impl<scalar_t>(a, Rows<scalar_t>(out, reverse));
+    forward_impl<scalar_t>(a, Strided<scalar_t>(out));
   });
   return out;
 }
@@ -343,8 +362,8 @@ std::vector<std::optional<at::Tensor>> causal_conv1d_bwd(
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_bwd", [&] {
     const auto a =
         make_args<scalar_t>(x, weight, bias, positions, silu, reverse);
-    backward_impl<scalar_t>(a, Rows<scalar_t>(dout, reverse),
-                            Rows<scalar_t>(dx, reverse),
+    backward_impl<scalar_t>(a, Strided<scalar_t>(dout),
+                            Strided<scalar_t>(dx),
                             dw_part.data_ptr<scalar_t>(),
                             dbias_part.data_ptr<scalar_t>(),
                             dw.data_ptr<scalar_t>(),
@@ -353,4 +372,5 @@ std::vector<std::optional<at::Tensor>> causal_conv1d_bwd(
   return {dx, dw, dbias};
 }
 
+}  // namespace MMSSM_ISA
 }  // namespace mmssm

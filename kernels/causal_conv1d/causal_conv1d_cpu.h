@@ -1,12 +1,15 @@
 // Depthwise causal conv1d, optionally position-aware: CPU kernel.
 #pragma once
 
+#include "../common/isa.h"
+
 #include <ATen/core/Tensor.h>
 
 #include <optional>
 #include <vector>
 
 namespace mmssm {
+inline namespace MMSSM_ISA {
 
 // x: (batch, E, K) with any strides, weight: (E, k), bias: (E), positions:
 // int64 (batch, K), float32 or float64. Returns the conv (then SiLU if
@@ -24,4 +27,5 @@ std::vector<std::optional<at::Tensor>> causal_conv1d_bwd(
     const std::optional<at::Tensor>& positions, const at::Tensor& dout,
     bool silu, bool reverse);
 
+}  // namespace MMSSM_ISA
 }  // namespace mmssm

@@ -3,12 +3,15 @@
 // kernels/selective_scan and kernels/causal_conv1d.
 #pragma once
 
+#include "isa.h"
+
 #include <ATen/ATen.h>
 
 #include <cstdint>
 #include <vector>
 
 namespace mmssm {
+inline namespace MMSSM_ISA {
 
 // `t` is a CPU tensor of `dtype` and `shape`; `name` is in the error
 // otherwise. With `contiguous`, it must also be contiguous; otherwise any
@@ -44,4 +47,5 @@ inline at::Tensor empty_layout(const at::Tensor& t) {
   return at::empty(t.sizes(), t.options());
 }
 
+}  // namespace MMSSM_ISA
 }  // namespace mmssm

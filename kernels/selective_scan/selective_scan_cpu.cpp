@@ -1,16 +1,33 @@
 // Selective scan with pruning-aware hidden-state alignment: CPU kernel.
 //
-// One (batch, channel) row is one independent recurrence; rows run in
-// parallel with OpenMP, and the state dimension N is the SIMD axis. The
-// kernel takes the original positions of the K scanned tokens and folds the
-// gap before each token into that token's decay (see docs/scan.md for the
-// math):
+// The kernel takes the original positions of the K scanned tokens and folds
+// the gap before each token into that token's decay (see docs/scan.md for
+// the math):
 //
 //   e_k = delta_k + g_k * gap_delta_k,  h_k = exp(e_k A) h_{k-1} + delta_k B_k u_k
 //
-// so a pruned sequence costs K steps, not L. The backward pass recomputes the
-// row's forward states into a thread-local buffer (K x N, cache resident for
-// the shapes we use) and then runs the reverse recurrence.
+// so a pruned sequence costs K steps, not L.
+//
+// Vectorised across CHANNELS: a tile of W channels (W lanes of the native
+// vector, kernels/common/simd.h; 4 floats generic, 8 with AVX2) of one batch
+// element runs as one unit, each lane its own recurrence. The N states of a
+// tile are N vectors; B_k[n] and C_k[n] are shared by the channels and
+// broadcast; the output C_k . h_k is a sum over n within each lane, so the
+// inner loop has no horizontal sums. Tiles run in parallel with OpenMP.
+//
+// The K steps run in chunks of kChunk: a chunk's u, delta and z are read
+// into W-lane buffers ("packed"), prepared vectorised (softplus, the decay
+// exponents, the gate), scanned, and the outputs written back. Packing reads
+// any strides: a (batch, dim, K) view of a Linear layer's (batch, K, dim)
+// output (channels contiguous) is one vector load per step, the contiguous
+// (batch, dim, K) layout W strided loads.
+//
+// Backward: a first pass keeps the state at the start of every chunk; then,
+// chunk by chunk from the last, the chunk's states and decays are recomputed
+// into a buffer (kChunk x N vectors, cache resident) and the reverse
+// recurrence runs over them. dB and dC are sums over channels: each tile's
+// lanes are reduced (row_sums) into this thread's (K, N) partial sums,
+// which are summed over the threads in a fixed order.
 //
 // Scan order: `reverse` scans from the last token to the first (Vim's
 // backward direction, without flipped copies; the gaps are then those
@@ -20,12 +37,12 @@
 // (PlainMamba's zig-zag scans, whose step inputs come from the raster token,
 // without gathered copies).
 //
-// Layout: u, delta, z, dout: (batch, dim, K) with any strides (each row is
-// read into contiguous buffers; a (batch, dim, K) view of a Linear layer's
-// (batch, K, dim) output needs no copy); out, du, ddelta, dz in the layout
-// of their input (empty_layout); Bt, Ct: (batch, K, N) with N contiguous and
-// any other strides (slices of x_proj's output); A: (dim, N); D, delta_bias:
-// (dim); positions, order: int64, contiguous; dBt, dCt: contiguous.
+// Layout: u, delta, z, dout: (batch, dim, K) with any strides; out, du,
+// ddelta, dz in the layout of their input (empty_layout); Bt, Ct: (batch, K,
+// N) with N contiguous and any other strides (slices of x_proj's output);
+// A: (dim, N); D, delta_bias: (dim); positions, order: int64, contiguous;
+// dBt, dCt: contiguous. float64 runs the same code (lanes of doubles, libm):
+// the tests compare it with the PyTorch reference to 1e-10.
 
 #include "selective_scan_cpu.h"
 
@@ -33,8 +50,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <bit>
-#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <type_traits>
@@ -45,123 +60,25 @@
 #endif
 
 #include "../common/check_tensor.h"
-#include "../common/rows.h"
-#include "../common/vec16.h"
-#include "../common/vectorized_exp.h"
+#include "../common/simd.h"
+#include "../common/tiles.h"
 
 namespace mmssm {
+inline namespace MMSSM_ISA {
 namespace {
 
 enum GapMode : int64_t { kGapNone = 0, kGapPrev = 1, kGapNull = 2 };
 
-// log for float32, branch-free like fast_exp (kernels/common/vectorized_exp.h).
-// Whether GCC vectorises these scalar forms depends on the loop (with our
-// flags it often does not); the hot float32 N = 16 path uses the explicit
-// 16-lane versions instead.
-//
-// log(x) for x in [1, 2]: enough for softplus, log(1 + exp(-|x|)).
-inline float log_1to2(float x) {
-  const int32_t bits = std::bit_cast<int32_t>(x);
-  float e = static_cast<float>(((bits >> 23) & 0xff) - 126);
-  float m = std::bit_cast<float>((bits & 0x007fffff) | 0x3f000000);  // [.5, 1)
-  const bool small = m < 0.707106781186547524f;
-  e = small ? e - 1.0f : e;
-  m = small ? m + m - 1.0f : m - 1.0f;
-  const float z = m * m;
-  float y = 7.0376836292e-2f;
-  y = y * m - 1.1514610310e-1f;
-  y = y * m + 1.1676998740e-1f;
-  y = y * m - 1.2420140846e-1f;
-  y = y * m + 1.4249322787e-1f;
-  y = y * m - 1.6668057665e-1f;
-  y = y * m + 2.0000714765e-1f;
-  y = y * m - 2.4999993993e-1f;
-  y = y * m + 3.3333331174e-1f;
-  y = y * m * z;
-  y += -2.12194440e-4f * e;
-  y += -0.5f * z;
-  return m + y + 0.693359375f * e;
-}
+// Steps per chunk: a chunk's states and decays (2 x kChunk x N vectors,
+// 32 KiB for N = 16 with AVX2) stay in L1/L2 during the backward pass.
+constexpr int64_t kChunk = 64;
 
-inline float softplus(float x) {
-  return std::max(x, 0.0f) + log_1to2(1.0f + fast_exp(-std::abs(x)));
-}
-inline float sigmoid(float x) { return 1.0f / (1.0f + fast_exp(-x)); }
-
-// The hot path, float32 with N = 16: one state vector per channel, written
-// with GCC vector extensions so that it compiles to whole-register code
-// (one zmm with AVX-512, two ymm with AVX2) whatever the compiler's
-// vectoriser decides. The scalar functions above are its reference.
-// vf16, vi16, splat, load16, store16: kernels/common/vec16.h; exp16:
-// kernels/common/vectorized_exp.h.
-
-// The sums of the lanes of a and of b, reduced together.
-inline void sum2x16(vf16 a, vf16 b, float& sa, float& sb) {
-  vf16 v = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18,
-                                   19, 20, 21, 22, 23) +
-           __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25,
-                                   26, 27, 28, 29, 30, 31);
-  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15,
-                               8, 9, 10, 11);
-  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14,
-                               15, 12, 13);
-  sa = v[0] + v[1];
-  sb = v[8] + v[9];
-}
-
-// log(x) for x in [1, 2], as log_1to2.
-inline vf16 log16_1to2(vf16 x) {
-  const vi16 bits = reinterpret_cast<const vi16&>(x);
-  vf16 e = __builtin_convertvector(((bits >> 23) & 0xff) - 126, vf16);
-  const vi16 mbits = (bits & 0x007fffff) | 0x3f000000;
-  vf16 m = reinterpret_cast<const vf16&>(mbits);  // [0.5, 1)
-  const vi16 small = m < splat(0.707106781186547524f);
-  e = small ? e - 1.0f : e;
-  m = small ? m + m - 1.0f : m - 1.0f;
-  const vf16 z = m * m;
-  vf16 y = splat(7.0376836292e-2f);
-  y = y * m - 1.1514610310e-1f;
-  y = y * m + 1.1676998740e-1f;
-  y = y * m - 1.2420140846e-1f;
-  y = y * m + 1.4249322787e-1f;
-  y = y * m - 1.6668057665e-1f;
-  y = y * m + 2.0000714765e-1f;
-  y = y * m - 2.4999993993e-1f;
-  y = y * m + 3.3333331174e-1f;
-  y = y * m * z;
-  y += e * -2.12194440e-4f;
-  y += z * -0.5f;
-  return m + y + e * 0.693359375f;
-}
-
-inline vf16 softplus16(vf16 x) {
-  const vf16 neg_abs = x < 0.0f ? x : -x;
-  const vf16 pos = x > 0.0f ? x : vf16{};
-  return pos + log16_1to2(1.0f + exp16(neg_abs));
-}
-
-inline vf16 sigmoid16(vf16 x) { return 1.0f / (1.0f + exp16(-x)); }
-
-inline float sum16(vf16 v) {  // a tree, not 15 dependent adds
-  v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2,
-                               3, 4, 5, 6, 7);
-  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0,
-                               1, 2, 3);
-  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2,
-                               3, 0, 1);
-  return v[0] + v[1];
-}
-
-// float64 is for checking against the reference: plain libm.
-inline double softplus(double x) {
-  return x <= 20.0 ? std::log1p(std::exp(x)) : x;
-}
-inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+int num_threads() { return std::max(1, at::get_num_threads()); }
 
 // One call's tensors.
 template <typename T>
 struct ScanArgs {
-  Rows<T> u, delta, z, out;  // z.p null without z
+  Strided<T> u, delta, z, out;  // z.p null without z
   const T *A, *Bt, *Ct, *D, *bias;
   int64_t sBb, sBk, sCb, sCk;  // strides of Bt, Ct over batch and K
   const T* gaps;  // (batch, K) in scan order: pruned tokens before each
@@ -171,351 +88,360 @@ struct ScanArgs {
   bool softplus, reverse;
   int64_t gap_mode;
 
-  const int64_t* order_of(int64_t b) const {
-    return order ? order + b * order_sb : nullptr;
-  }
-  // B_j, C_j of batch element b at scan step j: base + j * step.
-  const T* B_row(int64_t b, int64_t& step) const {
-    step = reverse ? -sBk : sBk;
-    return Bt + b * sBb + (reverse && K > 0 ? (K - 1) * sBk : 0);
-  }
-  const T* C_row(int64_t b, int64_t& step) const {
-    step = reverse ? -sCk : sCk;
-    return Ct + b * sCb + (reverse && K > 0 ? (K - 1) * sCk : 0);
-  }
-};
-
-// Per-row work buffers of K values each, in scan order.
-template <typename T>
-struct RowBuffers {
-  std::vector<T> step, decay_exp, input, gate, dgate, dstep_draw, y, u, dout,
-      du, dz;
-  explicit RowBuffers(int64_t K)
-      : step(K), decay_exp(K), input(K), gate(K), dgate(K), dstep_draw(K),
-        y(K), u(K), dout(K), du(K), dz(K) {}
-};
-
-// Vectorised over k, before the recurrence: the row's u, delta and z read
-// in scan order, the step size delta_k, the exponent e_k = delta_k + g_k
-// gap_delta_k of the step's decay, the input delta_k u_k, the gate
-// silu(z_k) and, for the backward pass, the derivatives of the softplus and
-// the gate.
-template <typename T, bool kBackward>
-void prepare_row(const ScanArgs<T>& a, int64_t b, int64_t d,
-                 RowBuffers<T>& buf) {
-  const int64_t K = a.K;
-  const int64_t* order = a.order_of(b);
-  T* step = buf.step.data();
-  T* e = buf.decay_exp.data();
-  T* input = buf.input.data();
-  T* gate = buf.gate.data();
-  const T* u = buf.u.data();
-  a.delta.read(b, d, step);  // raw, then the step sizes in place
-  a.u.read(b, d, buf.u.data(), order);
-  const bool z = a.z.p != nullptr;
-  if (z) a.z.read(b, d, gate, order);  // raw, then the gate in place
-  const T bias = a.bias ? a.bias[d] : T(0);
-  int64_t k0 = 0;  // where the scalar loops take over
-  if constexpr (std::is_same_v<T, float>) {
-    for (; k0 + 16 <= K; k0 += 16) {
-      const vf16 raw = load16(step + k0) + bias;
-      const vf16 sk = a.softplus ? softplus16(raw) : raw;
-      store16(step + k0, sk);
-      store16(input + k0, sk * load16(u + k0));
-      if constexpr (kBackward) {
-        store16(buf.dstep_draw.data() + k0,
-                a.softplus ? sigmoid16(raw) : splat(1.0f));
-      }
-      if (z) {
-        const vf16 zk = load16(gate + k0);
-        const vf16 sig = sigmoid16(zk);
-        store16(gate + k0, zk * sig);
-        if constexpr (kBackward) {
-          store16(buf.dgate.data() + k0, sig * (1.0f + zk * (1.0f - sig)));
-        }
-      }
+  // The token of scan step j: for delta, B, C (tok_s) and for u, z and the
+  // output (tok_u), over steps j0..j0+len-1.
+  void tokens(int64_t b, int64_t j0, int64_t len, int64_t* tok_s,
+              int64_t* tok_u) const {
+    for (int64_t j = 0; j < len; ++j) {
+      tok_s[j] = reverse ? K - 1 - (j0 + j) : j0 + j;
     }
-  }
-  for (int64_t k = k0; k < K; ++k) {
-    const T raw = step[k] + bias;
-    step[k] = a.softplus ? softplus(raw) : raw;
-    input[k] = step[k] * u[k];
-    if constexpr (kBackward) {
-      buf.dstep_draw[k] = a.softplus ? sigmoid(raw) : T(1);
-    }
-  }
-  if (a.gaps && a.gap_mode == kGapPrev) {
-    const T* g = a.gaps + b * K;
-    if (K > 0) e[0] = step[0];
-#pragma omp simd
-    for (int64_t k = 1; k < K; ++k) e[k] = step[k] + g[k] * step[k - 1];
-  } else if (a.gaps) {  // 'null': a zero-input token's step
-    const T* g = a.gaps + b * K;
-    const T gap_step = a.softplus ? softplus(bias) : bias;
-#pragma omp simd
-    for (int64_t k = 0; k < K; ++k) e[k] = step[k] + g[k] * gap_step;
-  } else {
-    std::copy(step, step + K, e);
-  }
-  if (z) {
-    for (int64_t k = k0; k < K; ++k) {
-      const T zk = gate[k];
-      const T s = sigmoid(zk);
-      gate[k] = zk * s;
-      if constexpr (kBackward) buf.dgate[k] = s * (T(1) + zk * (T(1) - s));
-    }
-  }
-}
-
-// The recurrence over R channels d0..d0+R-1 of batch element b at once: R
-// independent dependency chains in flight, and B_k, C_k loaded once for all.
-// With kStore, keeps every step's decay and state (R x K x N) for the
-// backward pass. bufs[r].y gets C_k . h_k.
-template <typename T, int kN, bool kStore, int R>
-inline void scan_rows_impl(const ScanArgs<T>& a, int64_t b, int64_t d0,
-                           RowBuffers<T>* bufs, T* __restrict h,
-                           T* __restrict decay_buf, T* __restrict state_buf) {
-  const int64_t N = kN > 0 ? kN : a.N;
-  const int64_t K = a.K;
-  int64_t sB, sC;
-  const T* __restrict Bt = a.B_row(b, sB);
-  const T* __restrict Ct = a.C_row(b, sC);
-  const T* A[R];
-  const T* e[R];
-  const T* x[R];
-  T* y[R];
-  for (int r = 0; r < R; ++r) {
-    A[r] = a.A + (d0 + r) * N;
-    e[r] = bufs[r].decay_exp.data();
-    x[r] = bufs[r].input.data();
-    y[r] = bufs[r].y.data();
-  }
-  if constexpr (std::is_same_v<T, float> && kN == 16) {
-    vf16 hv[R], Av[R];
-    for (int r = 0; r < R; ++r) {
-      hv[r] = vf16{};
-      Av[r] = load16(A[r]);
-    }
-    for (int64_t k = 0; k < K; ++k) {
-      const vf16 Bk = load16(Bt + k * sB);
-      const vf16 Ck = load16(Ct + k * sC);
-      for (int r = 0; r < R; ++r) {
-        const vf16 decay = exp16(Av[r] * e[r][k]);
-        hv[r] = decay * hv[r] + Bk * x[r][k];
-        y[r][k] = sum16(Ck * hv[r]);
-        if constexpr (kStore) {
-          store16(decay_buf + (r * K + k) * 16, decay);
-          store16(state_buf + (r * K + k) * 16, hv[r]);
-        }
-      }
-    }
-    return;
-  }
-  std::fill(h, h + R * N, T(0));
-  for (int64_t k = 0; k < K; ++k) {
-    const T* Bk = Bt + k * sB;
-    const T* Ck = Ct + k * sC;
-    for (int r = 0; r < R; ++r) {
-      const T ek = e[r][k], xk = x[r][k];
-      const T* Ar = A[r];
-      T* hr = h + r * N;
-      T yk = 0;
-#pragma omp simd reduction(+ : yk)
-      for (int64_t n = 0; n < N; ++n) {
-        const T decay = fast_exp(ek * Ar[n]);
-        const T hn = decay * hr[n] + xk * Bk[n];
-        hr[n] = hn;
-        yk += Ck[n] * hn;
-        if constexpr (kStore) {
-          decay_buf[(r * K + k) * N + n] = decay;
-          state_buf[(r * K + k) * N + n] = hn;
-        }
-      }
-      y[r][k] = yk;
-    }
-  }
-}
-
-template <typename T, int kN, bool kStore, int R>
-void scan_rows(const ScanArgs<T>& a, int64_t b, int64_t d0,
-               RowBuffers<T>* bufs, T* decay_buf, T* state_buf) {
-  if constexpr (kN > 0) {
-    T h[R * kN];  // small enough to live in registers
-    scan_rows_impl<T, kN, kStore, R>(a, b, d0, bufs, h, decay_buf,
-                                     state_buf);
-  } else {
-    std::vector<T> h(R * a.N);
-    scan_rows_impl<T, kN, kStore, R>(a, b, d0, bufs, h.data(), decay_buf,
-                                     state_buf);
-  }
-}
-
-// Rows per block of the forward pass.
-constexpr int kRowBlock = 4;
-
-template <typename T, int kN>
-void forward_block(const ScanArgs<T>& a, int64_t b, int64_t d0, int rows,
-                   RowBuffers<T>* bufs) {
-  for (int r = 0; r < rows; ++r) prepare_row<T, false>(a, b, d0 + r, bufs[r]);
-  if (rows == kRowBlock) {
-    scan_rows<T, kN, false, kRowBlock>(a, b, d0, bufs, nullptr, nullptr);
-  } else {
-    for (int r = 0; r < rows; ++r) {
-      scan_rows<T, kN, false, 1>(a, b, d0 + r, bufs + r, nullptr, nullptr);
-    }
-  }
-  for (int r = 0; r < rows; ++r) {
-    const int64_t d = d0 + r;
-    const T* u = bufs[r].u.data();
-    const T Dv = a.D ? a.D[d] : T(0);
-    T* y = bufs[r].y.data();
-    const T* gate = bufs[r].gate.data();
-    if (a.z.p) {
-#pragma omp simd
-      for (int64_t k = 0; k < a.K; ++k) y[k] = (y[k] + Dv * u[k]) * gate[k];
+    if (order) {
+      const int64_t* o = order + b * order_sb + j0;
+      std::copy(o, o + len, tok_u);
     } else {
-#pragma omp simd
-      for (int64_t k = 0; k < a.K; ++k) y[k] = y[k] + Dv * u[k];
+      std::copy(tok_s, tok_s + len, tok_u);
     }
-    a.out.write(b, d, y, a.order_of(b));
+  }
+};
+
+// A tile's constants and the state it carries from chunk to chunk.
+template <typename T>
+struct Tile {
+  using V = vec_t<T>;
+  int64_t d0 = 0;
+  int lanes = 0;
+  V* At = nullptr;  // N: A transposed, (n, lane)
+  V* h = nullptr;   // N: the state
+  V bias{}, D{}, gap_step{};
+  V prev_step{};  // delta of the step before the chunk ('prev' gaps)
+  // backward only
+  V* dh = nullptr;    // N: d loss / d state, from the later steps
+  V* dA = nullptr;    // N
+  V* ckpt = nullptr;  // chunks x N: the state before each chunk
+  V dD{}, dbias{}, dgap_null{};
+  V dstep_from_next{};  // 'prev': step k+1's gap decays with delta_k
+};
+
+// One thread's buffers: one chunk of one tile (kChunk W-lane vectors
+// each), and the per-tile storage of its tiles of one batch element.
+template <typename T>
+struct Work {
+  using V = vec_t<T>;
+  std::vector<V> step, e, x, u, gate, dgate, dsdraw, y, dout;
+  std::vector<int64_t> tok_s, tok_u;
+  std::vector<V> decay, state;  // kChunk x N; (kChunk + 1) x N
+  std::vector<V> dB, dC;        // kChunk x N: sums over the tiles
+  std::vector<Tile<T>> tiles;
+  std::vector<V> At, h, dh, dA, ckpt;
+  Work(int64_t N, bool backward)
+      : step(kChunk), e(kChunk), x(kChunk), u(kChunk), gate(kChunk),
+        dgate(kChunk), dsdraw(kChunk), y(kChunk), dout(kChunk),
+        tok_s(kChunk), tok_u(kChunk) {
+    if (backward) {
+      decay.resize(kChunk * N);
+      state.resize((kChunk + 1) * N);
+      dB.resize(kChunk * N);
+      dC.resize(kChunk * N);
+    }
+  }
+
+  // Tiles g0..g1-1 (of W channels) of a batch element, state zero.
+  void set_tiles(const ScanArgs<T>& a, int64_t g0, int64_t g1,
+                 bool backward) {
+    constexpr int W = Simd<T>::W;
+    const int64_t G = g1 - g0, N = a.N;
+    const int64_t chunks = (a.K + kChunk - 1) / kChunk;
+    tiles.assign(G, Tile<T>{});
+    At.resize(G * N);
+    h.assign(G * N, V{});
+    if (backward) {
+      dh.assign(G * N, V{});
+      dA.assign(G * N, V{});
+      ckpt.resize(G * chunks * N);
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      Tile<T>& t = tiles[g];
+      t.d0 = (g0 + g) * W;
+      t.lanes = static_cast<int>(std::min<int64_t>(W, a.dim - t.d0));
+      t.At = At.data() + g * N;
+      t.h = h.data() + g * N;
+      for (int64_t n = 0; n < N; ++n) {
+        V v{};
+        for (int w = 0; w < t.lanes; ++w) v[w] = a.A[(t.d0 + w) * N + n];
+        t.At[n] = v;
+      }
+      for (int w = 0; w < t.lanes; ++w) {
+        if (a.bias) t.bias[w] = a.bias[t.d0 + w];
+        if (a.D) t.D[w] = a.D[t.d0 + w];
+      }
+      t.gap_step = a.softplus ? vsoftplus(t.bias) : t.bias;
+      if (backward) {
+        t.dh = dh.data() + g * N;
+        t.dA = dA.data() + g * N;
+        t.ckpt = ckpt.data() + g * chunks * N;
+      }
+    }
+  }
+};
+
+// Steps j0..j0+len-1 (tokens in w.tok_s, w.tok_u) of tile t: packed
+// inputs, the step sizes delta_k, the decay exponents e_k, the inputs
+// delta_k u_k, the gate silu(z_k) and, for the backward pass, the
+// derivatives of the softplus and the gate. Updates t.prev_step.
+template <typename T, bool kBackward>
+void prepare_chunk(const ScanArgs<T>& a, int64_t b, int64_t j0, int64_t len,
+                   Tile<T>& t, Work<T>& w) {
+  using V = vec_t<T>;
+  V* step = w.step.data();
+  pack(a.delta, b, t.d0, t.lanes, w.tok_s.data(), len, step);
+  pack(a.u, b, t.d0, t.lanes, w.tok_u.data(), len, w.u.data());
+  const bool z = a.z.p != nullptr;
+  if (z) pack(a.z, b, t.d0, t.lanes, w.tok_u.data(), len, w.gate.data());
+  const T* g = a.gaps ? a.gaps + b * a.K + j0 : nullptr;
+  for (int64_t j = 0; j < len; ++j) {
+    const V raw = step[j] + t.bias;
+    const V s = a.softplus ? vsoftplus(raw) : raw;
+    step[j] = s;
+    w.x[j] = s * w.u[j];
+    if constexpr (kBackward) {
+      w.dsdraw[j] = a.softplus ? vsigmoid(raw) : V{} + T(1);
+    }
+    if (!g) {
+      w.e[j] = s;
+    } else if (a.gap_mode == kGapPrev) {
+      w.e[j] = s + g[j] * t.prev_step;  // g_0 = 0
+    } else {  // 'null': a zero-input token's step
+      w.e[j] = s + g[j] * t.gap_step;
+    }
+    t.prev_step = s;
+    if (z) {
+      const V zk = w.gate[j];
+      const V sig = vsigmoid(zk);
+      w.gate[j] = zk * sig;
+      if constexpr (kBackward) {
+        w.dgate[j] = sig * (T(1) + zk * (T(1) - sig));
+      }
+    }
+  }
+}
+
+// The recurrence of tile t over the len steps of the chunk, from the state
+// t.h (updated). kOut: y[j] = C_k . h_k. kStore: keeps the decays and the
+// states (state[0] is the state before the chunk) for the backward pass.
+template <typename T, int kN, bool kOut, bool kStore>
+inline void recurrence(const ScanArgs<T>& a, int64_t b, int64_t len,
+                       const Tile<T>& t, Work<T>& w) {
+  using V = vec_t<T>;
+  const int64_t N = kN > 0 ? kN : a.N;
+  const V* __restrict At = t.At;
+  V* __restrict h = t.h;
+  const V* __restrict e = w.e.data();
+  const V* __restrict x = w.x.data();
+  V* __restrict y = w.y.data();
+  V* __restrict decay = w.decay.data();
+  V* __restrict state = w.state.data();
+  const T* Bb = a.Bt + b * a.sBb;
+  const T* Cb = a.Ct + b * a.sCb;
+  if constexpr (kStore) std::copy(h, h + N, state);
+  for (int64_t j = 0; j < len; ++j) {
+    const int64_t k = w.tok_s[j];
+    const T* __restrict Bk = Bb + k * a.sBk;
+    const T* __restrict Ck = Cb + k * a.sCk;
+    const V ej = e[j], xj = x[j];
+    V yj{};
+    for (int64_t n = 0; n < N; ++n) {
+      const V dA = vexp(ej * At[n]);
+      const V hn = dA * h[n] + xj * Bk[n];
+      h[n] = hn;
+      if constexpr (kOut) yj += hn * Ck[n];
+      if constexpr (kStore) {
+        decay[j * N + n] = dA;
+        state[(j + 1) * N + n] = hn;
+      }
+    }
+    if constexpr (kOut) y[j] = yj;
+  }
+}
+
+// A thread's tiles g0..g1-1 of batch element b, chunk by chunk: each chunk's
+// rows of the inputs are read for all these tiles (adjacent channels) while
+// they are in cache.
+template <typename T, int kN>
+void forward_tiles(const ScanArgs<T>& a, int64_t b, int64_t g0, int64_t g1,
+                   Work<T>& w) {
+  using V = vec_t<T>;
+  w.set_tiles(a, g0, g1, false);
+  for (int64_t j0 = 0; j0 < a.K; j0 += kChunk) {
+    const int64_t len = std::min(kChunk, a.K - j0);
+    a.tokens(b, j0, len, w.tok_s.data(), w.tok_u.data());
+    for (Tile<T>& t : w.tiles) {
+      prepare_chunk<T, false>(a, b, j0, len, t, w);
+      recurrence<T, kN, true, false>(a, b, len, t, w);
+      V* y = w.y.data();
+      for (int64_t j = 0; j < len; ++j) {
+        y[j] = y[j] + t.D * w.u[j];
+        if (a.z.p) y[j] *= w.gate[j];
+      }
+      unpack(a.out, b, t.d0, t.lanes, w.tok_u.data(), len, y);
+    }
   }
 }
 
 template <typename T>
 struct GradArgs {
-  Rows<T> dout, du, ddelta, dz;  // dz.p null without z
-  T *dA_part, *dD_part, *dbias_part;  // (batch, dim[, N]): summed over batch later
+  Strided<T> dout, du, ddelta, dz;  // dz.p null without z
+  T *dA_part, *dD_part, *dbias_part;  // (batch, dim[, N]): summed later
 };
 
-// Backward over one row; dB_loc/dC_loc (K x N) are this thread's sums over
-// the channels it has processed for batch element b.
-template <typename T, int kN>
-void backward_row(const ScanArgs<T>& a, const GradArgs<T>& g, int64_t b,
-                  int64_t d, RowBuffers<T>& buf, T* decay_buf,
-                  T* state_buf, T* dh, T* dA_loc, T* dB_loc, T* dC_loc) {
-  const int64_t N = kN > 0 ? kN : a.N;
-  const int64_t K = a.K;
-  const int64_t* order = a.order_of(b);
-  prepare_row<T, true>(a, b, d, buf);
-  scan_rows<T, kN, true, 1>(a, b, d, &buf, decay_buf, state_buf);
-
-  const T* u = buf.u.data();
-  const T* A = a.A + d * N;
-  int64_t sB, sC;
-  const T* Bt = a.B_row(b, sB);
-  const T* Ct = a.C_row(b, sC);
-  const T* gaps = a.gaps ? a.gaps + b * K : nullptr;
-  T* dout = buf.dout.data();
-  g.dout.read(b, d, dout, order);
-  const T Dv = a.D ? a.D[d] : T(0);
-  const T* step = buf.step.data();
-  const T* e = buf.decay_exp.data();
-  T* dy_buf = buf.gate.data();  // the gate is read once per k, then reused
-  T* dstep = buf.input.data();  // d loss / d step_k, filled in reverse
-
-  // Gate and skip terms, vectorised over k.
-  T dD = 0;
-  if (a.z.p) {
-    const T* dgate = buf.dgate.data();
-    const T* y = buf.y.data();
-    T* dz = buf.dz.data();
-#pragma omp simd reduction(+ : dD)
-    for (int64_t k = 0; k < K; ++k) {
-      dz[k] = dout[k] * (y[k] + Dv * u[k]) * dgate[k];
-      dy_buf[k] = dout[k] * dy_buf[k];
-      dD += dy_buf[k] * u[k];
+// Adds the lane sums of acc (len x N vectors) to out rows tok[j] (K x N).
+template <typename T>
+void add_lane_sums(const vec_t<T>* acc, int64_t len, int64_t N,
+                   const int64_t* tok, T* out) {
+  using V = vec_t<T>;
+  constexpr int W = Simd<T>::W;
+  for (int64_t j = 0; j < len; ++j) {
+    const V* row = acc + j * N;
+    T* o = out + tok[j] * N;
+    int64_t n = 0;
+    for (; n + W <= N; n += W) {
+      vstore(o + n, vload<V>(o + n) + row_sums(row + n));
     }
-    g.dz.write(b, d, dz, order);
-  } else {
-#pragma omp simd reduction(+ : dD)
-    for (int64_t k = 0; k < K; ++k) {
-      dy_buf[k] = dout[k];
-      dD += dout[k] * u[k];
+    for (; n < N; ++n) {
+      T s = 0;
+      for (int i = 0; i < W; ++i) s += row[n][i];
+      o[n] += s;
     }
   }
-
-  std::fill(dh, dh + N, T(0));
-  std::fill(dA_loc, dA_loc + N, T(0));
-  T dgap_null = 0;
-  T dstep_from_next = 0;  // 'prev': step k+1's gap decays with delta_k
-  T* du = buf.du.data();
-  [[maybe_unused]] vf16 dh_v{}, dA_v{}, A_v{};
-  constexpr bool kVec16 = std::is_same_v<T, float> && kN == 16;
-  if constexpr (kVec16) A_v = load16(A);
-  for (int64_t k = K - 1; k >= 0; --k) {
-    const T dy = dy_buf[k], uk = u[k], sk = step[k], ek = e[k];
-    const T* Bk = Bt + k * sB;
-    const T* Ck = Ct + k * sC;
-    const T* decay = decay_buf + k * N;
-    const T* state = state_buf + k * N;
-    // h_{-1} = 0: the decay of the first step has no gradient
-    const T* prev_state = k > 0 ? state_buf + (k - 1) * N : nullptr;
-    T* dBk = dB_loc + k * N;
-    T* dCk = dC_loc + k * N;
-    T de = 0, dBu = 0;
-    const T xk = sk * uk;
-    if constexpr (kVec16) {
-      const vf16 decay_v = load16(decay);
-      const vf16 dhn = dh_v + load16(Ck) * dy;
-      store16(dCk, load16(dCk) + load16(state) * dy);
-      const vf16 d_decay =
-          prev_state ? dhn * load16(prev_state) * decay_v : vf16{};
-      dA_v += d_decay * ek;
-      store16(dBk, load16(dBk) + dhn * xk);
-      sum2x16(d_decay * A_v, dhn * load16(Bk), de, dBu);
-      dh_v = dhn * decay_v;
-    } else if (prev_state) {
-#pragma omp simd reduction(+ : de, dBu)
-      for (int64_t n = 0; n < N; ++n) {
-        const T dhn = dh[n] + dy * Ck[n];
-        dCk[n] += dy * state[n];
-        const T d_decay = dhn * prev_state[n] * decay[n];  // d(decay) decay
-        de += d_decay * A[n];
-        dA_loc[n] += d_decay * ek;
-        dBk[n] += dhn * xk;
-        dBu += dhn * Bk[n];
-        dh[n] = dhn * decay[n];
-      }
-    } else {
-#pragma omp simd reduction(+ : dBu)
-      for (int64_t n = 0; n < N; ++n) {
-        const T dhn = dh[n] + dy * Ck[n];
-        dCk[n] += dy * state[n];
-        dBk[n] += dhn * xk;
-        dBu += dhn * Bk[n];
-      }
-    }
-    du[k] = dy * Dv + dBu * sk;
-    dstep[k] = dBu * uk + de + dstep_from_next;
-    dstep_from_next = 0;
-    if (gaps && gaps[k] > T(0)) {
-      if (a.gap_mode == kGapPrev) {
-        dstep_from_next = de * gaps[k];
-      } else {
-        dgap_null += de * gaps[k];
-      }
-    }
-  }
-  g.du.write(b, d, du, order);
-  T dbias = 0;
-  T* ddelta = dstep;  // in place
-  const T* dstep_draw = buf.dstep_draw.data();
-#pragma omp simd reduction(+ : dbias)
-  for (int64_t k = 0; k < K; ++k) {
-    ddelta[k] = dstep[k] * dstep_draw[k];
-    dbias += ddelta[k];
-  }
-  g.ddelta.write(b, d, ddelta);
-  const int64_t bd = b * a.dim + d;
-  if constexpr (kVec16) store16(dA_loc, dA_v);
-  for (int64_t n = 0; n < N; ++n) g.dA_part[bd * N + n] = dA_loc[n];
-  g.dD_part[bd] = dD;
-  const T bias = a.bias ? a.bias[d] : T(0);
-  g.dbias_part[bd] =
-      dbias + (a.softplus ? dgap_null * sigmoid(bias) : dgap_null);
 }
 
-int num_threads() { return std::max(1, at::get_num_threads()); }
+// The softplus'd step size of step j of tile t (delta_{j0-1} for the 'prev'
+// gap of a chunk's first step, when the chunks run backwards).
+template <typename T>
+vec_t<T> step_at(const ScanArgs<T>& a, int64_t b, int64_t j,
+                 const Tile<T>& t) {
+  int64_t tok_s, tok_u;
+  a.tokens(b, j, 1, &tok_s, &tok_u);
+  vec_t<T> raw;
+  pack(a.delta, b, t.d0, t.lanes, &tok_s, 1, &raw);
+  raw += t.bias;
+  return a.softplus ? vsoftplus(raw) : raw;
+}
+
+// Backward over one chunk of tile t: the chunk's states recomputed from its
+// checkpoint, then the reverse recurrence. w.dB/w.dC (the chunk's dB, dC)
+// get this tile's lanes added.
+template <typename T, int kN>
+void backward_chunk(const ScanArgs<T>& a, const GradArgs<T>& g, int64_t b,
+                    int64_t i, int64_t len, Tile<T>& t, Work<T>& w) {
+  using V = vec_t<T>;
+  const int64_t N = kN > 0 ? kN : a.N;
+  const int64_t j0 = i * kChunk;
+  t.prev_step = V{};
+  if (j0 > 0 && a.gaps && a.gap_mode == kGapPrev) {
+    t.prev_step = step_at(a, b, j0 - 1, t);
+  }
+  prepare_chunk<T, true>(a, b, j0, len, t, w);
+  std::copy(t.ckpt + i * N, t.ckpt + (i + 1) * N, t.h);
+  recurrence<T, kN, true, true>(a, b, len, t, w);
+  V* dy = w.dout.data();
+  pack(g.dout, b, t.d0, t.lanes, w.tok_u.data(), len, dy);
+  if (a.z.p) {
+    V* dz = w.dgate.data();  // in place
+    for (int64_t j = 0; j < len; ++j) {
+      dz[j] = dy[j] * (w.y[j] + t.D * w.u[j]) * w.dgate[j];
+      dy[j] = dy[j] * w.gate[j];
+    }
+    unpack(g.dz, b, t.d0, t.lanes, w.tok_u.data(), len, dz);
+  }
+  const V* __restrict At = t.At;
+  V* __restrict dh = t.dh;
+  V* __restrict dA = t.dA;
+  const V* __restrict decay = w.decay.data();
+  const V* __restrict state = w.state.data();
+  V* __restrict dBc = w.dB.data();
+  V* __restrict dCc = w.dC.data();
+  V* du = w.gate.data();  // reused: the gate is no longer needed
+  V* dstep = w.y.data();  // reused: y is no longer needed
+  const T* Bb = a.Bt + b * a.sBb;
+  const T* Cb = a.Ct + b * a.sCb;
+  const T* gaps = a.gaps ? a.gaps + b * a.K + j0 : nullptr;
+  for (int64_t j = len - 1; j >= 0; --j) {
+    const int64_t k = w.tok_s[j];
+    const T* __restrict Bk = Bb + k * a.sBk;
+    const T* __restrict Ck = Cb + k * a.sCk;
+    const V dyj = dy[j], xj = w.x[j], ej = w.e[j];
+    t.dD += dyj * w.u[j];
+    V de{}, dx{};
+    for (int64_t n = 0; n < N; ++n) {
+      const V dhn = dh[n] + dyj * Ck[n];
+      dCc[j * N + n] += dyj * state[(j + 1) * N + n];
+      // d(decay) * decay; h_{-1} = 0 makes it 0 at the first step
+      const V dd = dhn * state[j * N + n] * decay[j * N + n];
+      de += dd * At[n];
+      dA[n] += dd * ej;
+      dBc[j * N + n] += dhn * xj;
+      dx += dhn * Bk[n];
+      dh[n] = dhn * decay[j * N + n];
+    }
+    du[j] = dyj * t.D + dx * w.step[j];
+    dstep[j] = dx * w.u[j] + de + t.dstep_from_next;
+    t.dstep_from_next = V{};
+    if (gaps && gaps[j] > T(0)) {
+      if (a.gap_mode == kGapPrev) {
+        t.dstep_from_next = de * gaps[j];
+      } else {
+        t.dgap_null += de * gaps[j];
+      }
+    }
+  }
+  for (int64_t j = 0; j < len; ++j) {
+    dstep[j] *= w.dsdraw[j];  // d delta (raw)
+    t.dbias += dstep[j];
+  }
+  unpack(g.du, b, t.d0, t.lanes, w.tok_u.data(), len, du);
+  unpack(g.ddelta, b, t.d0, t.lanes, w.tok_s.data(), len, dstep);
+}
+
+// Backward over a thread's tiles g0..g1-1 of batch element b; dB_loc/dC_loc
+// (K x N, token order) are this thread's sums over its channels.
+template <typename T, int kN>
+void backward_tiles(const ScanArgs<T>& a, const GradArgs<T>& g, int64_t b,
+                    int64_t g0, int64_t g1, Work<T>& w, T* dB_loc,
+                    T* dC_loc) {
+  using V = vec_t<T>;
+  const int64_t N = a.N, K = a.K;
+  const int64_t chunks = (K + kChunk - 1) / kChunk;
+  w.set_tiles(a, g0, g1, true);
+  // pass 1: the state before every chunk
+  for (int64_t i = 0; i < chunks; ++i) {
+    const int64_t j0 = i * kChunk, len = std::min(kChunk, K - j0);
+    a.tokens(b, j0, len, w.tok_s.data(), w.tok_u.data());
+    for (Tile<T>& t : w.tiles) {
+      std::copy(t.h, t.h + N, t.ckpt + i * N);
+      prepare_chunk<T, false>(a, b, j0, len, t, w);
+      recurrence<T, kN, false, false>(a, b, len, t, w);
+    }
+  }
+  // pass 2: the chunks from the last
+  for (int64_t i = chunks - 1; i >= 0; --i) {
+    const int64_t j0 = i * kChunk, len = std::min(kChunk, K - j0);
+    a.tokens(b, j0, len, w.tok_s.data(), w.tok_u.data());
+    std::fill(w.dB.begin(), w.dB.begin() + len * N, V{});
+    std::fill(w.dC.begin(), w.dC.begin() + len * N, V{});
+    for (Tile<T>& t : w.tiles) backward_chunk<T, kN>(a, g, b, i, len, t, w);
+    add_lane_sums<T>(w.dB.data(), len, N, w.tok_s.data(), dB_loc);
+    add_lane_sums<T>(w.dC.data(), len, N, w.tok_s.data(), dC_loc);
+  }
+  for (const Tile<T>& t : w.tiles) {
+    const V dgap = a.softplus ? t.dgap_null * vsigmoid(t.bias) : t.dgap_null;
+    for (int l = 0; l < t.lanes; ++l) {
+      const int64_t bd = b * a.dim + t.d0 + l;
+      for (int64_t n = 0; n < N; ++n) g.dA_part[bd * N + n] = t.dA[n][l];
+      g.dD_part[bd] = t.dD[l];
+      g.dbias_part[bd] = t.dbias[l] + dgap[l];
+    }
+  }
+}
 
 // The gaps g_k = p_k - p_{k-1} - 1 (g_0 = 0: h_0 = 0, a leading gap changes
 // nothing), as T; computed once per call, shared by all channels.
@@ -572,9 +498,9 @@ ScanArgs<T> make_args(const at::Tensor& u, const at::Tensor& delta,
   if (bias) check_tensor(*bias, "delta_bias", dtype, {dim});
   if (pos) check_tensor(*pos, "positions", at::kLong, {batch, K});
   ScanArgs<T> a;
-  a.u = Rows<T>(u, reverse);
-  a.delta = Rows<T>(delta, reverse);
-  if (z) a.z = Rows<T>(*z, reverse);
+  a.u = Strided<T>(u);
+  a.delta = Strided<T>(delta);
+  if (z) a.z = Strided<T>(*z);
   a.A = A.data_ptr<T>();
   a.Bt = Bt.data_ptr<T>();
   a.Ct = Ct.data_ptr<T>();
@@ -606,18 +532,19 @@ ScanArgs<T> make_args(const at::Tensor& u, const at::Tensor& delta,
 
 template <typename T, int kN>
 void forward_impl(const ScanArgs<T>& a, int64_t batch) {
-  const int64_t blocks_per_batch = (a.dim + kRowBlock - 1) / kRowBlock;
-  const int64_t blocks = batch * blocks_per_batch;
+  constexpr int W = Simd<T>::W;
+  const int64_t tiles = (a.dim + W - 1) / W;
 #pragma omp parallel num_threads(num_threads())
   {
-    std::vector<RowBuffers<T>> bufs(kRowBlock, RowBuffers<T>(a.K));
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < blocks; ++i) {
-      const int64_t b = i / blocks_per_batch;
-      const int64_t d0 = (i % blocks_per_batch) * kRowBlock;
-      const int rows = static_cast<int>(std::min<int64_t>(kRowBlock,
-                                                          a.dim - d0));
-      forward_block<T, kN>(a, b, d0, rows, bufs.data());
+    // contiguous tiles per thread, so that each reads whole row spans
+    Work<T> w(a.N, false);
+    int64_t lo, hi;
+    thread_range(batch * tiles, lo, hi);
+    for (int64_t i = lo; i < hi;) {
+      const int64_t b = i / tiles;
+      const int64_t end = std::min(hi, (b + 1) * tiles);
+      forward_tiles<T, kN>(a, b, i - b * tiles, end - b * tiles, w);
+      i = end;
     }
   }
 }
@@ -625,9 +552,12 @@ void forward_impl(const ScanArgs<T>& a, int64_t batch) {
 template <typename T, int kN>
 void backward_impl(const ScanArgs<T>& a, const GradArgs<T>& g, int64_t batch,
                    T* dBt, T* dCt) {
+  constexpr int W = Simd<T>::W;
   const int64_t K = a.K, N = a.N, KN = K * N;
+  const int64_t tiles = (a.dim + W - 1) / W;
   const int threads = num_threads();
-  // Per-thread partial sums of dB and dC over channels, for one batch element.
+  // Per-thread partial sums of dB and dC over channels, for one batch
+  // element, in token order.
   std::vector<T> partial(static_cast<size_t>(threads) * 2 * KN);
 #pragma omp parallel num_threads(threads)
   {
@@ -638,19 +568,15 @@ void backward_impl(const ScanArgs<T>& a, const GradArgs<T>& g, int64_t batch,
     const int tid = 0;
     const int team = 1;
 #endif
-    std::vector<T> dh(N), dA_loc(N);
-    std::vector<T> decay_buf(KN), state_buf(KN);
-    RowBuffers<T> buf(K);
+    Work<T> w(N, true);
     T* dB_loc = partial.data() + static_cast<size_t>(tid) * 2 * KN;
     T* dC_loc = dB_loc + KN;
+    int64_t lo, hi;
+    thread_range(tiles, lo, hi);
     for (int64_t b = 0; b < batch; ++b) {
       std::fill(dB_loc, dB_loc + 2 * KN, T(0));
-#pragma omp for schedule(static)
-      for (int64_t d = 0; d < a.dim; ++d) {
-        backward_row<T, kN>(a, g, b, d, buf, decay_buf.data(),
-                            state_buf.data(), dh.data(), dA_loc.data(),
-                            dB_loc, dC_loc);
-      }  // implicit barrier: every thread's partial sums are complete
+      if (lo < hi) backward_tiles<T, kN>(a, g, b, lo, hi, w, dB_loc, dC_loc);
+#pragma omp barrier  // every thread's partial sums are complete
 #pragma omp for schedule(static)
       for (int64_t i = 0; i < KN; ++i) {
         T sb = 0, sc = 0;
@@ -658,10 +584,8 @@ void backward_impl(const ScanArgs<T>& a, const GradArgs<T>& g, int64_t batch,
           sb += partial[static_cast<size_t>(t) * 2 * KN + i];
           sc += partial[static_cast<size_t>(t) * 2 * KN + KN + i];
         }
-        // i is (scan step, n); dBt, dCt are in token order
-        const int64_t at = a.u.index(i / N) * N + i % N;
-        dBt[b * KN + at] = sb;
-        dCt[b * KN + at] = sc;
+        dBt[b * KN + i] = sb;
+        dCt[b * KN + i] = sc;
       }  // implicit barrier before the buffers are cleared again
     }
   }
@@ -687,7 +611,7 @@ at::Tensor selective_scan_fwd(const at::Tensor& u, const at::Tensor& delta,
     auto a = make_args<scalar_t>(u, delta, A, Bt, Ct, D, z, delta_bias,
                                  positions, order, gaps, softplus, gap_mode,
                                  reverse);
-    a.out = Rows<scalar_t>(out, reverse);
+    a.out = Strided<scalar_t>(out);
     if (a.N == 16) {
       forward_impl<scalar_t, 16>(a, u.size(0));
     } else {
@@ -725,10 +649,10 @@ std::vector<std::optional<at::Tensor>> selective_scan_bwd(
                                  positions, order, gaps, softplus, gap_mode,
                                  reverse);
     GradArgs<scalar_t> g;
-    g.dout = Rows<scalar_t>(dout, reverse);
-    g.du = Rows<scalar_t>(du, reverse);
-    g.ddelta = Rows<scalar_t>(ddelta, reverse);
-    if (z) g.dz = Rows<scalar_t>(dz, reverse);
+    g.dout = Strided<scalar_t>(dout);
+    g.du = Strided<scalar_t>(du);
+    g.ddelta = Strided<scalar_t>(ddelta);
+    if (z) g.dz = Strided<scalar_t>(dz);
     g.dA_part = dA_part.data_ptr<scalar_t>();
     g.dD_part = dD_part.data_ptr<scalar_t>();
     g.dbias_part = dbias_part.data_ptr<scalar_t>();
@@ -747,4 +671,5 @@ std::vector<std::optional<at::Tensor>> selective_scan_bwd(
   return {du, ddelta, dA_part.sum(0), dBt, dCt, dD, dzo, dbias};
 }
 
+}  // namespace MMSSM_ISA
 }  // namespace mmssm

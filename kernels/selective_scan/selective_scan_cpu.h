@@ -1,6 +1,8 @@
 // Selective scan with pruning-aware hidden-state alignment: CPU kernel.
 #pragma once
 
+#include "../common/isa.h"
+
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
@@ -8,6 +10,7 @@
 #include <vector>
 
 namespace mmssm {
+inline namespace MMSSM_ISA {
 
 // u, delta, z: (batch, dim, K), any strides; A: (dim, N); Bt, Ct:
 // (batch, K, N), N contiguous; D, delta_bias: (dim); positions: int64
@@ -36,4 +39,5 @@ std::vector<std::optional<at::Tensor>> selective_scan_bwd(
     const std::optional<at::Tensor>& order, const at::Tensor& dout,
     bool softplus, int64_t gap_mode, bool reverse);
 
+}  // namespace MMSSM_ISA
 }  // namespace mmssm

@@ -16,6 +16,7 @@ from mmssm.models.backbones import PlainMamba, Vim
 from mmssm.models.backbones.plainmamba import PlainMambaLayer, PlainMambaMixer
 from mmssm.models.backbones.vim import BiMambaV2, VimBlock
 from mmssm.models.layers import DirectionGate, run_selected
+from mmssm.models.layers.direction_gate import select_rows
 from mmssm.testing import needs_ext, random_positions, tiny_arch
 
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -287,6 +288,28 @@ def test_run_selected():
     assert not run_selected(run, torch.zeros(5), (5, 3), rows).any()
 
 
+def test_selected_rows_keep_the_kernels_layout():
+    """At inference a direction's inputs are selected in their tokens-major
+    layout (a (B, E, K) view of a projection's (B, K, 2E) output), which
+    the kernels read without a copy, and the gated output keeps it."""
+    xz = torch.randn(4, 7, 10)
+    u = xz[..., :5].transpose(1, 2)  # (B, E, K) view
+    index = torch.tensor([0, 2])
+    rows = select_rows(u, index)
+    assert torch.equal(rows, u[index]) and rows.stride(1) == 1
+    assert select_rows(None, index) is None
+    mask = torch.rand(4, 7)
+    assert torch.equal(select_rows(mask, index), mask[index])
+
+    def run(index):
+        return u if index is None else 2 * select_rows(u, index)
+
+    out = run_selected(run, torch.tensor([1, 0, 1, 0]), u.shape, u)
+    assert out.stride(1) == 1
+    assert torch.equal(out[index], 2 * u[index])
+    assert not out[[1, 3]].any()
+
+
 @pytest.mark.parametrize('gap_mode', ['null', 'prev'])
 def test_gated_masked_equals_gated_pruned(gap_mode):
     """With gates, the masked forward (gate on the mask-weighted mean, or
@@ -379,3 +402,28 @@ def test_vim_layer_kwargs_class_slot():
     assert torch.equal(
         state.index.gather(1, slot[:, None])[:, 0], torch.full((2,), 8)
     )
+
+
+@pytest.mark.parametrize('family', ['vim', 'plainmamba'])
+def test_checkpointed_layers_record_their_gates_once(family):
+    """With ``with_cp`` the backward pass recomputes each layer; its gate
+    decisions are recorded by the forward only, and equal the unchecked
+    model's (the checkpoint restores the RNG state)."""
+    cls = Vim if family == 'vim' else PlainMamba
+    x = torch.randn(2, 3, 64, 64)
+    recorded = []
+    for with_cp in (False, True):
+        torch.manual_seed(0)
+        model = cls(
+            tiny_arch(family),
+            img_size=64,
+            direction_gate=dict(init_bias=0.0),
+            with_cp=with_cp,
+        )
+        model.train()
+        torch.manual_seed(1)
+        sum(o.sum() for o in model(x.requires_grad_())).backward()
+        recorded.append(model.aux_outputs['direction_gates'])
+    assert len(recorded[1]) == len(recorded[0]) == model.num_layers
+    for a, b in zip(*recorded):
+        assert torch.equal(a, b)

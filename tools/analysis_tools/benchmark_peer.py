@@ -41,6 +41,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import torch
 
 from mmssm.ops import ext_status, selective_scan
+from mmssm.ops.ext import loaded_isa
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from benchmark_scan import exp_floor_per_element, make_inputs  # noqa: E402
@@ -371,7 +372,7 @@ def machine_line(threads: int) -> str:
         f'machine: {platform.processor() or platform.machine()}, '
         f'{os.cpu_count()} cores (load {load:.1f} at the start), '
         f'{threads} threads, torch {torch.__version__}, '
-        f'mmssm._ext {ext_status()}'
+        f'mmssm._ext {ext_status()} ({loaded_isa() or "none"})'
     )
 
 

@@ -8,19 +8,29 @@ relates each time to the physical floor of the work: one exp per state
 update, timed as ``torch.exp`` on a cache-resident float32 tensor and scaled
 to batch*dim*K*N elements.
 
+``--builds`` times the compiled kernel of several builds, alternating
+round by round: 'generic' and 'avx2' (the two builds of this checkout,
+setup.py) or the path of another checkout's ``_ext*.so`` (an A/B against
+it; it must have the same ``selective_scan_fwd``/``_bwd`` signature).
+
 Example::
 
     python tools/analysis_tools/benchmark_scan.py --threads 2
+    python tools/analysis_tools/benchmark_scan.py --impls cpu \\
+        --builds avx2 generic ../main/mmssm/_ext.cpython-*.so
 """
 
 import argparse
+import importlib.util
+import os.path as osp
 import platform
 import statistics
 import time
 
 import torch
 
-from mmssm.ops import ext_status, selective_scan
+from mmssm.errors import UserError
+from mmssm.ops import ext, ext_status, selective_scan
 
 SHAPES = {
     'cls': (8, 896, 16, 196),  # batch, dim, N, L
@@ -47,6 +57,14 @@ def parse_args():
     )
     parser.add_argument('--keeps', nargs='+', type=float, default=[1.0, 0.5])
     parser.add_argument(
+        '--builds',
+        nargs='+',
+        default=None,
+        help="builds of the compiled kernel for impl 'cpu': 'generic', "
+        "'avx2' or the path of another build's _ext*.so. Defaults to the "
+        'one this process loads.',
+    )
+    parser.add_argument(
         '--repeat',
         type=int,
         default=10,
@@ -72,6 +90,22 @@ def exp_floor_per_element(repeat=200, numel=256 * 1024):
     out = torch.empty_like(x)
     seconds = timed(lambda: torch.exp(x, out=out), repeat)
     return seconds / numel
+
+
+def load_build(build):
+    """The compiled kernels of ``build``: 'generic', 'avx2' or a path."""
+    if build in ext.ISAS:
+        return ext.import_isa(build)
+    if not osp.isfile(build):
+        raise UserError(f'--builds: {build} is neither an ISA nor a file')
+    # the module's last name must be the file's (its PyInit_ symbol)
+    name = osp.basename(build).split('.')[0]
+    spec = importlib.util.spec_from_file_location(
+        f'mmssm_ab_{abs(hash(build))}.{name}', build
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_inputs(batch, dim, N, L, keep):
@@ -102,55 +136,66 @@ def main():
     print(
         f'machine: {platform.processor() or platform.machine()}, '
         f'{args.threads} threads, torch {torch.__version__}, '
-        f'mmssm._ext {ext_status()}'
+        f'mmssm._ext {ext_status()} ({ext.loaded_isa() or "none"})'
     )
     print(f'exp floor: {floor * 1e9:.3f} ns per element\n')
+    # (row name, impl, kernel module or None); the cpu rows alternate
+    rows = []
+    for impl in args.impls:
+        if impl == 'cpu' and args.builds:
+            rows += [(f'cpu ({b})', 'cpu', load_build(b)) for b in args.builds]
+        else:
+            rows.append((impl, impl, None))
     header = (
         '| shape | keep | K | impl | fwd (ms) | fwd+bwd (ms) | '
         'floor (ms) | fwd/floor | fwd+bwd/floor |'
     )
     print(header)
     print('|---' * (header.count('|') - 1) + '|')
+    loaded = ext.load_ext()
     for shape in args.shapes:
         batch, dim, N, L = SHAPES[shape]
         for keep in args.keeps:
             inputs, positions, K = make_inputs(batch, dim, N, L, keep)
             floor_ms = floor * batch * dim * K * N * 1e3
-            for impl in args.impls:
-                repeat = 2 if impl == 'ref' else args.repeat
-                grads = {
-                    k: v.clone().requires_grad_() for k, v in inputs.items()
-                }
-
-                def forward(impl=impl, inputs=inputs, positions=positions):
-                    with torch.no_grad():
-                        selective_scan(
-                            **inputs,
-                            delta_softplus=True,
-                            positions=positions,
-                            impl=impl,
-                        )
-
-                def forward_backward(
-                    impl=impl, grads=grads, positions=positions
-                ):
-                    y = selective_scan(
-                        **grads,
-                        delta_softplus=True,
-                        positions=positions,
-                        impl=impl,
-                    )
-                    y.sum().backward()
-
-                fwd = timed(forward, repeat) * 1e3
-                fwd_bwd = timed(forward_backward, repeat) * 1e3
+            grads = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+            times = {name: ([], []) for name, _, _ in rows}
+            for i in range(args.repeat + 1):  # round 0: warm-up
+                for name, impl, module in rows:
+                    if impl == 'ref' and i > 2:
+                        continue
+                    ext._ext = module or loaded
+                    fwd, fwd_bwd = times[name]
+                    fwd.append(_time_forward(impl, inputs, positions))
+                    fwd_bwd.append(_time_backward(impl, grads, positions))
+            ext._ext = loaded
+            for name, _, _ in rows:
+                fwd, fwd_bwd = (statistics.median(t[1:]) for t in times[name])
                 print(
                     f'| {shape} ({batch}x{dim}x{N}) | {keep:g} | {K} | '
-                    f'{impl} | {fwd:.2f} | {fwd_bwd:.2f} | '
+                    f'{name} | {fwd:.2f} | {fwd_bwd:.2f} | '
                     f'{floor_ms:.2f} | {fwd / floor_ms:.2f} | '
                     f'{fwd_bwd / floor_ms:.2f} |',
                     flush=True,
                 )
+
+
+def _time_forward(impl, inputs, positions):
+    start = time.perf_counter()
+    with torch.no_grad():
+        selective_scan(
+            **inputs, delta_softplus=True, positions=positions, impl=impl
+        )
+    return (time.perf_counter() - start) * 1e3
+
+
+def _time_backward(impl, grads, positions):
+    start = time.perf_counter()
+    y = selective_scan(
+        **grads, delta_softplus=True, positions=positions, impl=impl
+    )
+    y.sum().backward()
+    return (time.perf_counter() - start) * 1e3
 
 
 if __name__ == '__main__':

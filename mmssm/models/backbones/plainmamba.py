@@ -42,6 +42,7 @@ from mmssm.models.layers import (
     run_selected,
     s4d_real_log,
 )
+from mmssm.models.layers.direction_gate import select_rows
 from mmssm.models.pruning import TokenState
 from mmssm.ops import masked_delta, selective_scan
 from mmssm.registry import MODELS
@@ -489,7 +490,7 @@ class PlainMambaMixer(nn.Module):
                 o=order,
             ):
                 if index is not None:  # the images whose direction runs
-                    args = tuple(t.index_select(0, index) for t in args)
+                    args = tuple(select_rows(t, index) for t in args)
                 return selective_scan(
                     args[0],
                     args[1],
@@ -552,10 +553,7 @@ class PlainMambaMixer(nn.Module):
             """The scans of the rows ``index`` of the (4 * batch) rows."""
             args = (u, delta, B_steps, C_steps, scan_positions)
             if index is not None:
-                args = tuple(
-                    None if t is None else t.index_select(0, index)
-                    for t in args
-                )
+                args = tuple(select_rows(t, index) for t in args)
             return selective_scan(
                 args[0],
                 args[1],

@@ -39,6 +39,7 @@ from mmssm.models.layers import (
     s4d_real_log,
     upcast,
 )
+from mmssm.models.layers.direction_gate import select_rows
 from mmssm.models.pruning import TokenState
 from mmssm.ops import causal_conv1d as conv1d_op
 from mmssm.ops import masked_delta, selective_scan
@@ -381,9 +382,9 @@ class BiMambaV2(nn.Module):
             def run(index, d=d):
                 u, zd, m, pos = xs, z, mask, positions
                 if index is not None:  # the images whose direction runs
-                    u, zd = u.index_select(0, index), zd.index_select(0, index)
-                    m = None if m is None else m.index_select(0, index)
-                    pos = None if pos is None else pos.index_select(0, index)
+                    u, zd, m, pos = (
+                        select_rows(t, index) for t in (u, zd, m, pos)
+                    )
                 return self._branch(
                     u,
                     zd,

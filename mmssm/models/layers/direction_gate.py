@@ -25,6 +25,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from mmssm.errors import UserError
+from mmssm.ops.checks import empty_layout, tokens_major
 from mmssm.registry import MODELS
 
 
@@ -155,9 +156,19 @@ def build_direction_gate(
 
 def record_gates(aux: Optional[dict], bits: Tensor) -> None:
     """Append a layer's (B, n_dir) decisions to ``aux['direction_gates']``
-    (the aux channel of the backbone's forward), if ``aux`` is given."""
-    if aux is not None:
+    (the aux channel of the backbone's forward), if ``aux`` is given.
+
+    Not while autograd runs a backward pass: that is the recomputation of a
+    checkpointed layer (``with_cp``), whose decisions the forward already
+    recorded (the same bits: the checkpoint restores the RNG state).
+    """
+    if aux is not None and not _in_backward():
         aux.setdefault('direction_gates', []).append(bits)
+
+
+def _in_backward() -> bool:
+    """Whether this code runs inside autograd's backward pass."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def run_selected(
@@ -185,10 +196,36 @@ def run_selected(
     index = selected.nonzero()[:, 0]
     if index.numel() == selected.numel():
         return run(None)
-    out = like.new_zeros(out_shape)
+    # zeros in the layout of ``like`` (the kernels' outputs are tokens-major
+    # when their inputs are), so that the rows are copied in as they are
+    # and the consumers see the layout of the ungated path
+    if tuple(out_shape) == tuple(like.shape):
+        out = empty_layout(like).zero_()
+    else:
+        out = like.new_zeros(out_shape)
     if index.numel() == 0:
         return out
-    return out.index_copy(0, index, run(index))
+    return out.index_copy_(0, index, run(index))
+
+
+def select_rows(t: Optional[Tensor], index: Tensor) -> Optional[Tensor]:
+    """Rows ``index`` (dim 0) of ``t``, in its layout: a (B, C, K) view of
+    a (B, K, C) tensor (a projection's output) gives one again, which the
+    kernels read without a copy (``index_select`` of the view itself would
+    give a contiguous (B, C, K) tensor, read with strided loads).
+
+    Args:
+        t (Tensor, optional): Any tensor with the rows in dim 0, or None.
+        index (Tensor): int64 (R, ), the rows.
+
+    Returns:
+        Tensor | None: (R, ...), or None for None.
+    """
+    if t is None:
+        return None
+    if tokens_major(t):
+        return t.transpose(1, 2).index_select(0, index).transpose(1, 2)
+    return t.index_select(0, index)
 
 
 def _collect_gate_logits(

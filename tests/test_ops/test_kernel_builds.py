@@ -1,0 +1,198 @@
+"""The two builds of the compiled kernels (generic x86-64 and AVX2 + FMA,
+setup.py) against the references, and the choice between them at load time
+(mmssm/ops/ext.py)."""
+
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mmssm.ops import causal_conv1d, selective_scan
+from mmssm.testing import (
+    assert_close_rel,
+    in_ci,
+    needs_ext,
+    output_and_grads,
+    random_positions,
+)
+
+ext_module = importlib.import_module('mmssm.ops.ext')
+
+
+def _build_or_skip(isa):
+    if isa == 'avx2' and not ext_module.cpu_has_avx2():
+        pytest.skip('this CPU has no AVX2')
+    try:
+        return ext_module.import_isa(isa)
+    except (ImportError, OSError) as e:
+        if in_ci():
+            raise
+        pytest.skip(f'the {isa} build is not there ({e})')
+
+
+@pytest.fixture(params=['generic', 'avx2'])
+def isa(request, monkeypatch):
+    """Runs the test on one build (the ops load it through ``_ext``)."""
+    monkeypatch.setattr(ext_module, '_ext', _build_or_skip(request.param))
+    return request.param
+
+
+def _scan_inputs(batch, dim, K, N, dtype, tokens_major):
+    def bdk():
+        t = torch.randn(batch, dim, K, dtype=dtype)
+        return (
+            t.transpose(1, 2).contiguous().transpose(1, 2)
+            if (tokens_major)
+            else t
+        )
+
+    proj = torch.randn(batch, K, 3 + 2 * N, dtype=dtype)
+    inputs = dict(
+        u=bdk(),
+        delta=0.5 * bdk(),
+        A=-torch.rand(dim, N, dtype=dtype) - 0.2,
+        B=proj[..., 3 : 3 + N].transpose(1, 2),
+        C=proj[..., 3 + N :].transpose(1, 2),
+        D=torch.randn(dim, dtype=dtype),
+        z=bdk(),
+        delta_bias=torch.randn(dim, dtype=dtype),
+    )
+    return {k: v.requires_grad_() for k, v in inputs.items()}
+
+
+# dim 11: a partial tile of channels in both builds; K 150: three chunks
+# of the kernel's 64 steps, so the state and the 'prev' gaps cross chunks.
+@needs_ext
+@pytest.mark.parametrize(
+    'dtype,rtol', [(torch.float64, 1e-10), (torch.float32, 2e-5)]
+)
+@pytest.mark.parametrize('tokens_major', [False, True])
+@pytest.mark.parametrize('mode', ['forward', 'reverse', 'order'])
+def test_scan_build_against_reference(isa, dtype, rtol, tokens_major, mode):
+    batch, dim, K, L, N = 2, 11, 150, 260, 16
+    inputs = _scan_inputs(batch, dim, K, N, dtype, tokens_major)
+    kwargs = dict(delta_softplus=True, positions=random_positions(2, K, L))
+    if mode == 'reverse':
+        kwargs['reverse'] = True
+    elif mode == 'order':
+        kwargs['order'] = torch.stack([torch.randperm(K) for _ in range(2)])
+    for gap_mode in ('prev', 'null', 'none'):
+        y, g = output_and_grads(
+            selective_scan, inputs, impl='cpu', gap_mode=gap_mode, **kwargs
+        )
+        y_ref, g_ref = output_and_grads(
+            selective_scan, inputs, impl='ref', gap_mode=gap_mode, **kwargs
+        )
+        assert_close_rel(y, y_ref, rtol)
+        for a, b in zip(g, g_ref):
+            assert_close_rel(a, b, rtol)
+
+
+@needs_ext
+def test_scan_build_other_state_sizes(isa):
+    """N = 5 (not a multiple of the lanes) runs the kernel's general-N
+    loops."""
+    inputs = _scan_inputs(1, 6, 70, 5, torch.float64, True)
+    kwargs = dict(delta_softplus=True, positions=random_positions(1, 70, 99))
+    y, g = output_and_grads(selective_scan, inputs, impl='cpu', **kwargs)
+    y_ref, g_ref = output_and_grads(
+        selective_scan, inputs, impl='ref', **kwargs
+    )
+    assert_close_rel(y, y_ref, 1e-10)
+    for a, b in zip(g, g_ref):
+        assert_close_rel(a, b, 1e-10)
+
+
+@needs_ext
+@pytest.mark.parametrize('reverse', [False, True])
+def test_conv_build_against_reference(isa, reverse):
+    x = torch.randn(2, 11, 90, dtype=torch.float64)
+    inputs = dict(
+        x=x.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(),
+        weight=torch.randn(11, 4, dtype=torch.float64, requires_grad=True),
+        bias=torch.randn(11, dtype=torch.float64, requires_grad=True),
+    )
+    kwargs = dict(
+        positions=random_positions(2, 90, 150),
+        activation='silu',
+        reverse=reverse,
+    )
+    y, g = output_and_grads(causal_conv1d, inputs, impl='cpu', **kwargs)
+    y_ref, g_ref = output_and_grads(
+        causal_conv1d, inputs, impl='ref', **kwargs
+    )
+    assert_close_rel(y, y_ref, 1e-10)
+    for a, b in zip(g, g_ref):
+        assert_close_rel(a, b, 1e-10)
+
+
+def _loaded_isa(env):
+    code = 'import mmssm.ops.ext as e\ne.load_ext()\nprint(e.loaded_isa())\n'
+    out = subprocess.run(
+        [sys.executable, '-c', code],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, **env),
+    )
+    return out
+
+
+@needs_ext
+def test_dispatch_picks_the_cpus_build():
+    """Unset, the AVX2 build on an AVX2 CPU; MMSSM_KERNEL_ISA=generic
+    forces the generic one."""
+    env = {k: v for k, v in os.environ.items() if k != 'MMSSM_KERNEL_ISA'}
+    auto = subprocess.run(
+        [
+            sys.executable,
+            '-c',
+            'import mmssm.ops.ext as e; e.load_ext(); print(e.loaded_isa())',
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert auto.returncode == 0, auto.stderr
+    expected = 'avx2' if ext_module.cpu_has_avx2() else 'generic'
+    assert auto.stdout.strip() == expected
+    forced = _loaded_isa({'MMSSM_KERNEL_ISA': 'generic'})
+    assert forced.returncode == 0, forced.stderr
+    assert forced.stdout.strip() == 'generic'
+
+
+def test_dispatch_refuses_an_unknown_isa():
+    out = _loaded_isa({'MMSSM_KERNEL_ISA': 'sse9'})
+    assert out.returncode != 0
+    assert "MMSSM_KERNEL_ISA must be one of ('generic', 'avx2')" in (
+        out.stderr
+    )
+
+
+@needs_ext
+def test_missing_avx2_build_falls_back_with_a_warning(monkeypatch):
+    """An old build without ``mmssm._ext_avx2`` on an AVX2 CPU: the generic
+    build, with a warning; forced with MMSSM_KERNEL_ISA=avx2, no fallback."""
+    real = ext_module.import_isa
+
+    def no_avx2(isa):
+        if isa == 'avx2':
+            raise ImportError('No module named mmssm._ext_avx2')
+        return real(isa)
+
+    monkeypatch.setattr(ext_module, 'import_isa', no_avx2)
+    monkeypatch.setattr(ext_module, 'cpu_has_avx2', lambda: True)
+    monkeypatch.setattr(ext_module, '_warned', set())
+    monkeypatch.setattr(ext_module, '_isa', ext_module._isa)
+    monkeypatch.setattr(ext_module, '_error', ext_module._error)
+    monkeypatch.delenv('MMSSM_KERNEL_ISA', raising=False)
+    monkeypatch.setattr(ext_module, '_ext', ext_module._NOT_LOADED)
+    with pytest.warns(UserWarning, match='using the generic build'):
+        assert ext_module.load_ext() is real('generic')
+    assert ext_module.loaded_isa() == 'generic'
+    monkeypatch.setenv('MMSSM_KERNEL_ISA', 'avx2')
+    monkeypatch.setattr(ext_module, '_ext', ext_module._NOT_LOADED)
+    assert ext_module.load_ext() is None
+    assert 'mmssm._ext_avx2' in ext_module.ext_status()
