@@ -10,9 +10,11 @@
 #   MMSSM_VENV         venv folder (default: <repo>/.venv)
 #   MMSSM_WHEEL_CACHE  mmcv wheel cache (default: ~/.cache/mmssm/wheels)
 #   MMSSM_EXTRAS       extras of mmssm to install, e.g. "cuda" on a GPU machine
-#   MMSSM_WITH_OPS=0   do not build mmssm's compiled kernel
-#   MMSSM_NATIVE=1     build the kernel with -march=native (for this CPU only;
-#                      the default is a generic x86-64 build that runs anywhere)
+#   MMSSM_WITH_OPS=0   do not build mmssm's compiled kernels
+#   MMSSM_WITH_AVX2=0  build only the generic kernels, not the AVX2+FMA ones
+#   MMSSM_NATIVE=1     build the kernels with -march=native (for this CPU only;
+#                      the default builds run on any x86-64, the AVX2 one
+#                      loaded where the CPU has AVX2)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -73,7 +75,7 @@ fi
 step 'install mmengine, mmdet, mmsegmentation, timm, pycocotools, test tools'
 "${PIP[@]}" -r "$ROOT/requirements/runtime.txt" -r "$ROOT/requirements/tests.txt"
 
-step 'install mmssm in editable mode (builds mmssm._ext from kernels/)'
+step 'install mmssm in editable mode (builds mmssm._ext and mmssm._ext_avx2 from kernels/)'
 extras=''
 [ -n "${MMSSM_EXTRAS:-}" ] && extras="[$MMSSM_EXTRAS]"
 "${PIP[@]}" --no-build-isolation --no-deps -e "$ROOT$extras"
