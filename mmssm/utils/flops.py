@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from mmssm.errors import UserError
 from mmssm.ops import SCAN_CONVENTIONS
 from mmssm.ops.flop_formulas import causal_conv_macs, scan_elements
 
@@ -293,6 +294,14 @@ def _mixers(model: nn.Module) -> Dict[str, str]:
     return mixers
 
 
+def _on_meta(inputs: Any) -> bool:
+    """Whether the inputs (a tensor, or a tuple holding some) are meta."""
+    items = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
+    return any(
+        isinstance(t, torch.Tensor) and t.device.type == 'meta' for t in items
+    )
+
+
 @contextlib.contextmanager
 def _all_directions(model: nn.Module) -> Iterator[None]:
     """Every direction gate on (its eval threshold at -inf) meanwhile."""
@@ -442,6 +451,15 @@ def count_flops(
     if direction_keep is not None and not 0 <= direction_keep <= 1:
         raise ValueError(
             f'direction_keep must be in [0, 1], got {direction_keep}'
+        )
+    gated = any(
+        getattr(m, 'direction_gate', None) is not None for m in model.modules()
+    )
+    if direction_keep is None and gated and _on_meta(inputs):
+        raise UserError(
+            'the model has direction gates, whose bits are unknown on the '
+            'meta device: pass direction_keep (get_flops.py '
+            '--direction-keep), or count on real inputs'
         )
     was_training = model.training
     model.eval()

@@ -339,6 +339,26 @@ def test_direction_keep_rule_equals_real_skipping():
         measure_direction_keep(ungated, [x])
 
 
+@pytest.mark.parametrize('kind', ['vim', 'plainmamba'])
+def test_learned_pruning_and_gates_counted_on_meta(kind):
+    """A learned pruner with direction gates counts the same on the meta
+    device as on real inputs under DyVM's rule; on meta without
+    direction_keep the gates' bits are unknown, which is an error."""
+    model = _gated(
+        kind,
+        prune_cfg=dict(
+            type='mmssm.LearnedTokenPruner', layers=(1,), keep_ratios=0.5
+        ),
+    )
+    x = torch.randn(2, 3, 32, 32)
+    real = count_flops(model, x, direction_keep=0.5)
+    meta = count_flops(model.to('meta'), x.to('meta'), direction_keep=0.5)
+    assert meta.total == real.total
+    assert meta.scan_elements == real.scan_elements
+    with pytest.raises(ValueError, match='pass direction_keep'):
+        count_flops(model, x.to('meta'))
+
+
 def test_dyvm_vim_s_flops_reduction():
     """DyVM-Vim-S (r = 0.7, direction keep 0.89, the released measured
     keep) against dense Vim-S at 224: within 2 points of DyVM's -35.2%

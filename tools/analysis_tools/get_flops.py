@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 from mmengine.config import Config, DictAction
 
+from mmssm.utils.cli import exit_on_user_error
 from mmssm.utils.flops import (
     SCAN_CONVENTIONS,
     count_flops,
@@ -121,6 +122,7 @@ def build_model(cfg: Config) -> Tuple[nn.Module, bool]:
     return registry.build(model_cfg), scope in ('mmssm', 'mmpretrain')
 
 
+@exit_on_user_error
 def main() -> None:
     args = parse_args()
     cfg = Config.fromfile(args.config)

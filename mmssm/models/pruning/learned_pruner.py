@@ -195,7 +195,10 @@ class LearnedTokenPruner(TokenPruner):
         scores = self.scorer(state, ssm_out, step)
         is_patch = self._patch_mask(state)
         k = self.num_keep(step, self.num_patches(state))
-        if k >= int(is_patch[0].sum()):
+        # the patch tokens present (from shapes, so that the meta device
+        # can count FLOPs): the class token is never pruned
+        present = state.tokens.shape[1] - int(state.cls_index is not None)
+        if k >= present:
             return state, scores
         top = scores.masked_fill(~is_patch, -math.inf).topk(k, dim=1)
         slots = top.indices.sort(dim=1).values
