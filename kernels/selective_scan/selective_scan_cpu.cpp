@@ -110,8 +110,10 @@ struct Tile {
   using V = vec_t<T>;
   int64_t d0 = 0;
   int lanes = 0;
-  V* At = nullptr;  // N: A transposed, (n, lane)
-  V* h = nullptr;   // N: the state
+  V* At = nullptr;   // N: A transposed, (n, lane)
+  V* At2 = nullptr;  // N: At * decay_scale<T> (the recurrence's exponent)
+  V* h = nullptr;    // N: the state
+  V At2_max{};       // max over n of |At2[n]|
   V bias{}, D{}, gap_step{};
   V prev_step{};  // delta of the step before the chunk ('prev' gaps)
   // backward only
@@ -132,7 +134,10 @@ struct Work {
   std::vector<V> decay, state;  // kChunk x N; (kChunk + 1) x N
   std::vector<V> dB, dC;        // kChunk x N: sums over the tiles
   std::vector<Tile<T>> tiles;
-  std::vector<V> At, h, dh, dA, ckpt;
+  std::vector<V> At, At2, h, dh, dA, ckpt;
+  // whether every |e_k A2| of the chunk just prepared is at most
+  // kDecayFastBound (float32: the decays need no clamps)
+  bool decay_in_range = true;
   Work(int64_t N, bool backward)
       : step(kChunk), e(kChunk), x(kChunk), u(kChunk), gate(kChunk),
         dgate(kChunk), dsdraw(kChunk), y(kChunk), dout(kChunk),
@@ -153,6 +158,7 @@ struct Work {
     const int64_t chunks = (a.K + kChunk - 1) / kChunk;
     tiles.assign(G, Tile<T>{});
     At.resize(G * N);
+    At2.resize(G * N);
     h.assign(G * N, V{});
     if (backward) {
       dh.assign(G * N, V{});
@@ -164,11 +170,17 @@ struct Work {
       t.d0 = (g0 + g) * W;
       t.lanes = static_cast<int>(std::min<int64_t>(W, a.dim - t.d0));
       t.At = At.data() + g * N;
+      t.At2 = At2.data() + g * N;
       t.h = h.data() + g * N;
+      t.At2_max = V{};
       for (int64_t n = 0; n < N; ++n) {
         V v{};
         for (int w = 0; w < t.lanes; ++w) v[w] = a.A[(t.d0 + w) * N + n];
         t.At[n] = v;
+        t.At2[n] = v * decay_scale<T>;
+        for (int w = 0; w < t.lanes; ++w) {
+          t.At2_max[w] = std::max(t.At2_max[w], std::abs(t.At2[n][w]));
+        }
       }
       for (int w = 0; w < t.lanes; ++w) {
         if (a.bias) t.bias[w] = a.bias[t.d0 + w];
@@ -187,7 +199,10 @@ struct Work {
 // Steps j0..j0+len-1 (tokens in w.tok_s, w.tok_u) of tile t: packed
 // inputs, the step sizes delta_k, the decay exponents e_k, the inputs
 // delta_k u_k, the gate silu(z_k) and, for the backward pass, the
-// derivatives of the softplus and the gate. Updates t.prev_step.
+// derivatives of the softplus and the gate. Updates t.prev_step, and
+// w.decay_in_range (float32): whether |e_k| max_n |A2| <= kDecayFastBound
+// for every step and lane (false for NaN), i.e. whether the recurrence may
+// take the decays' unclamped path.
 template <typename T, bool kBackward>
 void prepare_chunk(const ScanArgs<T>& a, int64_t b, int64_t j0, int64_t len,
                    Tile<T>& t, Work<T>& w) {
@@ -198,6 +213,9 @@ void prepare_chunk(const ScanArgs<T>& a, int64_t b, int64_t j0, int64_t len,
   const bool z = a.z.p != nullptr;
   if (z) pack(a.z, b, t.d0, t.lanes, w.tok_u.data(), len, w.gate.data());
   const T* g = a.gaps ? a.gaps + b * a.K + j0 : nullptr;
+  // lanes all-ones while every |e_k A2| so far is in range
+  std::conditional_t<std::is_same_v<T, float>, vi, int> in_range{};
+  in_range = ~in_range;
   for (int64_t j = 0; j < len; ++j) {
     const V raw = step[j] + t.bias;
     const V s = a.softplus ? vsoftplus(raw) : raw;
@@ -214,6 +232,10 @@ void prepare_chunk(const ScanArgs<T>& a, int64_t b, int64_t j0, int64_t len,
       w.e[j] = s + g[j] * t.gap_step;
     }
     t.prev_step = s;
+    if constexpr (std::is_same_v<T, float>) {
+      const V bound = w.e[j] * t.At2_max;  // NaN compares false
+      in_range &= (bound <= kDecayFastBound) & (bound >= -kDecayFastBound);
+    }
     if (z) {
       const V zk = w.gate[j];
       const V sig = vsigmoid(zk);
@@ -223,17 +245,25 @@ void prepare_chunk(const ScanArgs<T>& a, int64_t b, int64_t j0, int64_t len,
       }
     }
   }
+  w.decay_in_range = true;
+  if constexpr (std::is_same_v<T, float>) {
+    for (int l = 0; l < Simd<T>::W; ++l) {
+      w.decay_in_range = w.decay_in_range && in_range[l] != 0;
+    }
+  }
 }
 
 // The recurrence of tile t over the len steps of the chunk, from the state
 // t.h (updated). kOut: y[j] = C_k . h_k. kStore: keeps the decays and the
 // states (state[0] is the state before the chunk) for the backward pass.
-template <typename T, int kN, bool kOut, bool kStore>
+// kSafe: the decays' clamped exp (decay_exp), for chunks with an |e_k A2|
+// past kDecayFastBound (run_recurrence chooses).
+template <typename T, int kN, bool kOut, bool kStore, bool kSafe>
 inline void recurrence(const ScanArgs<T>& a, int64_t b, int64_t len,
                        const Tile<T>& t, Work<T>& w) {
   using V = vec_t<T>;
   const int64_t N = kN > 0 ? kN : a.N;
-  const V* __restrict At = t.At;
+  const V* __restrict At2 = t.At2;
   V* __restrict h = t.h;
   const V* __restrict e = w.e.data();
   const V* __restrict x = w.x.data();
@@ -250,7 +280,7 @@ inline void recurrence(const ScanArgs<T>& a, int64_t b, int64_t len,
     const V ej = e[j], xj = x[j];
     V yj{};
     for (int64_t n = 0; n < N; ++n) {
-      const V dA = vexp(ej * At[n]);
+      const V dA = decay_exp<kSafe>(ej, At2[n]);
       const V hn = dA * h[n] + xj * Bk[n];
       h[n] = hn;
       if constexpr (kOut) yj += hn * Ck[n];
@@ -260,6 +290,19 @@ inline void recurrence(const ScanArgs<T>& a, int64_t b, int64_t len,
       }
     }
     if constexpr (kOut) y[j] = yj;
+  }
+}
+
+// The recurrence of the chunk prepare_chunk prepared last: the decays'
+// unclamped exp when all its exponents are in range, the clamped one
+// otherwise (the two agree bit for bit in range).
+template <typename T, int kN, bool kOut, bool kStore>
+inline void run_recurrence(const ScanArgs<T>& a, int64_t b, int64_t len,
+                           const Tile<T>& t, Work<T>& w) {
+  if (w.decay_in_range) {
+    recurrence<T, kN, kOut, kStore, false>(a, b, len, t, w);
+  } else {
+    recurrence<T, kN, kOut, kStore, true>(a, b, len, t, w);
   }
 }
 
@@ -276,7 +319,7 @@ void forward_tiles(const ScanArgs<T>& a, int64_t b, int64_t g0, int64_t g1,
     a.tokens(b, j0, len, w.tok_s.data(), w.tok_u.data());
     for (Tile<T>& t : w.tiles) {
       prepare_chunk<T, false>(a, b, j0, len, t, w);
-      recurrence<T, kN, true, false>(a, b, len, t, w);
+      run_recurrence<T, kN, true, false>(a, b, len, t, w);
       V* y = w.y.data();
       for (int64_t j = 0; j < len; ++j) {
         y[j] = y[j] + t.D * w.u[j];
@@ -342,7 +385,7 @@ void backward_chunk(const ScanArgs<T>& a, const GradArgs<T>& g, int64_t b,
   }
   prepare_chunk<T, true>(a, b, j0, len, t, w);
   std::copy(t.ckpt + i * N, t.ckpt + (i + 1) * N, t.h);
-  recurrence<T, kN, true, true>(a, b, len, t, w);
+  run_recurrence<T, kN, true, true>(a, b, len, t, w);
   V* dy = w.dout.data();
   pack(g.dout, b, t.d0, t.lanes, w.tok_u.data(), len, dy);
   if (a.z.p) {
@@ -419,7 +462,7 @@ void backward_tiles(const ScanArgs<T>& a, const GradArgs<T>& g, int64_t b,
     for (Tile<T>& t : w.tiles) {
       std::copy(t.h, t.h + N, t.ckpt + i * N);
       prepare_chunk<T, false>(a, b, j0, len, t, w);
-      recurrence<T, kN, false, false>(a, b, len, t, w);
+      run_recurrence<T, kN, false, false>(a, b, len, t, w);
     }
   }
   // pass 2: the chunks from the last

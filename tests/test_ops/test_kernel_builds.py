@@ -106,6 +106,110 @@ def test_scan_build_other_state_sizes(isa):
         assert_close_rel(a, b, 1e-10)
 
 
+def _kernel_decays(x, delta_step=1.0):
+    """exp(x) as the float32 kernel computes a decay: a 2-step scan per
+    channel (N 1, B = C = u_0 = 1, u_1 = 0), whose second output is
+    exp(delta_1 A) h_0 with h_0 = 1; A = x, delta_1 = 1."""
+    dim = x.numel()
+    u = torch.zeros(1, dim, 2)
+    u[..., 0] = 1.0
+    delta = torch.full((1, dim, 2), delta_step)
+    ones = torch.ones(1, 1, 2)
+    with torch.no_grad():
+        y = selective_scan(
+            u, delta, x.float().view(dim, 1), ones, ones, impl='cpu'
+        )
+    return y[0, :, 1]
+
+
+def _rel_err(y, x):
+    ref = torch.exp(x.double())
+    return ((y.double() - ref).abs() / ref).max().item()
+
+
+@needs_ext
+def test_float32_decay_exp_accuracy(isa):
+    """The recurrence's float32 exp (2^n 2^f, degree-5 polynomial, A
+    pre-scaled by log2(e); kernels/common/simd.h) against float64 exp of
+    the same float32 arguments, over the decays' range: within 6e-7
+    relative for |x| <= 1, within 6e-7 + 7e-8 |x| down to -87 (the
+    rounding of A log2(e) to float32: exp of a float32 argument is
+    conditioned by |x|), exactly 1 at 0."""
+    x = -torch.linspace(0, 1, 200_001)
+    assert _rel_err(_kernel_decays(x), x) < 6e-7
+    x = -torch.linspace(0, 87, 200_001)
+    y = _kernel_decays(x)
+    ref = torch.exp(x.double())
+    rel = (y.double() - ref).abs() / ref
+    assert (rel < 6e-7 + 7e-8 * x.double().abs()).all(), rel.max()
+    assert y[0].item() == 1.0
+    x = torch.linspace(0, 87, 20_001)  # growth (A > 0) is computed too
+    assert _rel_err(_kernel_decays(x), x) < 6e-7 + 7e-8 * 87
+
+
+@needs_ext
+def test_float32_decay_exp_out_of_range(isa):
+    """Chunks with an exponent past the unclamped exp's range take the
+    clamped one, which agrees bit for bit in range: the same exponents
+    with and without an out-of-range channel in their tile (8 channels,
+    so in both builds' tiles); below 2^-126.5 gives 0, above 2^127.5
+    2^127.5, NaN stays NaN."""
+    x = -torch.rand(7 * 50) * 80
+    plain = _kernel_decays(x)
+    for outlier, expected in (
+        (-300.0, 0.0),
+        (-87.9, 0.0),
+        (300.0, 2.0**127.5),
+        (float('nan'), float('nan')),
+    ):
+        mixed = torch.cat(
+            [x.view(50, 7), torch.full((50, 1), outlier)], dim=1
+        ).flatten()
+        y = _kernel_decays(mixed).view(50, 8)
+        assert torch.equal(y[:, :7].flatten(), plain)
+        torch.testing.assert_close(
+            y[:, 7], torch.full((50,), expected), equal_nan=True
+        )
+    # an exponent in range only by its delta: checked per step, not per A
+    big_delta = _kernel_decays(torch.full((8,), -1.0), delta_step=300.0)
+    assert torch.equal(big_delta, torch.zeros(8))
+
+
+@needs_ext
+def test_float32_softplus_and_gate_accuracy(isa):
+    """The prepare pass's float32 softplus and silu (vexp, vlog_1to2):
+    one step with u = B = C = 1 outputs softplus(delta), or silu(z)."""
+    raw = torch.linspace(-20, 20, 40_001)
+    dim = raw.numel()
+    ones = torch.ones(1, 1, 1)
+    u = torch.ones(1, dim, 1)
+    A = -torch.ones(dim, 1)
+    with torch.no_grad():
+        sp = selective_scan(
+            u,
+            raw.view(1, dim, 1),
+            A,
+            ones,
+            ones,
+            delta_softplus=True,
+            impl='cpu',
+        ).flatten()
+        gated = selective_scan(
+            u,
+            torch.ones(1, dim, 1),
+            A,
+            ones,
+            ones,
+            z=raw.view(1, dim, 1),
+            impl='cpu',
+        ).flatten()
+    # absolute near 0: log(1 + exp(-|x|)) rounds 1 + exp(-|x|) first
+    ref = torch.nn.functional.softplus(raw.double())
+    assert ((sp.double() - ref).abs() < 3e-7 + 2e-6 * ref).all()
+    ref = torch.nn.functional.silu(raw.double())
+    assert ((gated.double() - ref).abs() < 3e-7 + 2e-6 * ref.abs()).all()
+
+
 @needs_ext
 @pytest.mark.parametrize('reverse', [False, True])
 def test_conv_build_against_reference(isa, reverse):
