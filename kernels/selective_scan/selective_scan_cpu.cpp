@@ -22,12 +22,14 @@
 // output (channels contiguous) is one vector load per step, the contiguous
 // (batch, dim, K) layout W strided loads.
 //
-// Backward: a first pass keeps the state at the start of every chunk; then,
-// chunk by chunk from the last, the chunk's states and decays are recomputed
-// into a buffer (kChunk x N vectors, cache resident) and the reverse
-// recurrence runs over them. dB and dC are sums over channels: each tile's
-// lanes are reduced (row_sums) into this thread's (K, N) partial sums,
-// which are summed over the threads in a fixed order.
+// Backward: from the state at the start of every chunk (the checkpoints,
+// which the forward stores when asked, (batch, dim, chunks, N); otherwise a
+// first pass of the backward recomputes them), chunk by chunk from the last,
+// the chunk's states and decays are recomputed into a buffer (kChunk x N
+// vectors, cache resident) and the reverse recurrence runs over them. dB
+// and dC are sums over channels: each tile's lanes are reduced (row_sums)
+// into this thread's (K, N) partial sums, which are summed over the
+// threads in a fixed order.
 //
 // Scan order: `reverse` scans from the last token to the first (Vim's
 // backward direction, without flipped copies; the gaps are then those
@@ -71,7 +73,7 @@ enum GapMode : int64_t { kGapNone = 0, kGapPrev = 1, kGapNull = 2 };
 
 // Steps per chunk: a chunk's states and decays (2 x kChunk x N vectors,
 // 32 KiB for N = 16 with AVX2) stay in L1/L2 during the backward pass.
-constexpr int64_t kChunk = 64;
+constexpr int64_t kChunk = kScanChunk;
 
 int num_threads() { return std::max(1, at::get_num_threads()); }
 
@@ -87,6 +89,14 @@ struct ScanArgs {
   int64_t dim, K, N;
   bool softplus, reverse;
   int64_t gap_mode;
+  // (batch, dim, chunks, N), contiguous, or null: the state before each
+  // chunk (forward: written; backward: read instead of recomputed)
+  T* ckpt = nullptr;
+  int64_t chunks = 0;
+
+  T* ckpt_at(int64_t b, int64_t d, int64_t i) const {
+    return ckpt + ((b * dim + d) * chunks + i) * N;
+  }
 
   // The token of scan step j: for delta, B, C (tok_s) and for u, z and the
   // output (tok_u), over steps j0..j0+len-1.
@@ -119,7 +129,8 @@ struct Tile {
   // backward only
   V* dh = nullptr;    // N: d loss / d state, from the later steps
   V* dA = nullptr;    // N
-  V* ckpt = nullptr;  // chunks x N: the state before each chunk
+  V* ckpt = nullptr;  // chunks x N: the state before each chunk (without
+                      // the forward's checkpoints)
   V dD{}, dbias{}, dgap_null{};
   V dstep_from_next{};  // 'prev': step k+1's gap decays with delta_k
 };
@@ -163,7 +174,7 @@ struct Work {
     if (backward) {
       dh.assign(G * N, V{});
       dA.assign(G * N, V{});
-      ckpt.resize(G * chunks * N);
+      if (!a.ckpt) ckpt.resize(G * chunks * N);
     }
     for (int64_t g = 0; g < G; ++g) {
       Tile<T>& t = tiles[g];
@@ -190,7 +201,7 @@ struct Work {
       if (backward) {
         t.dh = dh.data() + g * N;
         t.dA = dA.data() + g * N;
-        t.ckpt = ckpt.data() + g * chunks * N;
+        if (!a.ckpt) t.ckpt = ckpt.data() + g * chunks * N;
       }
     }
   }
@@ -306,6 +317,24 @@ inline void run_recurrence(const ScanArgs<T>& a, int64_t b, int64_t len,
   }
 }
 
+// The state of tile t (its lanes) to / from the checkpoint of chunk i.
+template <typename T>
+void store_state(const ScanArgs<T>& a, int64_t b, int64_t i,
+                 const Tile<T>& t) {
+  for (int l = 0; l < t.lanes; ++l) {
+    T* dst = a.ckpt_at(b, t.d0 + l, i);
+    for (int64_t n = 0; n < a.N; ++n) dst[n] = t.h[n][l];
+  }
+}
+template <typename T>
+void load_state(const ScanArgs<T>& a, int64_t b, int64_t i, Tile<T>& t) {
+  for (int64_t n = 0; n < a.N; ++n) t.h[n] = vec_t<T>{};
+  for (int l = 0; l < t.lanes; ++l) {
+    const T* src = a.ckpt_at(b, t.d0 + l, i);
+    for (int64_t n = 0; n < a.N; ++n) t.h[n][l] = src[n];
+  }
+}
+
 // A thread's tiles g0..g1-1 of batch element b, chunk by chunk: each chunk's
 // rows of the inputs are read for all these tiles (adjacent channels) while
 // they are in cache.
@@ -318,6 +347,7 @@ void forward_tiles(const ScanArgs<T>& a, int64_t b, int64_t g0, int64_t g1,
     const int64_t len = std::min(kChunk, a.K - j0);
     a.tokens(b, j0, len, w.tok_s.data(), w.tok_u.data());
     for (Tile<T>& t : w.tiles) {
+      if (a.ckpt) store_state(a, b, j0 / kChunk, t);
       prepare_chunk<T, false>(a, b, j0, len, t, w);
       run_recurrence<T, kN, true, false>(a, b, len, t, w);
       V* y = w.y.data();
@@ -384,7 +414,11 @@ void backward_chunk(const ScanArgs<T>& a, const GradArgs<T>& g, int64_t b,
     t.prev_step = step_at(a, b, j0 - 1, t);
   }
   prepare_chunk<T, true>(a, b, j0, len, t, w);
-  std::copy(t.ckpt + i * N, t.ckpt + (i + 1) * N, t.h);
+  if (a.ckpt) {
+    load_state(a, b, i, t);
+  } else {
+    std::copy(t.ckpt + i * N, t.ckpt + (i + 1) * N, t.h);
+  }
   run_recurrence<T, kN, true, true>(a, b, len, t, w);
   V* dy = w.dout.data();
   pack(g.dout, b, t.d0, t.lanes, w.tok_u.data(), len, dy);
@@ -455,8 +489,8 @@ void backward_tiles(const ScanArgs<T>& a, const GradArgs<T>& g, int64_t b,
   const int64_t N = a.N, K = a.K;
   const int64_t chunks = (K + kChunk - 1) / kChunk;
   w.set_tiles(a, g0, g1, true);
-  // pass 1: the state before every chunk
-  for (int64_t i = 0; i < chunks; ++i) {
+  // pass 1: the state before every chunk, unless the forward stored them
+  for (int64_t i = 0; i < chunks && !a.ckpt; ++i) {
     const int64_t j0 = i * kChunk, len = std::min(kChunk, K - j0);
     a.tokens(b, j0, len, w.tok_s.data(), w.tok_u.data());
     for (Tile<T>& t : w.tiles) {
@@ -567,6 +601,7 @@ ScanArgs<T> make_args(const at::Tensor& u, const at::Tensor& delta,
   a.dim = dim;
   a.K = K;
   a.N = N;
+  a.chunks = (K + kChunk - 1) / kChunk;
   a.softplus = softplus;
   a.reverse = reverse;
   a.gap_mode = gap_mode;
@@ -636,18 +671,24 @@ void backward_impl(const ScanArgs<T>& a, const GradArgs<T>& g, int64_t batch,
 
 }  // namespace
 
-at::Tensor selective_scan_fwd(const at::Tensor& u, const at::Tensor& delta,
-               const at::Tensor& A, const at::Tensor& Bt, const at::Tensor& Ct,
-               const std::optional<at::Tensor>& D,
-               const std::optional<at::Tensor>& z,
-               const std::optional<at::Tensor>& delta_bias,
-               const std::optional<at::Tensor>& positions,
-               const std::optional<at::Tensor>& order, bool softplus,
-               int64_t gap_mode, bool reverse) {
+std::vector<at::Tensor> selective_scan_fwd(
+    const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+    const at::Tensor& Bt, const at::Tensor& Ct,
+    const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+    const std::optional<at::Tensor>& delta_bias,
+    const std::optional<at::Tensor>& positions,
+    const std::optional<at::Tensor>& order, bool softplus, int64_t gap_mode,
+    bool reverse, bool checkpoints) {
   TORCH_CHECK(u.scalar_type() == at::kFloat || u.scalar_type() == at::kDouble,
               "the CPU selective scan computes in float32 or float64, got ",
               u.scalar_type());
+  TORCH_CHECK(u.dim() == 3 && A.dim() == 2,
+              "u must be (batch, dim, K) and A (dim, N)");
   auto out = empty_layout(u);
+  const int64_t chunks = (u.size(2) + kChunk - 1) / kChunk;
+  auto ckpt = checkpoints ? at::empty({u.size(0), u.size(1), chunks,
+                                       A.size(1)}, u.options())
+                          : at::empty({0}, u.options());
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_fwd", [&] {
     const auto gaps = compute_gaps<scalar_t>(positions, gap_mode, u.size(0),
                                              u.size(2), reverse);
@@ -655,13 +696,14 @@ at::Tensor selective_scan_fwd(const at::Tensor& u, const at::Tensor& delta,
                                  positions, order, gaps, softplus, gap_mode,
                                  reverse);
     a.out = Strided<scalar_t>(out);
+    if (checkpoints) a.ckpt = ckpt.data_ptr<scalar_t>();
     if (a.N == 16) {
       forward_impl<scalar_t, 16>(a, u.size(0));
     } else {
       forward_impl<scalar_t, 0>(a, u.size(0));
     }
   });
-  return out;
+  return {out, ckpt};
 }
 
 std::vector<std::optional<at::Tensor>> selective_scan_bwd(
@@ -671,7 +713,8 @@ std::vector<std::optional<at::Tensor>> selective_scan_bwd(
     const std::optional<at::Tensor>& delta_bias,
     const std::optional<at::Tensor>& positions,
     const std::optional<at::Tensor>& order, const at::Tensor& dout,
-    bool softplus, int64_t gap_mode, bool reverse) {
+    bool softplus, int64_t gap_mode, bool reverse,
+    const std::optional<at::Tensor>& checkpoints) {
   TORCH_CHECK(u.scalar_type() == at::kFloat || u.scalar_type() == at::kDouble,
               "the CPU selective scan computes in float32 or float64, got ",
               u.scalar_type());
@@ -691,6 +734,11 @@ std::vector<std::optional<at::Tensor>> selective_scan_bwd(
     auto a = make_args<scalar_t>(u, delta, A, Bt, Ct, D, z, delta_bias,
                                  positions, order, gaps, softplus, gap_mode,
                                  reverse);
+    if (checkpoints) {
+      check_tensor(*checkpoints, "checkpoints", u.scalar_type(),
+                   {batch, dim, a.chunks, a.N});
+      a.ckpt = checkpoints->data_ptr<scalar_t>();
+    }
     GradArgs<scalar_t> g;
     g.dout = Strided<scalar_t>(dout);
     g.du = Strided<scalar_t>(du);

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mmssm.ops import causal_conv1d, selective_scan
+from mmssm.ops.selective_scan import SCAN_CHUNK
 from mmssm.testing import (
     assert_close_rel,
     in_ci,
@@ -20,6 +21,7 @@ from mmssm.testing import (
 )
 
 ext_module = importlib.import_module('mmssm.ops.ext')
+_NAMES = ('u', 'delta', 'A', 'B', 'C', 'D', 'z', 'delta_bias')
 
 
 def _build_or_skip(isa):
@@ -104,6 +106,115 @@ def test_scan_build_other_state_sizes(isa):
     assert_close_rel(y, y_ref, 1e-10)
     for a, b in zip(g, g_ref):
         assert_close_rel(a, b, 1e-10)
+
+
+@needs_ext
+def test_build_exports_the_checkpoint_chunk(isa):
+    assert ext_module.load_ext().scan_chunk == SCAN_CHUNK
+
+
+def _kernel_backward_both_ways(inputs, **kwargs):
+    """The compiled backward from the forward's checkpoints (what autograd
+    runs) and from its own checkpoint pass (checkpoints=None), for the
+    same output gradient (output_and_grads' random projection)."""
+    y, g = output_and_grads(
+        selective_scan, inputs, impl='cpu', delta_softplus=True, **kwargs
+    )
+    dout = torch.randn(
+        y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype
+    )
+    own = torch.ops.mmssm.selective_scan_backward(
+        dout,
+        *(inputs[k].detach() for k in _NAMES),
+        True,
+        kwargs['positions'],
+        kwargs['gap_mode'],
+        kwargs.get('reverse', False),
+        kwargs.get('order'),
+        None,
+    )
+    return g, own
+
+
+# K 150: three chunks, so the checkpoints of chunks 1 and 2 are used
+@needs_ext
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+@pytest.mark.parametrize('mode', ['forward', 'reverse', 'order'])
+def test_forward_checkpoints_equal_the_backwards_own(isa, dtype, mode):
+    """The backward from the forward's chunk checkpoints gives bit for bit
+    the gradients of the backward that recomputes them (both against the
+    reference: test_scan_build_against_reference)."""
+    inputs = _scan_inputs(2, 11, 150, 16, dtype, True)
+    kwargs = dict(positions=random_positions(2, 150, 260))
+    if mode == 'reverse':
+        kwargs['reverse'] = True
+    elif mode == 'order':
+        kwargs['order'] = torch.stack([torch.randperm(150) for _ in range(2)])
+    for gap_mode in ('prev', 'null', 'none'):
+        g, own = _kernel_backward_both_ways(
+            inputs, gap_mode=gap_mode, **kwargs
+        )
+        assert len(g) == len(own)
+        for a, b in zip(g, own):
+            assert torch.equal(a, b)
+
+
+@needs_ext
+def test_forward_checkpoints_gradcheck(isa):
+    """float64 gradcheck of the kernel's backward from the forward's
+    checkpoints (3 chunks, 'prev' gaps across them)."""
+    inputs = _scan_inputs(1, 3, 130, 2, torch.float64, True)
+    positions = random_positions(1, 130, 200)
+    names = list(inputs)
+
+    def fn(*tensors):
+        return selective_scan(
+            **dict(zip(names, tensors)),
+            delta_softplus=True,
+            positions=positions,
+            impl='cpu',
+        )
+
+    assert torch.autograd.gradcheck(fn, tuple(inputs.values()))
+
+
+class _SpyExt:
+    """The loaded build, recording the forward's ``checkpoints`` flags."""
+
+    def __init__(self, module):
+        self.module, self.flags = module, []
+
+    def __getattr__(self, name):
+        return getattr(self.module, name)
+
+    def selective_scan_fwd(self, *args):
+        self.flags.append(args[-1])
+        return self.module.selective_scan_fwd(*args)
+
+
+@needs_ext
+def test_checkpoints_only_when_a_backward_follows(isa, monkeypatch):
+    spy = _SpyExt(ext_module._ext)
+    monkeypatch.setattr(ext_module, '_ext', spy)
+    inputs = _scan_inputs(1, 4, 70, 3, torch.float32, False)
+    plain = {k: v.detach() for k, v in inputs.items()}
+    with torch.no_grad():
+        selective_scan(**inputs, impl='cpu')
+    selective_scan(**plain, impl='cpu')
+    y = selective_scan(**inputs, impl='cpu')
+    assert spy.flags == [False, False, True]
+    _, ckpt = torch.ops.mmssm.selective_scan(
+        *(inputs[k] for k in _NAMES),
+        False,
+        None,
+        'prev',
+        'cpu',
+        checkpoints=True,
+    )
+    assert ckpt.shape == (1, 4, 2, 3) and ckpt.dtype == torch.float32
+    assert not ckpt[:, :, 0].any()  # the state before the first chunk
+    assert ckpt[:, :, 1].abs().sum() > 0
+    y.sum().backward()
 
 
 def _kernel_decays(x, delta_step=1.0):
