@@ -93,8 +93,10 @@ inline vf vfma(vf a, vf b, vf c) {
 // minimax for the relative error on [-0.5, 0.5] with p(0) = 1 exactly
 // (a decay near 1, the common case in the recurrences, is then exact to
 // first order: a constant bias there would compound over the steps).
-// Measured (tests/test_ops/test_kernel_builds.py, test_float32_decay_*):
-// relative error <= 4.9e-7 for the polynomial evaluated in float32.
+// The polynomial evaluated in float32 has a relative error <= 4.9e-7 on
+// [-0.5, 0.5] (an offline evaluation on 2e6 points); the kernel's decays
+// are tested against float64 in tests/test_ops/test_kernel_builds.py
+// (test_float32_decay_*).
 constexpr float kExp2Magic = 12583039.0f;  // 1.5 * 2^23 + 127
 
 inline vf vexp2_poly(vf f) {
