@@ -12,18 +12,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "mmssm compiled ops (CPU): the aligned selective scan and the "
       "position-aware causal conv1d";
   m.def("selective_scan_fwd", &mmssm::selective_scan_fwd,
-        "aligned selective scan, forward (CPU)", py::arg("u"),
-        py::arg("delta"), py::arg("A"), py::arg("Bt"), py::arg("Ct"),
-        py::arg("D"), py::arg("z"), py::arg("delta_bias"),
+        "aligned selective scan, forward (CPU): out, checkpoints",
+        py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("Bt"),
+        py::arg("Ct"), py::arg("D"), py::arg("z"), py::arg("delta_bias"),
         py::arg("positions"), py::arg("order"), py::arg("softplus"),
-        py::arg("gap_mode"), py::arg("reverse"));
+        py::arg("gap_mode"), py::arg("reverse"), py::arg("checkpoints"));
+  // the checkpoints' chunk (mmssm/ops/selective_scan.py checks it)
+  m.attr("scan_chunk") = mmssm::kScanChunk;
   m.def("selective_scan_bwd", &mmssm::selective_scan_bwd,
         "aligned selective scan, backward (CPU): du, ddelta, dA, dBt, dCt, "
         "dD, dz, ddelta_bias",
         py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("Bt"),
         py::arg("Ct"), py::arg("D"), py::arg("z"), py::arg("delta_bias"),
         py::arg("positions"), py::arg("order"), py::arg("dout"),
-        py::arg("softplus"), py::arg("gap_mode"), py::arg("reverse"));
+        py::arg("softplus"), py::arg("gap_mode"), py::arg("reverse"),
+        py::arg("checkpoints"));
   m.def("causal_conv1d_fwd", &mmssm::causal_conv1d_fwd,
         "depthwise causal conv1d, optionally position-aware, reversed and "
         "with SiLU, forward (CPU)",

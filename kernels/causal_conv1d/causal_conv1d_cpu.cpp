@@ -10,15 +10,17 @@
 // which is the dense causal conv over the full length with zeros at the
 // pruned positions, read at the kept ones (mmssm/ops/reference.py has that
 // formulation as the reference). Since the positions increase strictly,
-// d >= t: tap t of token i uses one of the weights d = t..k-1. For each pair
-// (t, d), t >= 1, a 0/1 mask over i (per batch row, shared by all channels)
-// says whether tap t of token i is at distance d, so that every channel runs
-// plain loops over i that the compiler vectorises:
+// d >= t: tap t of token i uses one of the weights d = t..k-1, or none when
+// d > k-1. A table (per batch row and token, shared by all channels) gives
+// tap t's weight index k-1-d, or k for none, which points at a zero weight
+// appended to each tile's k weights:
 //
-//   a[i] = bias + w[k-1] x[i] + sum_{(t, d)} (w[k-1-d] m_{t,d}[i]) x[i-t]
+//   a[i] = bias + w[k-1] x[i] + sum_{t=1..k-1} w[idx_t[i]] x[i-t]
 //
-// Without positions only the pairs (t, t) exist and have no mask. Pairs whose
-// mask is all zero in a batch row are skipped there.
+// so a pruned sequence costs the dense conv's k multiply-adds per token
+// plus one index load per tap (the earlier 0/1 masks over every (t, d)
+// pair cost up to k(k-1)/2 of them). Without positions idx_t[i] = k-1-t,
+// with no table.
 //
 // Vectorised across channels: a tile of W adjacent channels (one W-lane
 // vector per token, kernels/common/simd.h and tiles.h) runs as one unit;
@@ -69,11 +71,10 @@ struct ConvArgs {
   std::vector<int64_t> tok;  // token of scan step i
   const T* w = nullptr;
   const T* bias = nullptr;
-  // (batch, pairs, K) 0/1 masks and (batch, pairs) "any nonzero" flags;
-  // empty without positions.
-  std::vector<T> masks;
-  std::vector<uint8_t> used;
-  int64_t batch = 0, dim = 0, K = 0, k = 0, pairs = 0;
+  // (batch, K, k-1): the weight index of taps 1..k-1 of each scan step (k:
+  // no weight, beyond the kernel); empty without positions.
+  std::vector<int32_t> widx;
+  int64_t batch = 0, dim = 0, K = 0, k = 0;
   bool silu = false, reverse = false;
 };
 
@@ -90,7 +91,6 @@ ConvArgs<T> make_args(const at::Tensor& x, const at::Tensor& weight,
   a.K = x.size(2);
   a.k = weight.size(1);
   TORCH_CHECK(a.k >= 1, "the kernel size must be at least 1");
-  a.pairs = a.k * (a.k - 1) / 2;
   a.silu = silu;
   a.reverse = reverse;
   const auto dtype = x.scalar_type();
@@ -104,12 +104,12 @@ ConvArgs<T> make_args(const at::Tensor& x, const at::Tensor& weight,
     check_tensor(*bias, "bias", dtype, {a.dim});
     a.bias = bias->data_ptr<T>();
   }
-  if (!positions || a.pairs == 0) return a;
+  if (!positions || a.k == 1) return a;
   check_tensor(*positions, "positions", at::kLong, {a.batch, a.K});
   const int64_t* p = positions->data_ptr<int64_t>();
   const int64_t K = a.K, k = a.k;
-  a.masks.assign(static_cast<size_t>(a.batch * a.pairs * K), T(0));
-  a.used.assign(static_cast<size_t>(a.batch * a.pairs), 0);
+  a.widx.assign(static_cast<size_t>(a.batch * K * (k - 1)),
+                static_cast<int32_t>(k));
   std::vector<int64_t> q(static_cast<size_t>(K));
   for (int64_t b = 0; b < a.batch; ++b) {
     const int64_t* pb = p + b * K;
@@ -119,13 +119,11 @@ ConvArgs<T> make_args(const at::Tensor& x, const at::Tensor& weight,
     // the positions in scan order (negated when reversed: increasing)
     for (int64_t i = 0; i < K; ++i) q[i] = reverse ? -pb[K - 1 - i] : pb[i];
     for (int64_t i = 0; i < K; ++i) {
+      int32_t* wi = a.widx.data() + (b * K + i) * (k - 1);
       for (int64_t t = 1; t < k && t <= i; ++t) {
         const int64_t d = q[i] - q[i - t];
         if (d > k - 1) break;  // d grows with t
-        // pairs are numbered t = 1..k-1, d = t..k-1 in that order
-        const int64_t pair = (t - 1) * k - (t - 1) * t / 2 + (d - t);
-        a.masks[static_cast<size_t>((b * a.pairs + pair) * K + i)] = T(1);
-        a.used[static_cast<size_t>(b * a.pairs + pair)] = 1;
+        wi[t - 1] = static_cast<int32_t>(k - 1 - d);
       }
     }
   }
@@ -135,37 +133,34 @@ ConvArgs<T> make_args(const at::Tensor& x, const at::Tensor& weight,
 // Tokens per chunk.
 constexpr int64_t kConvChunk = 256;
 
-// Calls f(t, d, m) for the taps t >= 1 of scan step i: tap t at distance d
-// (weight k-1-d), with the mask value m (1 without positions).
+// Calls f(t, j) for the taps t = 1..min(k-1, i) of scan step i, in that
+// order: tap t uses weight j (k: the zero weight, none).
 template <typename T, typename F>
 inline void for_taps(const ConvArgs<T>& a, int64_t b, int64_t i, F&& f) {
-  if (a.masks.empty()) {
-    for (int64_t t = 1; t < a.k && t <= i; ++t) f(t, t, T(1));
+  const int64_t taps = std::min(a.k - 1, i);
+  if (a.widx.empty()) {
+    for (int64_t t = 1; t <= taps; ++t) f(t, a.k - 1 - t);
     return;
   }
-  int64_t pair = 0;
-  for (int64_t t = 1; t < a.k; ++t) {
-    for (int64_t d = t; d < a.k; ++d, ++pair) {
-      if (t > i || !a.used[b * a.pairs + pair]) continue;
-      f(t, d, a.masks[(b * a.pairs + pair) * a.K + i]);
-    }
-  }
+  const int32_t* wi = a.widx.data() + (b * a.K + i) * (a.k - 1);
+  for (int64_t t = 1; t <= taps; ++t) f(t, wi[t - 1]);
 }
 
 // The pre-activation at scan step i of a tile: x holds steps s0.. of it,
-// w its k weights (W-lane vectors), bias its bias.
+// w its k weights and a zero (k + 1 W-lane vectors), bias its bias.
 template <typename T, typename V = vec_t<T>>
 inline V conv_at(const ConvArgs<T>& a, int64_t b, int64_t i, int64_t s0,
                  const V* __restrict x, const V* __restrict w, V bias) {
   V acc = bias + w[a.k - 1] * x[i - s0];
-  for_taps(a, b, i, [&](int64_t t, int64_t d, T m) {
-    acc += (w[a.k - 1 - d] * m) * x[i - t - s0];
+  for_taps(a, b, i, [&](int64_t t, int64_t j) {
+    acc += w[j] * x[i - t - s0];
   });
   return acc;
 }
 
-// A thread's tiles g0..g0+G-1 of a batch element: their weights (G x k)
-// and biases (G) as W-lane vectors, their first channels and lane counts.
+// A thread's tiles g0..g0+G-1 of a batch element: their weights (G x (k +
+// 1): the k weights and a zero) and biases (G) as W-lane vectors, their
+// first channels and lane counts.
 template <typename T>
 struct ConvTiles {
   using V = vec_t<T>;
@@ -175,7 +170,7 @@ struct ConvTiles {
 
   void set(const ConvArgs<T>& a, int64_t g0, int64_t G) {
     constexpr int W = Simd<T>::W;
-    w.assign(G * a.k, V{});
+    w.assign(G * (a.k + 1), V{});
     bias.assign(G, V{});
     d0.resize(G);
     lanes.resize(G);
@@ -184,7 +179,9 @@ struct ConvTiles {
       lanes[g] = static_cast<int>(std::min<int64_t>(W, a.dim - d0[g]));
       for (int l = 0; l < lanes[g]; ++l) {
         const int64_t e = d0[g] + l;
-        for (int64_t j = 0; j < a.k; ++j) w[g * a.k + j][l] = a.w[e * a.k + j];
+        for (int64_t j = 0; j < a.k; ++j) {
+          w[g * (a.k + 1) + j][l] = a.w[e * a.k + j];
+        }
         if (a.bias) bias[g][l] = a.bias[e];
       }
     }
@@ -221,7 +218,7 @@ void forward_impl(const ConvArgs<T>& a, const Strided<T>& out) {
         for (int64_t g = 0; g < G; ++g) {
           pack(a.x, b, c.d0[g], c.lanes[g], a.tok.data() + s0, i1 - s0,
                x.data());
-          const V* w = c.w.data() + g * a.k;
+          const V* w = c.w.data() + g * (a.k + 1);
           for (int64_t i = i0; i < i1; ++i) {
             const V v = conv_at(a, b, i, s0, x.data(), w, c.bias[g]);
             y[i - i0] = a.silu ? v * vsigmoid(v) : v;
@@ -249,7 +246,7 @@ void backward_impl(const ConvArgs<T>& a, const Strided<T>& dout,
     ConvTiles<T> c;
     for_thread_tiles(a.batch, tiles, [&](int64_t b, int64_t g0, int64_t G) {
       c.set(a, g0, G);
-      dwv.assign(G * k, V{});
+      dwv.assign(G * (k + 1), V{});  // slot k: the taps with no weight
       dbv.assign(G, V{});
       for (int64_t i0 = 0; i0 < K; i0 += kConvChunk) {
         // outputs i0..i1-1; their dx needs g up to e1-1, g needs x from s0
@@ -257,8 +254,8 @@ void backward_impl(const ConvArgs<T>& a, const Strided<T>& dout,
         const int64_t e1 = std::min(K, i1 + halo);
         const int64_t s0 = std::max<int64_t>(0, i0 - halo);
         for (int64_t t = 0; t < G; ++t) {
-          const V* w = c.w.data() + t * k;
-          V* dw_t = dwv.data() + t * k;
+          const V* w = c.w.data() + t * (k + 1);
+          V* dw_t = dwv.data() + t * (k + 1);
           pack(a.x, b, c.d0[t], c.lanes[t], a.tok.data() + s0, e1 - s0,
                x.data());
           pack(dout, b, c.d0[t], c.lanes[t], a.tok.data() + i0, e1 - i0,
@@ -278,16 +275,16 @@ void backward_impl(const ConvArgs<T>& a, const Strided<T>& dout,
           }
           for (int64_t i = i0; i < i1; ++i) {
             const V gi = g[i - i0];
-            for_taps(a, b, i, [&](int64_t tp, int64_t d, T m) {
-              dw_t[k - 1 - d] += (gi * m) * x[i - tp - s0];
+            for_taps(a, b, i, [&](int64_t tp, int64_t j) {
+              dw_t[j] += gi * x[i - tp - s0];
             });
           }
           // tap tp of step i reaches dx at i - tp
           for (int64_t i = i0 + 1; i < e1; ++i) {
             const V gi = g[i - i0];
-            for_taps(a, b, i, [&](int64_t tp, int64_t d, T m) {
-              const int64_t j = i - tp;
-              if (j >= i0 && j < i1) dxc[j - i0] += (w[k - 1 - d] * m) * gi;
+            for_taps(a, b, i, [&](int64_t tp, int64_t j) {
+              const int64_t s = i - tp;
+              if (s >= i0 && s < i1) dxc[s - i0] += w[j] * gi;
             });
           }
           unpack(dx, b, c.d0[t], c.lanes[t], a.tok.data() + i0, i1 - i0,
@@ -297,7 +294,9 @@ void backward_impl(const ConvArgs<T>& a, const Strided<T>& dout,
       for (int64_t t = 0; t < G; ++t) {
         for (int l = 0; l < c.lanes[t]; ++l) {
           const int64_t r = b * a.dim + c.d0[t] + l;
-          for (int64_t j = 0; j < k; ++j) dw_part[r * k + j] = dwv[t * k + j][l];
+          for (int64_t j = 0; j < k; ++j) {
+            dw_part[r * k + j] = dwv[t * (k + 1) + j][l];
+          }
           dbias_part[r] = dbv[t][l];
         }
       }

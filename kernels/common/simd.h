@@ -4,9 +4,9 @@
 // CHANNELS (one lane per channel): every lane runs its own recurrence, so no
 // horizontal sums are needed in the inner loops.
 //
-// float32 uses branch-free polynomials (exp: Cody-Waite reduction and
-// Cephes' polynomial, ~2 ulp; log on [1, 2] for softplus). float64 is for
-// checking against the references: plain libm, lane by lane.
+// float32 uses branch-free polynomials (exp: 2^n 2^f with a degree-5
+// polynomial for 2^f; log on [1, 2] for softplus). float64 is for checking
+// against the references: plain libm, lane by lane.
 #pragma once
 
 #include <bit>
@@ -72,25 +72,80 @@ inline vf vmin(vf a, vf b) {
 #endif
 }
 
-// exp(x); x < -87.3 gives ~1e-38, which is 0 to the recurrences. The
-// rounding of x / ln 2 to an integer adds and subtracts 1.5 * 2^23, which
-// also leaves that integer in the low mantissa bits (no conversions).
+// fma(a, b, c): one rounding with FMA (the AVX2 build); a * b + c, two
+// roundings, in the generic build (SSE2 has no FMA; the float32 results
+// then differ in the last bits, both are within the tests' tolerance).
+inline vf vfma(vf a, vf b, vf c) {
+#if defined(__FMA__) && MMSSM_VEC_BYTES == 32
+  return __builtin_ia32_vfmaddps256(a, b, c);
+#elif defined(__FMA__)
+  return __builtin_ia32_vfmaddps(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+// 2^t, t = n + f with n = round(t), f in [-0.5, 0.5]. Adding kExp2Magic =
+// 1.5 * 2^23 + 127 rounds t to an integer (round to nearest, |t| < 2^22)
+// and leaves n + 127, the biased exponent of 2^n, in the low mantissa bits:
+// shifted left by 23 they are the float 2^n (n in [-127, 127]; n = -127
+// gives +0), with no conversion and no add. 2^f is a degree-5 polynomial,
+// minimax for the relative error on [-0.5, 0.5] with p(0) = 1 exactly
+// (a decay near 1, the common case in the recurrences, is then exact to
+// first order: a constant bias there would compound over the steps).
+// The polynomial evaluated in float32 has a relative error <= 4.9e-7 on
+// [-0.5, 0.5] (an offline evaluation on 2e6 points); the kernel's decays
+// are tested against float64 in tests/test_ops/test_kernel_builds.py
+// (test_float32_decay_*).
+constexpr float kExp2Magic = 12583039.0f;  // 1.5 * 2^23 + 127
+
+inline vf vexp2_poly(vf f) {
+  vf p = vsplat(1.112550962716341e-3f);
+  p = vfma(p, f, vsplat(9.666282683610916e-3f));
+  p = vfma(p, f, vsplat(5.557400360703468e-2f));
+  p = vfma(p, f, vsplat(2.4022351205348969e-1f));
+  p = vfma(p, f, vsplat(6.93142831325531e-1f));
+  return vfma(p, f, vsplat(1.0f));
+}
+// 2^n from v = n + kExp2Magic (n in [-127, 127])
+inline vf vexp2_scale(vf v) {
+  return std::bit_cast<vf>(std::bit_cast<vi>(v) << 23);
+}
+
+// 2^(a b), the product formed inside the FMAs (never rounded): the
+// recurrences' decays exp(delta A) = 2^(delta A log2(e)), with A log2(e)
+// computed once per tile. kSafe = false needs |a b| <= 126 (the kernel
+// checks it per chunk: kDecayFastBound) and costs 3 operations besides
+// the polynomial and the scale; kSafe = true takes any a b: clamped to
+// [-127.5, 127.5] (below -126.5 gives 0, above 127.5 2^127.5), NaN kept
+// (the NaN operand second: maxps/minps then return it).
+template <bool kSafe>
+inline vf vexp2_mul(vf a, vf b) {
+  const vf magic = vsplat(kExp2Magic);
+  vf v = vfma(a, b, magic);
+  if constexpr (kSafe) {
+    v = vmin(vsplat(kExp2Magic + 127), vmax(vsplat(kExp2Magic - 127), v));
+  }
+  vf f = vfma(a, b, magic - v);  // a b - n
+  if constexpr (kSafe) f = vmin(vsplat(0.5f), vmax(vsplat(-0.5f), f));
+  return vexp2_poly(f) * vexp2_scale(v);
+}
+constexpr float kDecayFastBound = 126.0f;
+
+// exp(x), any x (x < -87.7 gives 0, x > 88 gives 2^127 or more,
+// finite; NaN stays NaN): the same 2^n split, with the remainder
+// r = x - n ln 2 formed in two steps (Cody-Waite: n * 0.693359375 is exact)
+// so that r is accurate for large |x| too, then f = r log2(e).
 inline vf vexp(vf x) {
-  x = vmin(vmax(x, vsplat(-87.3f)), vsplat(88.3f));
-  const vf magic = vsplat(12582912.0f);  // 1.5 * 2^23
-  const vf t = x * 1.44269504088896341f + magic;
-  const vf n = t - magic;
-  const vf r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  vf p = vsplat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  // the bits of t are those of magic plus n; shifted by 23, magic's vanish
-  const vi bits = (std::bit_cast<vi>(t) + 127) << 23;
-  return p * std::bit_cast<vf>(bits);
+  const vf magic = vsplat(kExp2Magic);
+  vf v = vfma(x, vsplat(1.44269504088896341f), magic);
+  v = vmin(vsplat(kExp2Magic + 127), vmax(vsplat(kExp2Magic - 127), v));
+  const vf n = v - magic;
+  vf r = vfma(n, vsplat(-0.693359375f), x);
+  r = vfma(n, vsplat(2.12194440e-4f), r);
+  vf f = r * 1.44269504088896341f;
+  f = vmin(vsplat(0.5f), vmax(vsplat(-0.5f), f));
+  return vexp2_poly(f) * vexp2_scale(v);
 }
 
 // log(x) for x in [1, 2]: enough for softplus, log(1 + exp(-|x|)).
@@ -140,6 +195,21 @@ inline vd vsoftplus(vd x) {
 inline vd vsigmoid(vd x) {
   for (int i = 0; i < Simd<double>::W; ++i) x[i] = 1.0 / (1.0 + std::exp(-x[i]));
   return x;
+}
+
+// ---- the decays of the recurrences ---------------------------------------
+// exp(e A), A given pre-scaled by decay_scale<T> (once per tile): float32
+// 2^(e A log2(e)) (vexp2_mul; kSafe as there), float64 libm's exp(e A).
+template <typename T>
+constexpr T decay_scale = std::is_same_v<T, float> ? T(1.44269504088896341)
+                                                   : T(1);
+template <bool kSafe>
+inline vf decay_exp(vf e, vf a_scaled) {
+  return vexp2_mul<kSafe>(e, a_scaled);
+}
+template <bool kSafe>
+inline vd decay_exp(vd e, vd a) {
+  return vexp(e * a);
 }
 
 // The sums of the lanes of rows[0..W-1], as one vector (lane i: the sum of

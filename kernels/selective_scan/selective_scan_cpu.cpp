@@ -22,12 +22,14 @@
 // output (channels contiguous) is one vector load per step, the contiguous
 // (batch, dim, K) layout W strided loads.
 //
-// Backward: a first pass keeps the state at the start of every chunk; then,
-// chunk by chunk from the last, the chunk's states and decays are recomputed
-// into a buffer (kChunk x N vectors, cache resident) and the reverse
-// recurrence runs over them. dB and dC are sums over channels: each tile's
-// lanes are reduced (row_sums) into this thread's (K, N) partial sums,
-// which are summed over the threads in a fixed order.
+// Backward: from the state at the start of every chunk (the checkpoints,
+// which the forward stores when asked, (batch, dim, chunks, N); otherwise a
+// first pass of the backward recomputes them), chunk by chunk from the last,
+// the chunk's states and decays are recomputed into a buffer (kChunk x N
+// vectors, cache resident) and the reverse recurrence runs over them. dB
+// and dC are sums over channels: each tile's lanes are reduced (row_sums)
+// into this thread's (K, N) partial sums, which are summed over the
+// threads in a fixed order.
 //
 // Scan order: `reverse` scans from the last token to the first (Vim's
 // backward direction, without flipped copies; the gaps are then those
@@ -71,7 +73,7 @@ enum GapMode : int64_t { kGapNone = 0, kGapPrev = 1, kGapNull = 2 };
 
 // Steps per chunk: a chunk's states and decays (2 x kChunk x N vectors,
 // 32 KiB for N = 16 with AVX2) stay in L1/L2 during the backward pass.
-constexpr int64_t kChunk = 64;
+constexpr int64_t kChunk = kScanChunk;
 
 int num_threads() { return std::max(1, at::get_num_threads()); }
 
@@ -87,6 +89,14 @@ struct ScanArgs {
   int64_t dim, K, N;
   bool softplus, reverse;
   int64_t gap_mode;
+  // (batch, dim, chunks, N), contiguous, or null: the state before each
+  // chunk (forward: written; backward: read instead of recomputed)
+  T* ckpt = nullptr;
+  int64_t chunks = 0;
+
+  T* ckpt_at(int64_t b, int64_t d, int64_t i) const {
+    return ckpt + ((b * dim + d) * chunks + i) * N;
+  }
 
   // The token of scan step j: for delta, B, C (tok_s) and for u, z and the
   // output (tok_u), over steps j0..j0+len-1.
@@ -110,14 +120,17 @@ struct Tile {
   using V = vec_t<T>;
   int64_t d0 = 0;
   int lanes = 0;
-  V* At = nullptr;  // N: A transposed, (n, lane)
-  V* h = nullptr;   // N: the state
+  V* At = nullptr;   // N: A transposed, (n, lane)
+  V* At2 = nullptr;  // N: At * decay_scale<T> (the recurrence's exponent)
+  V* h = nullptr;    // N: the state
+  V At2_max{};       // max over n of |At2[n]|
   V bias{}, D{}, gap_step{};
   V prev_step{};  // delta of the step before the chunk ('prev' gaps)
   // backward only
   V* dh = nullptr;    // N: d loss / d state, from the later steps
   V* dA = nullptr;    // N
-  V* ckpt = nullptr;  // chunks x N: the state before each chunk
+  V* ckpt = nullptr;  // chunks x N: the state before each chunk (without
+                      // the forward's checkpoints)
   V dD{}, dbias{}, dgap_null{};
   V dstep_from_next{};  // 'prev': step k+1's gap decays with delta_k
 };
@@ -132,7 +145,10 @@ struct Work {
   std::vector<V> decay, state;  // kChunk x N; (kChunk + 1) x N
   std::vector<V> dB, dC;        // kChunk x N: sums over the tiles
   std::vector<Tile<T>> tiles;
-  std::vector<V> At, h, dh, dA, ckpt;
+  std::vector<V> At, At2, h, dh, dA, ckpt;
+  // whether every |e_k A2| of the chunk just prepared is at most
+  // kDecayFastBound (float32: the decays need no clamps)
+  bool decay_in_range = true;
   Work(int64_t N, bool backward)
       : step(kChunk), e(kChunk), x(kChunk), u(kChunk), gate(kChunk),
         dgate(kChunk), dsdraw(kChunk), y(kChunk), dout(kChunk),
@@ -153,22 +169,29 @@ struct Work {
     const int64_t chunks = (a.K + kChunk - 1) / kChunk;
     tiles.assign(G, Tile<T>{});
     At.resize(G * N);
+    At2.resize(G * N);
     h.assign(G * N, V{});
     if (backward) {
       dh.assign(G * N, V{});
       dA.assign(G * N, V{});
-      ckpt.resize(G * chunks * N);
+      if (!a.ckpt) ckpt.resize(G * chunks * N);
     }
     for (int64_t g = 0; g < G; ++g) {
       Tile<T>& t = tiles[g];
       t.d0 = (g0 + g) * W;
       t.lanes = static_cast<int>(std::min<int64_t>(W, a.dim - t.d0));
       t.At = At.data() + g * N;
+      t.At2 = At2.data() + g * N;
       t.h = h.data() + g * N;
+      t.At2_max = V{};
       for (int64_t n = 0; n < N; ++n) {
         V v{};
         for (int w = 0; w < t.lanes; ++w) v[w] = a.A[(t.d0 + w) * N + n];
         t.At[n] = v;
+        t.At2[n] = v * decay_scale<T>;
+        for (int w = 0; w < t.lanes; ++w) {
+          t.At2_max[w] = std::max(t.At2_max[w], std::abs(t.At2[n][w]));
+        }
       }
       for (int w = 0; w < t.lanes; ++w) {
         if (a.bias) t.bias[w] = a.bias[t.d0 + w];
@@ -178,7 +201,7 @@ struct Work {
       if (backward) {
         t.dh = dh.data() + g * N;
         t.dA = dA.data() + g * N;
-        t.ckpt = ckpt.data() + g * chunks * N;
+        if (!a.ckpt) t.ckpt = ckpt.data() + g * chunks * N;
       }
     }
   }
@@ -187,7 +210,10 @@ struct Work {
 // Steps j0..j0+len-1 (tokens in w.tok_s, w.tok_u) of tile t: packed
 // inputs, the step sizes delta_k, the decay exponents e_k, the inputs
 // delta_k u_k, the gate silu(z_k) and, for the backward pass, the
-// derivatives of the softplus and the gate. Updates t.prev_step.
+// derivatives of the softplus and the gate. Updates t.prev_step, and
+// w.decay_in_range (float32): whether |e_k| max_n |A2| <= kDecayFastBound
+// for every step and lane (false for NaN), i.e. whether the recurrence may
+// take the decays' unclamped path.
 template <typename T, bool kBackward>
 void prepare_chunk(const ScanArgs<T>& a, int64_t b, int64_t j0, int64_t len,
                    Tile<T>& t, Work<T>& w) {
@@ -198,6 +224,9 @@ void prepare_chunk(const ScanArgs<T>& a, int64_t b, int64_t j0, int64_t len,
   const bool z = a.z.p != nullptr;
   if (z) pack(a.z, b, t.d0, t.lanes, w.tok_u.data(), len, w.gate.data());
   const T* g = a.gaps ? a.gaps + b * a.K + j0 : nullptr;
+  // lanes all-ones while every |e_k A2| so far is in range
+  std::conditional_t<std::is_same_v<T, float>, vi, int> in_range{};
+  in_range = ~in_range;
   for (int64_t j = 0; j < len; ++j) {
     const V raw = step[j] + t.bias;
     const V s = a.softplus ? vsoftplus(raw) : raw;
@@ -214,6 +243,10 @@ void prepare_chunk(const ScanArgs<T>& a, int64_t b, int64_t j0, int64_t len,
       w.e[j] = s + g[j] * t.gap_step;
     }
     t.prev_step = s;
+    if constexpr (std::is_same_v<T, float>) {
+      const V bound = w.e[j] * t.At2_max;  // NaN compares false
+      in_range &= (bound <= kDecayFastBound) & (bound >= -kDecayFastBound);
+    }
     if (z) {
       const V zk = w.gate[j];
       const V sig = vsigmoid(zk);
@@ -223,17 +256,25 @@ void prepare_chunk(const ScanArgs<T>& a, int64_t b, int64_t j0, int64_t len,
       }
     }
   }
+  w.decay_in_range = true;
+  if constexpr (std::is_same_v<T, float>) {
+    for (int l = 0; l < Simd<T>::W; ++l) {
+      w.decay_in_range = w.decay_in_range && in_range[l] != 0;
+    }
+  }
 }
 
 // The recurrence of tile t over the len steps of the chunk, from the state
 // t.h (updated). kOut: y[j] = C_k . h_k. kStore: keeps the decays and the
 // states (state[0] is the state before the chunk) for the backward pass.
-template <typename T, int kN, bool kOut, bool kStore>
+// kSafe: the decays' clamped exp (decay_exp), for chunks with an |e_k A2|
+// past kDecayFastBound (run_recurrence chooses).
+template <typename T, int kN, bool kOut, bool kStore, bool kSafe>
 inline void recurrence(const ScanArgs<T>& a, int64_t b, int64_t len,
                        const Tile<T>& t, Work<T>& w) {
   using V = vec_t<T>;
   const int64_t N = kN > 0 ? kN : a.N;
-  const V* __restrict At = t.At;
+  const V* __restrict At2 = t.At2;
   V* __restrict h = t.h;
   const V* __restrict e = w.e.data();
   const V* __restrict x = w.x.data();
@@ -250,7 +291,7 @@ inline void recurrence(const ScanArgs<T>& a, int64_t b, int64_t len,
     const V ej = e[j], xj = x[j];
     V yj{};
     for (int64_t n = 0; n < N; ++n) {
-      const V dA = vexp(ej * At[n]);
+      const V dA = decay_exp<kSafe>(ej, At2[n]);
       const V hn = dA * h[n] + xj * Bk[n];
       h[n] = hn;
       if constexpr (kOut) yj += hn * Ck[n];
@@ -260,6 +301,37 @@ inline void recurrence(const ScanArgs<T>& a, int64_t b, int64_t len,
       }
     }
     if constexpr (kOut) y[j] = yj;
+  }
+}
+
+// The recurrence of the chunk prepare_chunk prepared last: the decays'
+// unclamped exp when all its exponents are in range, the clamped one
+// otherwise (the two agree bit for bit in range).
+template <typename T, int kN, bool kOut, bool kStore>
+inline void run_recurrence(const ScanArgs<T>& a, int64_t b, int64_t len,
+                           const Tile<T>& t, Work<T>& w) {
+  if (w.decay_in_range) {
+    recurrence<T, kN, kOut, kStore, false>(a, b, len, t, w);
+  } else {
+    recurrence<T, kN, kOut, kStore, true>(a, b, len, t, w);
+  }
+}
+
+// The state of tile t (its lanes) to / from the checkpoint of chunk i.
+template <typename T>
+void store_state(const ScanArgs<T>& a, int64_t b, int64_t i,
+                 const Tile<T>& t) {
+  for (int l = 0; l < t.lanes; ++l) {
+    T* dst = a.ckpt_at(b, t.d0 + l, i);
+    for (int64_t n = 0; n < a.N; ++n) dst[n] = t.h[n][l];
+  }
+}
+template <typename T>
+void load_state(const ScanArgs<T>& a, int64_t b, int64_t i, Tile<T>& t) {
+  for (int64_t n = 0; n < a.N; ++n) t.h[n] = vec_t<T>{};
+  for (int l = 0; l < t.lanes; ++l) {
+    const T* src = a.ckpt_at(b, t.d0 + l, i);
+    for (int64_t n = 0; n < a.N; ++n) t.h[n][l] = src[n];
   }
 }
 
@@ -275,8 +347,9 @@ void forward_tiles(const ScanArgs<T>& a, int64_t b, int64_t g0, int64_t g1,
     const int64_t len = std::min(kChunk, a.K - j0);
     a.tokens(b, j0, len, w.tok_s.data(), w.tok_u.data());
     for (Tile<T>& t : w.tiles) {
+      if (a.ckpt) store_state(a, b, j0 / kChunk, t);
       prepare_chunk<T, false>(a, b, j0, len, t, w);
-      recurrence<T, kN, true, false>(a, b, len, t, w);
+      run_recurrence<T, kN, true, false>(a, b, len, t, w);
       V* y = w.y.data();
       for (int64_t j = 0; j < len; ++j) {
         y[j] = y[j] + t.D * w.u[j];
@@ -341,8 +414,12 @@ void backward_chunk(const ScanArgs<T>& a, const GradArgs<T>& g, int64_t b,
     t.prev_step = step_at(a, b, j0 - 1, t);
   }
   prepare_chunk<T, true>(a, b, j0, len, t, w);
-  std::copy(t.ckpt + i * N, t.ckpt + (i + 1) * N, t.h);
-  recurrence<T, kN, true, true>(a, b, len, t, w);
+  if (a.ckpt) {
+    load_state(a, b, i, t);
+  } else {
+    std::copy(t.ckpt + i * N, t.ckpt + (i + 1) * N, t.h);
+  }
+  run_recurrence<T, kN, true, true>(a, b, len, t, w);
   V* dy = w.dout.data();
   pack(g.dout, b, t.d0, t.lanes, w.tok_u.data(), len, dy);
   if (a.z.p) {
@@ -412,14 +489,14 @@ void backward_tiles(const ScanArgs<T>& a, const GradArgs<T>& g, int64_t b,
   const int64_t N = a.N, K = a.K;
   const int64_t chunks = (K + kChunk - 1) / kChunk;
   w.set_tiles(a, g0, g1, true);
-  // pass 1: the state before every chunk
-  for (int64_t i = 0; i < chunks; ++i) {
+  // pass 1: the state before every chunk, unless the forward stored them
+  for (int64_t i = 0; i < chunks && !a.ckpt; ++i) {
     const int64_t j0 = i * kChunk, len = std::min(kChunk, K - j0);
     a.tokens(b, j0, len, w.tok_s.data(), w.tok_u.data());
     for (Tile<T>& t : w.tiles) {
       std::copy(t.h, t.h + N, t.ckpt + i * N);
       prepare_chunk<T, false>(a, b, j0, len, t, w);
-      recurrence<T, kN, false, false>(a, b, len, t, w);
+      run_recurrence<T, kN, false, false>(a, b, len, t, w);
     }
   }
   // pass 2: the chunks from the last
@@ -524,6 +601,7 @@ ScanArgs<T> make_args(const at::Tensor& u, const at::Tensor& delta,
   a.dim = dim;
   a.K = K;
   a.N = N;
+  a.chunks = (K + kChunk - 1) / kChunk;
   a.softplus = softplus;
   a.reverse = reverse;
   a.gap_mode = gap_mode;
@@ -593,18 +671,24 @@ void backward_impl(const ScanArgs<T>& a, const GradArgs<T>& g, int64_t batch,
 
 }  // namespace
 
-at::Tensor selective_scan_fwd(const at::Tensor& u, const at::Tensor& delta,
-               const at::Tensor& A, const at::Tensor& Bt, const at::Tensor& Ct,
-               const std::optional<at::Tensor>& D,
-               const std::optional<at::Tensor>& z,
-               const std::optional<at::Tensor>& delta_bias,
-               const std::optional<at::Tensor>& positions,
-               const std::optional<at::Tensor>& order, bool softplus,
-               int64_t gap_mode, bool reverse) {
+std::vector<at::Tensor> selective_scan_fwd(
+    const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+    const at::Tensor& Bt, const at::Tensor& Ct,
+    const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+    const std::optional<at::Tensor>& delta_bias,
+    const std::optional<at::Tensor>& positions,
+    const std::optional<at::Tensor>& order, bool softplus, int64_t gap_mode,
+    bool reverse, bool checkpoints) {
   TORCH_CHECK(u.scalar_type() == at::kFloat || u.scalar_type() == at::kDouble,
               "the CPU selective scan computes in float32 or float64, got ",
               u.scalar_type());
+  TORCH_CHECK(u.dim() == 3 && A.dim() == 2,
+              "u must be (batch, dim, K) and A (dim, N)");
   auto out = empty_layout(u);
+  const int64_t chunks = (u.size(2) + kChunk - 1) / kChunk;
+  auto ckpt = checkpoints ? at::empty({u.size(0), u.size(1), chunks,
+                                       A.size(1)}, u.options())
+                          : at::empty({0}, u.options());
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_fwd", [&] {
     const auto gaps = compute_gaps<scalar_t>(positions, gap_mode, u.size(0),
                                              u.size(2), reverse);
@@ -612,13 +696,14 @@ at::Tensor selective_scan_fwd(const at::Tensor& u, const at::Tensor& delta,
                                  positions, order, gaps, softplus, gap_mode,
                                  reverse);
     a.out = Strided<scalar_t>(out);
+    if (checkpoints) a.ckpt = ckpt.data_ptr<scalar_t>();
     if (a.N == 16) {
       forward_impl<scalar_t, 16>(a, u.size(0));
     } else {
       forward_impl<scalar_t, 0>(a, u.size(0));
     }
   });
-  return out;
+  return {out, ckpt};
 }
 
 std::vector<std::optional<at::Tensor>> selective_scan_bwd(
@@ -628,7 +713,8 @@ std::vector<std::optional<at::Tensor>> selective_scan_bwd(
     const std::optional<at::Tensor>& delta_bias,
     const std::optional<at::Tensor>& positions,
     const std::optional<at::Tensor>& order, const at::Tensor& dout,
-    bool softplus, int64_t gap_mode, bool reverse) {
+    bool softplus, int64_t gap_mode, bool reverse,
+    const std::optional<at::Tensor>& checkpoints) {
   TORCH_CHECK(u.scalar_type() == at::kFloat || u.scalar_type() == at::kDouble,
               "the CPU selective scan computes in float32 or float64, got ",
               u.scalar_type());
@@ -648,6 +734,11 @@ std::vector<std::optional<at::Tensor>> selective_scan_bwd(
     auto a = make_args<scalar_t>(u, delta, A, Bt, Ct, D, z, delta_bias,
                                  positions, order, gaps, softplus, gap_mode,
                                  reverse);
+    if (checkpoints) {
+      check_tensor(*checkpoints, "checkpoints", u.scalar_type(),
+                   {batch, dim, a.chunks, a.N});
+      a.ckpt = checkpoints->data_ptr<scalar_t>();
+    }
     GradArgs<scalar_t> g;
     g.dout = Strided<scalar_t>(dout);
     g.du = Strided<scalar_t>(du);

@@ -10,7 +10,7 @@ math, the gap modes and the implementations are described in docs/scan.md.
 """
 
 import os
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -34,15 +34,22 @@ from .reference import (
     to_scan_order,
 )
 
-__all__ = ['GAP_MODES', 'IMPLS', 'selective_scan']
+__all__ = ['GAP_MODES', 'IMPLS', 'SCAN_CHUNK', 'selective_scan']
 
 IMPLS = ('auto', 'ref', 'chunked', 'cpu', 'cuda')
+#: Steps per chunk of the compiled kernel (``kScanChunk``, exported as
+#: ``scan_chunk``): its forward's checkpoints are the states before each
+#: chunk, (batch, dim, ceil(K / SCAN_CHUNK), N).
+SCAN_CHUNK = 64
 _GAP_MODE_IDS = {'none': 0, 'prev': 1, 'null': 2}
 _NAMES = ('u', 'delta', 'A', 'B', 'C', 'D', 'z', 'delta_bias')
 
 
 def _cpu_skip_reason(u: Tensor) -> str:
-    return cpu_kernel_skip_reason(u, 'selective_scan_fwd', 'selective scan')
+    # 'scan_chunk': builds of older sources have another signature
+    return cpu_kernel_skip_reason(
+        u, 'scan_chunk', 'selective scan (with checkpoints)'
+    )
 
 
 def _mamba_skip_reason(u: Tensor) -> str:
@@ -126,8 +133,8 @@ def _run(
     if u.shape[-1] == 0:
         return match_layout(finish_scan(u.new_zeros(u.shape), u, D, z), u)
     return _kernel_forward(
-        *inputs, delta_softplus, positions, gap_mode, reverse, order
-    )
+        *inputs, delta_softplus, positions, gap_mode, reverse, order, False
+    )[0]
 
 
 def _scan_mamba(
@@ -187,14 +194,29 @@ def _kernel_forward(
     gap_mode,
     reverse,
     order,
+    checkpoints,
 ):
+    """The kernel's output and, with ``checkpoints``, the state before
+    each chunk (:func:`_checkpoint_shape`; else an empty tensor)."""
     args = _kernel_inputs(
         u, delta, A, B, C, D, z, delta_bias, positions, order
     )
-    out = load_ext().selective_scan_fwd(
-        *args, delta_softplus, _GAP_MODE_IDS[gap_mode], reverse
+    out, ckpt = load_ext().selective_scan_fwd(
+        *args, delta_softplus, _GAP_MODE_IDS[gap_mode], reverse, checkpoints
     )
-    return match_layout(out.to(u.dtype), u)
+    return match_layout(out.to(u.dtype), u), ckpt
+
+
+def _checkpoint_shape(
+    u: Tensor, A: Tensor, impl: str, checkpoints: bool
+) -> Tuple[int, ...]:
+    """The shape of the op's second output: the compiled kernel's
+    checkpoints (batch, dim, chunks, N) when asked for and the kernel
+    runs, (0,) otherwise."""
+    if not (checkpoints and impl == 'cpu'):
+        return (0,)
+    batch, dim, K = u.shape
+    return (batch, dim, (K + SCAN_CHUNK - 1) // SCAN_CHUNK, A.shape[1])
 
 
 @torch.library.custom_op('mmssm::selective_scan_backward', mutates_args=())
@@ -213,10 +235,12 @@ def _kernel_backward(
     gap_mode: str,
     reverse: bool,
     order: Optional[Tensor],
+    checkpoints: Optional[Tensor] = None,
 ) -> List[Tensor]:
     """The compiled kernel's backward: the gradients of the inputs that
     are not None, in the order of the arguments, in their dtypes and
-    layouts (:func:`empty_layout`)."""
+    layouts (:func:`empty_layout`). ``checkpoints``: the forward's (the
+    kernel then skips the pass that recomputes them), or None."""
     inputs = (u, delta, A, B, C, D, z, delta_bias)
     args = _kernel_inputs(
         *inputs, None if gap_mode == 'none' else positions, order
@@ -228,6 +252,7 @@ def _kernel_backward(
         softplus=delta_softplus,
         gap_mode=_GAP_MODE_IDS[gap_mode],
         reverse=reverse,
+        checkpoints=checkpoints,
     )
     du, ddelta, dA, dBt, dCt, dD, dz, dbias = grads
     out = (du, ddelta, dA, dBt.transpose(1, 2), dCt.transpose(1, 2), dD, dz)
@@ -264,26 +289,53 @@ def _selective_scan_op(
     impl: str,
     reverse: bool = False,
     order: Optional[Tensor] = None,
-) -> Tensor:
+    checkpoints: bool = False,
+) -> Tuple[Tensor, Tensor]:
     """The scan on checked inputs (positions None or (batch, K), order
-    None or (batch or 1, K))."""
+    None or (batch or 1, K)), and the compiled kernel's checkpoints for
+    its backward when ``checkpoints`` (:func:`_checkpoint_shape`)."""
     inputs = (u, delta, A, B, C, D, z, delta_bias)
     impl = _resolve_impl(impl, u)
-    return _run(
-        impl, inputs, delta_softplus, positions, gap_mode, reverse, order
-    )
+    shape = _checkpoint_shape(u, A, impl, checkpoints)
+    if len(shape) == 4 and u.shape[-1] > 0:
+        pos = None if gap_mode == 'none' else positions
+        return _kernel_forward(
+            *inputs, delta_softplus, pos, gap_mode, reverse, order, True
+        )
+    y = _run(impl, inputs, delta_softplus, positions, gap_mode, reverse, order)
+    return y, u.new_empty(shape, dtype=compute_dtype(u))
 
 
 @_selective_scan_op.register_fake
-def _(u, *args, **kwargs):
-    return empty_layout(u)
+def _(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D,
+    z,
+    delta_bias,
+    delta_softplus,
+    positions,
+    gap_mode,
+    impl,
+    reverse=False,
+    order=None,
+    checkpoints=False,
+):
+    shape = _checkpoint_shape(u, A, _resolve_impl(impl, u), checkpoints)
+    return empty_layout(u), u.new_empty(shape, dtype=compute_dtype(u))
 
 
 def _setup_context(ctx, inputs, output):
     *tensors, delta_softplus, positions, gap_mode, impl, reverse, order = (
-        inputs
+        inputs[:-1]
     )
-    ctx.save_for_backward(*tensors, positions, order)
+    ckpt = output[1]
+    ctx.mark_non_differentiable(ckpt)
+    ckpt = ckpt if ckpt.dim() == 4 else None
+    ctx.save_for_backward(*tensors, positions, order, ckpt)
     ctx.config = (
         delta_softplus,
         gap_mode,
@@ -292,8 +344,8 @@ def _setup_context(ctx, inputs, output):
     )
 
 
-def _backward(ctx, dout):
-    *tensors, positions, order = ctx.saved_tensors
+def _backward(ctx, dout, dckpt):
+    *tensors, positions, order, ckpt = ctx.saved_tensors
     delta_softplus, gap_mode, impl, reverse = ctx.config
     needs = ctx.needs_input_grad[: len(_NAMES)]
     if impl == 'cpu' and tensors[0].shape[-1] > 0:
@@ -306,6 +358,7 @@ def _backward(ctx, dout):
                 gap_mode,
                 reverse,
                 order,
+                ckpt,
             )
         )
         out = [None if t is None else next(grads) for t in tensors]
@@ -327,7 +380,7 @@ def _backward(ctx, dout):
             wanted = [t for t, need in zip(leaves, needs) if need]
             grads = iter(torch.autograd.grad(y, wanted, dout))
         out = [next(grads) if need else None for need in needs]
-    return (*out, None, None, None, None, None, None)
+    return (*out, None, None, None, None, None, None, None)
 
 
 _selective_scan_op.register_autograd(_backward, setup_context=_setup_context)
@@ -404,6 +457,12 @@ def selective_scan(
         if reverse:
             raise ValueError('order and reverse are exclusive')
         order = check_order(order, u)
+    # the kernel's forward keeps its chunk checkpoints for the backward
+    # only when there will be one
+    checkpoints = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad
+        for t in (u, delta, A, B, C, D, z, delta_bias)
+    )
     return _selective_scan_op(
         u,
         delta,
@@ -419,4 +478,5 @@ def selective_scan(
         impl,
         bool(reverse),
         order,
-    )
+        checkpoints,
+    )[0]

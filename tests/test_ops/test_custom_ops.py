@@ -151,6 +151,18 @@ def test_opcheck_scan(impl):
     torch.library.opcheck(torch.ops.mmssm.selective_scan.default, args)
 
 
+@needs_ext
+def test_opcheck_scan_with_checkpoints():
+    """The compiled kernel's forward with its chunk checkpoints (the
+    op's second output, for its backward): K 70, two chunks."""
+    inputs = requiring_grad(scan_inputs(K=70))
+    positions = random_positions(2, 70, 90)
+    args = (*inputs.values(), True, positions, 'prev', 'cpu', False, None)
+    torch.library.opcheck(
+        torch.ops.mmssm.selective_scan.default, (*args, True)
+    )
+
+
 @pytest.mark.parametrize('impl', CONV_IMPLS)
 def test_opcheck_conv(impl):
     inputs = requiring_grad(conv_inputs())

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mmssm.ops import causal_conv1d, selective_scan
+from mmssm.ops.selective_scan import SCAN_CHUNK
 from mmssm.testing import (
     assert_close_rel,
     in_ci,
@@ -20,6 +21,7 @@ from mmssm.testing import (
 )
 
 ext_module = importlib.import_module('mmssm.ops.ext')
+_NAMES = ('u', 'delta', 'A', 'B', 'C', 'D', 'z', 'delta_bias')
 
 
 def _build_or_skip(isa):
@@ -104,6 +106,219 @@ def test_scan_build_other_state_sizes(isa):
     assert_close_rel(y, y_ref, 1e-10)
     for a, b in zip(g, g_ref):
         assert_close_rel(a, b, 1e-10)
+
+
+@needs_ext
+def test_build_exports_the_checkpoint_chunk(isa):
+    assert ext_module.load_ext().scan_chunk == SCAN_CHUNK
+
+
+def _kernel_backward_both_ways(inputs, **kwargs):
+    """The compiled backward from the forward's checkpoints (what autograd
+    runs) and from its own checkpoint pass (checkpoints=None), for the
+    same output gradient (output_and_grads' random projection)."""
+    y, g = output_and_grads(
+        selective_scan, inputs, impl='cpu', delta_softplus=True, **kwargs
+    )
+    dout = torch.randn(
+        y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype
+    )
+    own = torch.ops.mmssm.selective_scan_backward(
+        dout,
+        *(inputs[k].detach() for k in _NAMES),
+        True,
+        kwargs['positions'],
+        kwargs['gap_mode'],
+        kwargs.get('reverse', False),
+        kwargs.get('order'),
+        None,
+    )
+    return g, own
+
+
+# K 150: three chunks, so the checkpoints of chunks 1 and 2 are used
+@needs_ext
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+@pytest.mark.parametrize('mode', ['forward', 'reverse', 'order'])
+def test_forward_checkpoints_equal_the_backwards_own(isa, dtype, mode):
+    """The backward from the forward's chunk checkpoints gives bit for bit
+    the gradients of the backward that recomputes them (both against the
+    reference: test_scan_build_against_reference)."""
+    inputs = _scan_inputs(2, 11, 150, 16, dtype, True)
+    kwargs = dict(positions=random_positions(2, 150, 260))
+    if mode == 'reverse':
+        kwargs['reverse'] = True
+    elif mode == 'order':
+        kwargs['order'] = torch.stack([torch.randperm(150) for _ in range(2)])
+    for gap_mode in ('prev', 'null', 'none'):
+        g, own = _kernel_backward_both_ways(
+            inputs, gap_mode=gap_mode, **kwargs
+        )
+        assert len(g) == len(own)
+        for a, b in zip(g, own):
+            assert torch.equal(a, b)
+
+
+@needs_ext
+def test_forward_checkpoints_gradcheck(isa):
+    """float64 gradcheck of the kernel's backward from the forward's
+    checkpoints (3 chunks, 'prev' gaps across them)."""
+    inputs = _scan_inputs(1, 3, 130, 2, torch.float64, True)
+    positions = random_positions(1, 130, 200)
+    names = list(inputs)
+
+    def fn(*tensors):
+        return selective_scan(
+            **dict(zip(names, tensors)),
+            delta_softplus=True,
+            positions=positions,
+            impl='cpu',
+        )
+
+    assert torch.autograd.gradcheck(fn, tuple(inputs.values()))
+
+
+class _SpyExt:
+    """The loaded build, recording the forward's ``checkpoints`` flags."""
+
+    def __init__(self, module):
+        self.module, self.flags = module, []
+
+    def __getattr__(self, name):
+        return getattr(self.module, name)
+
+    def selective_scan_fwd(self, *args):
+        self.flags.append(args[-1])
+        return self.module.selective_scan_fwd(*args)
+
+
+@needs_ext
+def test_checkpoints_only_when_a_backward_follows(isa, monkeypatch):
+    spy = _SpyExt(ext_module._ext)
+    monkeypatch.setattr(ext_module, '_ext', spy)
+    inputs = _scan_inputs(1, 4, 70, 3, torch.float32, False)
+    plain = {k: v.detach() for k, v in inputs.items()}
+    with torch.no_grad():
+        selective_scan(**inputs, impl='cpu')
+    selective_scan(**plain, impl='cpu')
+    y = selective_scan(**inputs, impl='cpu')
+    assert spy.flags == [False, False, True]
+    _, ckpt = torch.ops.mmssm.selective_scan(
+        *(inputs[k] for k in _NAMES),
+        False,
+        None,
+        'prev',
+        'cpu',
+        checkpoints=True,
+    )
+    assert ckpt.shape == (1, 4, 2, 3) and ckpt.dtype == torch.float32
+    assert not ckpt[:, :, 0].any()  # the state before the first chunk
+    assert ckpt[:, :, 1].abs().sum() > 0
+    y.sum().backward()
+
+
+def _kernel_decays(x, delta_step=1.0):
+    """exp(x) as the float32 kernel computes a decay: a 2-step scan per
+    channel (N 1, B = C = u_0 = 1, u_1 = 0), whose second output is
+    exp(delta_1 A) h_0 with h_0 = 1; A = x, delta_1 = 1."""
+    dim = x.numel()
+    u = torch.zeros(1, dim, 2)
+    u[..., 0] = 1.0
+    delta = torch.full((1, dim, 2), delta_step)
+    ones = torch.ones(1, 1, 2)
+    with torch.no_grad():
+        y = selective_scan(
+            u, delta, x.float().view(dim, 1), ones, ones, impl='cpu'
+        )
+    return y[0, :, 1]
+
+
+def _rel_err(y, x):
+    ref = torch.exp(x.double())
+    return ((y.double() - ref).abs() / ref).max().item()
+
+
+@needs_ext
+def test_float32_decay_exp_accuracy(isa):
+    """The recurrence's float32 exp (2^n 2^f, degree-5 polynomial, A
+    pre-scaled by log2(e); kernels/common/simd.h) against float64 exp of
+    the same float32 arguments, over the decays' range: within 6e-7
+    relative for |x| <= 1, within 6e-7 + 7e-8 |x| down to -87 (the
+    rounding of A log2(e) to float32: exp of a float32 argument is
+    conditioned by |x|), exactly 1 at 0."""
+    x = -torch.linspace(0, 1, 200_001)
+    assert _rel_err(_kernel_decays(x), x) < 6e-7
+    x = -torch.linspace(0, 87, 200_001)
+    y = _kernel_decays(x)
+    ref = torch.exp(x.double())
+    rel = (y.double() - ref).abs() / ref
+    assert (rel < 6e-7 + 7e-8 * x.double().abs()).all(), rel.max()
+    assert y[0].item() == 1.0
+    x = torch.linspace(0, 87, 20_001)  # growth (A > 0) is computed too
+    assert _rel_err(_kernel_decays(x), x) < 6e-7 + 7e-8 * 87
+
+
+@needs_ext
+def test_float32_decay_exp_out_of_range(isa):
+    """Chunks with an exponent past the unclamped exp's range take the
+    clamped one, which agrees bit for bit in range: the same exponents
+    with and without an out-of-range channel in their tile (8 channels,
+    so in both builds' tiles); below 2^-126.5 gives 0, above 2^127.5
+    2^127.5, NaN stays NaN."""
+    x = -torch.rand(7 * 50) * 80
+    plain = _kernel_decays(x)
+    for outlier, expected in (
+        (-300.0, 0.0),
+        (-87.9, 0.0),
+        (300.0, 2.0**127.5),
+        (float('nan'), float('nan')),
+    ):
+        mixed = torch.cat(
+            [x.view(50, 7), torch.full((50, 1), outlier)], dim=1
+        ).flatten()
+        y = _kernel_decays(mixed).view(50, 8)
+        assert torch.equal(y[:, :7].flatten(), plain)
+        torch.testing.assert_close(
+            y[:, 7], torch.full((50,), expected), equal_nan=True
+        )
+    # an exponent in range only by its delta: checked per step, not per A
+    big_delta = _kernel_decays(torch.full((8,), -1.0), delta_step=300.0)
+    assert torch.equal(big_delta, torch.zeros(8))
+
+
+@needs_ext
+def test_float32_softplus_and_gate_accuracy(isa):
+    """The prepare pass's float32 softplus and silu (vexp, vlog_1to2):
+    one step with u = B = C = 1 outputs softplus(delta), or silu(z)."""
+    raw = torch.linspace(-20, 20, 40_001)
+    dim = raw.numel()
+    ones = torch.ones(1, 1, 1)
+    u = torch.ones(1, dim, 1)
+    A = -torch.ones(dim, 1)
+    with torch.no_grad():
+        sp = selective_scan(
+            u,
+            raw.view(1, dim, 1),
+            A,
+            ones,
+            ones,
+            delta_softplus=True,
+            impl='cpu',
+        ).flatten()
+        gated = selective_scan(
+            u,
+            torch.ones(1, dim, 1),
+            A,
+            ones,
+            ones,
+            z=raw.view(1, dim, 1),
+            impl='cpu',
+        ).flatten()
+    # absolute near 0: log(1 + exp(-|x|)) rounds 1 + exp(-|x|) first
+    ref = torch.nn.functional.softplus(raw.double())
+    assert ((sp.double() - ref).abs() < 3e-7 + 2e-6 * ref).all()
+    ref = torch.nn.functional.silu(raw.double())
+    assert ((gated.double() - ref).abs() < 3e-7 + 2e-6 * ref.abs()).all()
 
 
 @needs_ext

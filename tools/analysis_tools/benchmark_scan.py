@@ -11,7 +11,14 @@ to batch*dim*K*N elements.
 ``--builds`` times the compiled kernel of several builds, alternating
 round by round: 'generic' and 'avx2' (the two builds of this checkout,
 setup.py) or the path of another checkout's ``_ext*.so`` (an A/B against
-it; it must have the same ``selective_scan_fwd``/``_bwd`` signature).
+it). A build of sources from before the forward's chunk checkpoints (no
+``scan_chunk``) runs as it did: its forward returns no checkpoints, so
+its backward recomputes them (:class:`WithoutCheckpoints`).
+
+``--conv`` adds the position-aware causal conv1d (Vim-S: dim 768, k 4,
+SiLU, the tokens-major layout of its Linear layers) at 137 of 197 tokens,
+with and without positions (the aligned and the rearranged DyVM paths),
+at batch 1 and 8, for the same builds.
 
 Example::
 
@@ -30,7 +37,8 @@ import time
 import torch
 
 from mmssm.errors import UserError
-from mmssm.ops import ext, ext_status, selective_scan
+from mmssm.ops import causal_conv1d, ext, ext_status, selective_scan
+from mmssm.ops.selective_scan import SCAN_CHUNK
 
 SHAPES = {
     'cls': (8, 896, 16, 196),  # batch, dim, N, L
@@ -53,7 +61,7 @@ def parse_args():
         choices=['cpu', 'chunked', 'ref'],
     )
     parser.add_argument(
-        '--shapes', nargs='+', default=list(SHAPES), choices=list(SHAPES)
+        '--shapes', nargs='*', default=list(SHAPES), choices=list(SHAPES)
     )
     parser.add_argument('--keeps', nargs='+', type=float, default=[1.0, 0.5])
     parser.add_argument(
@@ -63,6 +71,11 @@ def parse_args():
         help="builds of the compiled kernel for impl 'cpu': 'generic', "
         "'avx2' or the path of another build's _ext*.so. Defaults to the "
         'one this process loads.',
+    )
+    parser.add_argument(
+        '--conv',
+        action='store_true',
+        help='also time the causal conv1d with and without positions',
     )
     parser.add_argument(
         '--repeat',
@@ -92,6 +105,27 @@ def exp_floor_per_element(repeat=200, numel=256 * 1024):
     return seconds / numel
 
 
+class WithoutCheckpoints:
+    """A build from before the forward's chunk checkpoints, behind the
+    current calls: its forward (13 arguments) returns the output only, its
+    backward takes no checkpoints and recomputes them."""
+
+    scan_chunk = SCAN_CHUNK
+
+    def __init__(self, module):
+        self.module = module
+
+    def __getattr__(self, name):
+        return getattr(self.module, name)
+
+    def selective_scan_fwd(self, *args):
+        out = self.module.selective_scan_fwd(*args[:-1])
+        return out, out.new_empty(0)
+
+    def selective_scan_bwd(self, *args, checkpoints=None, **kwargs):
+        return self.module.selective_scan_bwd(*args, **kwargs)
+
+
 def load_build(build):
     """The compiled kernels of ``build``: 'generic', 'avx2' or a path."""
     if build in ext.ISAS:
@@ -105,6 +139,8 @@ def load_build(build):
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    if not hasattr(module, 'scan_chunk'):
+        return WithoutCheckpoints(module)
     return module
 
 
@@ -176,6 +212,54 @@ def main():
                     f'{name} | {fwd:.2f} | {fwd_bwd:.2f} | '
                     f'{floor_ms:.2f} | {fwd / floor_ms:.2f} | '
                     f'{fwd_bwd / floor_ms:.2f} |',
+                    flush=True,
+                )
+    if args.conv:
+        cpu_rows = [(name, m) for name, impl, m in rows if impl == 'cpu']
+        conv_rows(cpu_rows or [('cpu', None)], max(args.repeat, 20))
+
+
+def conv_rows(rows, repeat):
+    """The conv of Vim-S at 137 of 197 tokens, with and without positions,
+    alternating over the builds ``rows`` (name, module) as the scan rows;
+    one table row per (batch, positions, build)."""
+    print(
+        '\n| conv (dim 768, k 4, 137 of 197 tokens) | batch | positions '
+        '| build | fwd (ms) | fwd+bwd (ms) |'
+    )
+    print('|---' * 6 + '|')
+    loaded = ext.load_ext()
+    for batch in (1, 8):
+        x = torch.randn(batch, 137, 768).transpose(1, 2)
+        weight, bias = torch.randn(768, 4), torch.randn(768)
+        pos = torch.stack(
+            [torch.randperm(197)[:137].sort().values for _ in range(batch)]
+        )
+        for with_pos in (False, True):
+            kwargs = dict(
+                positions=pos if with_pos else None,
+                activation='silu',
+                impl='cpu',
+            )
+            grads = [t.clone().requires_grad_() for t in (x, weight, bias)]
+            times = {name: ([], []) for name, _ in rows}
+            for _ in range(repeat + 1):  # round 0: warm-up
+                for name, module in rows:
+                    ext._ext = module or loaded
+                    fwd, fwd_bwd = times[name]
+                    start = time.perf_counter()
+                    with torch.no_grad():
+                        causal_conv1d(x, weight, bias, **kwargs)
+                    fwd.append((time.perf_counter() - start) * 1e3)
+                    start = time.perf_counter()
+                    causal_conv1d(*grads, **kwargs).sum().backward()
+                    fwd_bwd.append((time.perf_counter() - start) * 1e3)
+            ext._ext = loaded
+            for name, _ in rows:
+                fwd, fwd_bwd = (statistics.median(t[1:]) for t in times[name])
+                print(
+                    f'| | {batch} | {"yes" if with_pos else "no"} | {name} '
+                    f'| {fwd:.3f} | {fwd_bwd:.3f} |',
                     flush=True,
                 )
 
