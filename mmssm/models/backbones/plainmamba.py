@@ -408,18 +408,25 @@ class PlainMambaMixer(nn.Module):
         if token_mask is not None:
             mask = token_mask.to(x.dtype)
             x = x * mask[..., None]
-        if positions is not None:  # zeros at the pruned positions
-            x = x.new_zeros(batch, L, E).scatter(
-                1, positions[..., None].expand(-1, -1, E), x
-            )
         # (the same memory layout in both cases, hence the same rounding)
         # contiguous NCHW: a channels-last input gives the conv weight a
         # gradient of other strides, which DDP copies at every step
-        grid = x.transpose(1, 2).reshape(batch, E, H, W).contiguous()
-        x_conv = self.act(self.conv2d(grid)).flatten(2)  # (B, E, L)
+        if positions is None:
+            grid = x.transpose(1, 2).contiguous()
+        else:  # zeros at the pruned positions, in one pass
+            index = positions[:, None].expand(-1, E, -1)
+            grid = x.new_zeros(batch, E, L)
+            grid = grid.scatter(2, index, x.transpose(1, 2))
+        grid = grid.view(batch, E, H, W)
+        # tokens-major (B, L, E): x_proj's input (it would copy the
+        # transposed view itself) and the layout in which the scans load a
+        # vector of channels per step (and gather the kept tokens as rows)
+        x_conv = self.act(self.conv2d(grid)).flatten(2).transpose(1, 2)
+        x_conv = x_conv.contiguous()
 
         # Per-step inputs of the released model: those of the raster token.
-        dbl = self.x_proj(x_conv.transpose(1, 2))  # (B, L, R + 2N)
+        dbl = self.x_proj(x_conv)  # (B, L, R + 2N)
+        x_conv = x_conv.transpose(1, 2)  # (B, E, L) view
         dt, B, C = dbl.split([R, N, N], dim=-1)
         # The bias enters twice: once in dt_proj, once as the scan's
         # delta_bias. Hand it over as 2b in one place so that a zero-input
