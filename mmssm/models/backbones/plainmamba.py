@@ -120,10 +120,25 @@ def scan_orders(
     return tuple(t.to(device) for t in tables)
 
 
-def _take(t: Tensor, index: Tensor) -> Tensor:
-    """Gather (B, C, L) at an index (4, B, K) of L: (4, B, C, K)."""
-    index = index[:, :, None].expand(-1, -1, t.shape[1], -1)
-    return t[None].expand(index.shape[0], -1, -1, -1).gather(3, index)
+def _token_rows(t: Tensor, index: Tensor) -> Tensor:
+    """The tokens ``index`` of a (B, C, L) tensor, as rows of C channels.
+
+    Args:
+        t (Tensor): (B, C, L), any strides (a transposed view of a Linear
+            layer's (B, L, C) output is read without a copy).
+        index (Tensor): int64 (..., B, K), tokens of L per image.
+
+    Returns:
+        Tensor: (..., B, K, C), channels contiguous: a (B, C, K) transposed
+        view of it is the tokens-major layout that the scan kernel loads as
+        one vector per step (a contiguous (B, C, K) gather would cost it
+        one load per channel).
+    """
+    batch, C, L = t.shape
+    rows = t.transpose(1, 2).reshape(batch * L, C)
+    base = torch.arange(batch, device=index.device)[:, None] * L
+    flat = (index + base).reshape(-1)
+    return rows.index_select(0, flat).view(*index.shape, C)
 
 
 # --------------------------------------------------------------------------
@@ -393,18 +408,25 @@ class PlainMambaMixer(nn.Module):
         if token_mask is not None:
             mask = token_mask.to(x.dtype)
             x = x * mask[..., None]
-        if positions is not None:  # zeros at the pruned positions
-            x = x.new_zeros(batch, L, E).scatter(
-                1, positions[..., None].expand(-1, -1, E), x
-            )
         # (the same memory layout in both cases, hence the same rounding)
         # contiguous NCHW: a channels-last input gives the conv weight a
         # gradient of other strides, which DDP copies at every step
-        grid = x.transpose(1, 2).reshape(batch, E, H, W).contiguous()
-        x_conv = self.act(self.conv2d(grid)).flatten(2)  # (B, E, L)
+        if positions is None:
+            grid = x.transpose(1, 2).contiguous()
+        else:  # zeros at the pruned positions, in one pass
+            index = positions[:, None].expand(-1, E, -1)
+            grid = x.new_zeros(batch, E, L)
+            grid = grid.scatter(2, index, x.transpose(1, 2))
+        grid = grid.view(batch, E, H, W)
+        # tokens-major (B, L, E): x_proj's input (it would copy the
+        # transposed view itself) and the layout in which the scans load a
+        # vector of channels per step (and gather the kept tokens as rows)
+        x_conv = self.act(self.conv2d(grid)).flatten(2).transpose(1, 2)
+        x_conv = x_conv.contiguous()
 
         # Per-step inputs of the released model: those of the raster token.
-        dbl = self.x_proj(x_conv.transpose(1, 2))  # (B, L, R + 2N)
+        dbl = self.x_proj(x_conv)  # (B, L, R + 2N)
+        x_conv = x_conv.transpose(1, 2)  # (B, E, L) view
         dt, B, C = dbl.split([R, N, N], dim=-1)
         # The bias enters twice: once in dt_proj, once as the scan's
         # delta_bias. Hand it over as 2b in one place so that a zero-input
@@ -524,54 +546,57 @@ class PlainMambaMixer(nn.Module):
         gap_mode: str,
         bits: Optional[Tensor],
     ) -> Tensor:
-        """The four scans of the kept tokens (pruned): each direction's
-        kept tokens sorted by their steps, with their step inputs and
-        positions, in one batched scan. Returns the sum of the four scans
-        (B, E, K) in the order of ``positions``."""
+        """The four scans of the kept tokens (pruned), one per direction as
+        in :meth:`_scan_in_place`: step s of direction d scans the kept
+        token with the s-th smallest step in d (``order``), whose original
+        step is the scan's position, and takes the step inputs of the
+        raster token at that step (the released model). The kept tokens'
+        inputs are gathered once, the per-step inputs once per direction,
+        all tokens-major (the kernel's fast layout), and each scan writes
+        its output back in the order of ``positions``. Returns the sum of
+        the four scans (B, E, K) in that order."""
         batch, K = positions.shape
-        E = x_conv.shape[1]
         L = x_conv.shape[-1]
         _, ranks, moves = scan_orders(hw_shape, x_conv.device)
-        # each kept token's step in each direction, sorted
+        # each kept token's step in each direction, sorted, and the slot
+        # (in positions) of the kept token scanned at each of them
         steps, slot = ranks[:, positions].sort(dim=-1)  # (4, B, K)
-        tokens = positions[None].expand(4, -1, -1).gather(2, slot)
-        inverse = slot.argsort(dim=-1)  # kept token -> scan position
-        u = _take(x_conv, tokens)  # (4, B, E, K)
-        delta, B_steps, C_steps = (_take(t, steps) for t in (dt, B, C))
+        u = _token_rows(x_conv, positions).transpose(1, 2)  # (B, E, K)
+        delta, B_steps, C_steps = (_token_rows(t, steps) for t in (dt, B, C))
         # direction_Bs row of the move that arrived at each original step
         move = moves[:, None].expand(-1, batch, -1).gather(2, steps)
-        B_steps = B_steps + self.direction_Bs[move].transpose(2, 3).to(B.dtype)
-        u, delta, B_steps, C_steps = (
-            t.reshape(4 * batch, -1, K) for t in (u, delta, B_steps, C_steps)
-        )
-        scan_positions = None
-        if gap_mode != 'none' and K < L:
-            # (with all tokens kept there are no gaps: the dense scan)
-            scan_positions = steps.reshape(4 * batch, -1)
+        B_steps = B_steps + self.direction_Bs[move].to(B.dtype)
+        # (with all tokens kept there are no gaps: the dense scan)
+        aligned = gap_mode != 'none' and K < L
+        per_token = (delta, B_steps, C_steps)  # (4, B, K, .) each
+        y = None
+        for d in range(4):
+            per_step = [t[d].transpose(1, 2) for t in per_token]
+            scan_args = (u, *per_step, steps[d] if aligned else None, slot[d])
 
-        def run(index: Optional[Tensor]) -> Tensor:
-            """The scans of the rows ``index`` of the (4 * batch) rows."""
-            args = (u, delta, B_steps, C_steps, scan_positions)
-            if index is not None:
-                args = tuple(select_rows(t, index) for t in args)
-            return selective_scan(
-                args[0],
-                args[1],
-                A,
-                args[2],
-                args[3],
-                D=D,
-                delta_bias=delta_bias,
-                delta_softplus=True,
-                positions=args[4],
-                gap_mode=gap_mode,
-                impl=self.scan_impl,
+            def run(index, args=scan_args):
+                if index is not None:  # the images whose direction runs
+                    args = tuple(select_rows(t, index) for t in args)
+                return selective_scan(
+                    args[0],
+                    args[1],
+                    A,
+                    args[2],
+                    args[3],
+                    D=D,
+                    delta_bias=delta_bias,
+                    delta_softplus=True,
+                    positions=args[4],
+                    gap_mode=gap_mode,
+                    impl=self.scan_impl,
+                    order=args[5],
+                )
+
+            y_d = self._gated(
+                run, None if bits is None else bits[:, d], u.shape, u
             )
-
-        rows = None if bits is None else bits.t().reshape(-1)
-        y = self._gated(run, rows, u.shape, u).view(4, batch, E, K)
-        # back to the order of positions
-        return y.gather(3, inverse[:, :, None].expand(-1, -1, E, -1)).sum(0)
+            y = y_d if y is None else y + y_d
+        return y
 
 
 class PlainMambaLayer(nn.Module):
