@@ -1,13 +1,13 @@
 """Mask R-CNN 1x on COCO 2017 with a Vim-T + ViT-Adapter backbone.
 
-The primitive config of the Vim family in this folder (Vim-S and the ``-prune``
-/ ``-naive`` configs inherit it). It inherits the PlainMamba-L1 primitive and
-replaces its backbone, so everything else is as there: AdamW lr 1e-4, weight
-decay 0.05 (none on embeddings, norms, biases and the SSM parameters), 12
-epochs with steps at 8 and 11, 1333x800 resize and flip, SyncBN, Shared4Conv1FC
-box head. Vim runs without its class token and final norm (as the official Vim
-detection and segmentation code). The adapter's drop path is ViT-Adapter's for
-DeiT-T.
+The primitive config of the Vim family in this folder (Vim-S and the
+``-prune`` / ``-naive`` configs inherit it); everything but the backbone is
+as in the PlainMamba-L1 primitive: AdamW lr 1e-4, weight decay 0.05 (none
+on embeddings, norms, biases and the SSM parameters), 12 epochs with steps
+at 8 and 11, 1333x800 resize and flip, SyncBN, Shared4Conv1FC box head.
+Vim runs without its class token and final norm (as the official Vim
+detection and segmentation code). The adapter's drop path is ViT-Adapter's
+for DeiT-T.
 
 Results assume 16 images per step: 8 GPUs x 2 images (``8xb2``); with
 another setup pass ``--auto-scale-lr`` (``auto_scale_lr.base_batch_size``
@@ -19,14 +19,30 @@ Make ``ckpt`` with ``python tools/model_converters/vim2mmssm.py --dense
 ``backbone.*``, hence ``prefix='backbone.'``.
 """
 
-_base_ = './mask-rcnn_plainmamba-l1_adapter-fpn_8xb2-1x_coco.py'
+_base_ = [
+    'mmdet::_base_/models/mask-rcnn_r50_fpn.py',
+    'mmdet::_base_/datasets/coco_instance.py',
+    'mmdet::_base_/schedules/schedule_1x.py',
+    'mmdet::_base_/default_runtime.py',
+    '../_base_/default_runtime_det.py',
+    '../_base_/models/ssm_vit_adapter.py',
+    '../_base_/schedules/adamw_ssm.py',
+]
+custom_imports = dict(
+    imports=['mmssm.models', 'mmssm.engine'], allow_failed_imports=False
+)
+# Checkpoints record the backbone's pruning schedule in meta['pruning'].
+custom_hooks = [dict(type='mmssm.PruningMetaHook')]
 
 ckpt = 'checkpoints/vim-t_in1k-dense.pth'  # noqa
+norm_cfg = dict(type='SyncBN', requires_grad=True)
+embed_dims = 192
 
 model = dict(
     backbone=dict(
+        _base_.vit_adapter,
+        _delete_=True,
         backbone=dict(
-            _delete_=True,
             type='mmssm.Vim',
             arch='tiny',
             cls_token=None,
@@ -39,4 +55,33 @@ model = dict(
             ),
         ),
     ),
+    # 4 adapter maps of embed_dims channels at strides 4..32 -> 5 levels
+    neck=dict(
+        in_channels=[embed_dims] * 4,
+        out_channels=256,
+        num_outs=5,
+        norm_cfg=norm_cfg,
+    ),
+    roi_head=dict(
+        bbox_head=dict(type='Shared4Conv1FCBBoxHead', norm_cfg=norm_cfg)
+    ),
 )
+
+# as the released detector, images without boxes are kept
+train_dataloader = dict(
+    batch_size=2,  # x 8 GPUs = 16 images per step
+    dataset=dict(filter_cfg=dict(filter_empty_gt=False, min_size=32)),
+)
+
+optim_wrapper = dict(
+    _base_.ssm_optim_wrapper,
+    _delete_=True,  # replaces schedule_1x's SGD
+    optimizer=dict(
+        _base_.ssm_optim_wrapper.optimizer, lr=1e-4, weight_decay=0.05
+    ),
+    paramwise_cfg=dict(
+        _base_.ssm_optim_wrapper.paramwise_cfg, bias_decay_mult=0.0
+    ),
+)
+# schedule_1x: 12 epochs, linear warm-up (500 iterations), steps at 8 and 11
+auto_scale_lr = dict(enable=False, base_batch_size=16)
