@@ -22,9 +22,12 @@
 // pair cost up to k(k-1)/2 of them). Without positions idx_t[i] = k-1-t,
 // with no table.
 //
-// Vectorised across channels: a tile of W adjacent channels (one W-lane
-// vector per token, kernels/common/simd.h and tiles.h) runs as one unit;
-// the masks are per token and shared by the lanes. Each thread runs a
+// Vectorised across channels (W-lane vectors, kernels/common/simd.h); the
+// weight indices are per token and shared by the lanes. The forward of a
+// tokens-major x (Vim's in_proj output) runs step by step over all the
+// channels of a step (forward_rows): the rows are read in order, once. Any
+// other layout, and the backward, run tiles of W adjacent channels (one
+// vector per token, kernels/common/tiles.h) as one unit: each thread runs a
 // contiguous range of tiles, chunk of tokens by chunk (with the k - 1
 // tokens before the chunk, and for the backward pass the k - 1 after it),
 // so that the chunk's rows of x are read once for all its tiles. The
@@ -53,6 +56,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "../common/check_tensor.h"
@@ -132,6 +136,10 @@ ConvArgs<T> make_args(const at::Tensor& x, const at::Tensor& weight,
 
 // Tokens per chunk.
 constexpr int64_t kConvChunk = 256;
+// Steps per work item of forward_rows: small, so that one image of 197
+// tokens still splits over the threads (the k - 1 rows before an item are
+// read again).
+constexpr int64_t kRowChunk = 16;
 
 // Calls f(t, j) for the taps t = 1..min(k-1, i) of scan step i, in that
 // order: tap t uses weight j (k: the zero weight, none).
@@ -156,6 +164,11 @@ inline V conv_at(const ConvArgs<T>& a, int64_t b, int64_t i, int64_t s0,
     acc += w[j] * x[i - t - s0];
   });
   return acc;
+}
+
+template <typename T, typename V = vec_t<T>>
+inline V activate(const ConvArgs<T>& a, V v) {
+  return a.silu ? v * vsigmoid(v) : v;
 }
 
 // A thread's tiles g0..g0+G-1 of a batch element: their weights (G x (k +
@@ -221,13 +234,100 @@ void forward_impl(const ConvArgs<T>& a, const Strided<T>& out) {
           const V* w = c.w.data() + g * (a.k + 1);
           for (int64_t i = i0; i < i1; ++i) {
             const V v = conv_at(a, b, i, s0, x.data(), w, c.bias[g]);
-            y[i - i0] = a.silu ? v * vsigmoid(v) : v;
+            y[i - i0] = activate(a, v);
           }
           unpack(out, b, c.d0[g], c.lanes[g], a.tok.data() + i0, i1 - i0,
                  y.data());
         }
       }
     });
+  }
+}
+
+// One step of forward_rows: out = act(bias + sum_t wr[t] * xr[t]) over the
+// channels, for `taps` taps; NT > 0 fixes their number at compile time, so
+// that they unroll and their rows and weights stay in registers. The lanes
+// past `tail` of the last vector are neither read nor written.
+template <int NT, typename T, typename V = vec_t<T>>
+void conv_row(const ConvArgs<T>& a, const V* __restrict bias,
+              const V* const* wr, const T* const* xr, T* __restrict o,
+              int64_t full, int tail, int taps) {
+  constexpr int W = Simd<T>::W;
+  const int n = NT > 0 ? NT : taps;
+  auto step = [&](int64_t v, auto load) {
+    V acc = bias[v] + wr[0][v] * load(xr[0] + v * W);
+    for (int t = 1; t < n; ++t) acc += wr[t][v] * load(xr[t] + v * W);
+    return activate(a, acc);
+  };
+  const auto load = [](const T* p) { return vload<V>(p); };
+  for (int64_t v = 0; v < full; ++v) vstore(o + v * W, step(v, load));
+  if (!tail) return;
+  const V y = step(full, [tail](const T* p) {
+    V r{};
+    for (int l = 0; l < tail; ++l) r[l] = p[l];
+    return r;
+  });
+  for (int l = 0; l < tail; ++l) o[full * W + l] = y[l];
+}
+
+// The forward of tokens-major x and out (channels innermost, the layout of
+// in_proj's output): step by step, all channels of a step at once, so that
+// each step's row is read once, in order, and the k - 1 rows before it are
+// still in cache (the tiles' pack reads W channels of each token, one cache
+// line per token, and is bound by those reads). Each thread runs a
+// contiguous range of (batch element, chunk of steps). A step's taps that
+// have a weight (with positions, taps 1..n for some n, as d grows with t)
+// and their weight rows are listed once for all its channels. Same
+// arithmetic, in the same order, as conv_at.
+template <typename T>
+void forward_rows(const ConvArgs<T>& a, const Strided<T>& out) {
+  using V = vec_t<T>;
+  constexpr int W = Simd<T>::W;
+  const int64_t E = a.dim, k = a.k, vecs = (E + W - 1) / W;
+  const int64_t chunks = (a.K + kRowChunk - 1) / kRowChunk;
+  // wt[j * vecs + v]: weight j of channels v*W.. (zero past the channels)
+  std::vector<V> wt(k * vecs, V{}), bias(vecs, V{});
+  for (int64_t e = 0; e < E; ++e) {
+    for (int64_t j = 0; j < k; ++j) {
+      wt[j * vecs + e / W][e % W] = a.w[e * k + j];
+    }
+    if (a.bias) bias[e / W][e % W] = a.bias[e];
+  }
+  const int tail = static_cast<int>(E % W);
+  const int64_t full = E / W;
+#pragma omp parallel num_threads(conv_threads())
+  {
+    std::vector<const T*> xr(k);
+    std::vector<const V*> wr(k);
+    int64_t lo, hi;
+    thread_range(a.batch * chunks, lo, hi);
+    for (int64_t item = lo; item < hi; ++item) {
+      const int64_t b = item / chunks, c = item % chunks;
+      const int64_t i1 = std::min(a.K, (c + 1) * kRowChunk);
+      const T* xb = a.x.p + b * a.x.sb;
+      for (int64_t i = c * kRowChunk; i < i1; ++i) {
+        int taps = 1;  // tap 0 (weight k - 1), then the taps with a weight
+        xr[0] = xb + a.tok[i] * a.x.sk;
+        wr[0] = wt.data() + (k - 1) * vecs;
+        for_taps(a, b, i, [&](int64_t t, int64_t j) {
+          if (j == k) return;
+          xr[taps] = xb + a.tok[i - t] * a.x.sk;
+          wr[taps++] = wt.data() + j * vecs;
+        });
+        T* o = out.p + b * out.sb + a.tok[i] * out.sk;
+        const auto row = [&](auto nt) {
+          conv_row<decltype(nt)::value>(a, bias.data(), wr.data(), xr.data(),
+                                        o, full, tail, taps);
+        };
+        switch (taps) {  // mamba's kernel size 4: up to 4 taps unrolled
+          case 1: row(std::integral_constant<int, 1>{}); break;
+          case 2: row(std::integral_constant<int, 2>{}); break;
+          case 3: row(std::integral_constant<int, 3>{}); break;
+          case 4: row(std::integral_constant<int, 4>{}); break;
+          default: row(std::integral_constant<int, 0>{});
+        }
+      }
+    }
   }
 }
 
@@ -339,7 +439,11 @@ at::Tensor causal_conv1d_fwd(const at::Tensor& x, const at::Tensor& weight,
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_fwd", [&] {
     const auto a =
         make_args<scalar_t>(x, weight, bias, positions, silu, reverse);
-    forward_impl<scalar_t>(a, Strided<scalar_t>(out));
+    if (tokens_major(x)) {
+      forward_rows<scalar_t>(a, Strided<scalar_t>(out));
+    } else {
+      forward_impl<scalar_t>(a, Strided<scalar_t>(out));
+    }
   });
   return out;
 }

@@ -157,6 +157,41 @@ def test_non_contiguous_and_conv_layout():
 
 
 @needs_ext
+@pytest.mark.parametrize('k', [1, 2, 4, 7])
+@pytest.mark.parametrize('reverse', [False, True])
+@pytest.mark.parametrize('threads', [1, 2])
+def test_tokens_major_rows(k, reverse, threads):
+    """Tokens-major inputs (in_proj's layout) run the forward step by step
+    over all channels (forward_rows), the others tile by tile: both against
+    the reference, and equal to each other, with whole vectors and a tail of
+    channels, several chunks of steps and every number of taps."""
+    torch.manual_seed(7)
+    batch, E, K = 2, 21, 40
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for dtype in (torch.float64, torch.float32):
+            x = torch.randn(batch, K, 2 * E, dtype=dtype)[..., :E]
+            tokens_major = x.transpose(1, 2)  # a view, as in Vim's mixer
+            w = torch.randn(E, k, dtype=dtype)
+            b = torch.randn(E, dtype=dtype)
+            for pos in (None, random_positions(batch, K, 70)):
+                kwargs = dict(
+                    positions=pos, activation='silu', reverse=reverse
+                )
+                y = causal_conv1d(tokens_major, w, b, impl='cpu', **kwargs)
+                tiles = causal_conv1d(
+                    tokens_major.contiguous(), w, b, impl='cpu', **kwargs
+                )
+                ref = causal_conv1d(tokens_major, w, b, impl='ref', **kwargs)
+                assert y.stride(1) == 1  # written in the input's layout
+                assert torch.equal(y, tiles)
+                assert_close_rel(y, ref, RTOL[dtype])
+    finally:
+        torch.set_num_threads(previous)
+
+
+@needs_ext
 @pytest.mark.parametrize('threads', [1, 2])
 def test_threads(threads):
     """Rows split over threads; dweight/dbias summed in a fixed order."""
