@@ -15,7 +15,7 @@ import torch
 from mmssm.models.backbones import PlainMamba, Vim
 from mmssm.models.backbones.plainmamba import PlainMambaLayer, PlainMambaMixer
 from mmssm.models.backbones.vim import BiMambaV2, VimBlock
-from mmssm.models.layers import DirectionGate, run_selected
+from mmssm.models.layers import DirectionGate, add_gated
 from mmssm.models.layers.direction_gate import select_rows
 from mmssm.testing import needs_ext, random_positions, tiny_arch
 
@@ -225,10 +225,11 @@ def decisive_gate(mixer, seed):
 
 
 @pytest.mark.parametrize('family', ['vim', 'plainmamba'])
-@pytest.mark.parametrize('masked', [False, True])
-def test_gate_skip_equals_multiply(family, masked):
+@pytest.mark.parametrize('mode', ['dense', 'masked', 'pruned'])
+def test_gate_skip_equals_multiply(family, mode):
     """Inference runs a direction on the images whose bit is on only; the
-    result equals the training-mode product with the same bits."""
+    result equals the training-mode product with the same bits (dense,
+    masked and pruned sequences)."""
     torch.manual_seed(5)
     make = vim_mixer if family == 'vim' else pm_mixer
     mixer = make(direction_gate=True)
@@ -237,9 +238,14 @@ def test_gate_skip_equals_multiply(family, masked):
     args = () if family == 'vim' else ((3, 4),)
     x = torch.randn(batch, L, mixer.embed_dims, dtype=F64)
     kwargs = {}
-    if masked:
-        kwargs['token_mask'] = mask_of(random_positions(batch, 7, L), L)
-    if family == 'vim':
+    if mode != 'dense':
+        pos = random_positions(batch, 7, L)
+    if mode == 'masked':
+        kwargs['token_mask'] = mask_of(pos, L)
+    if mode == 'pruned':
+        x = at(x, pos)
+        args = (pos, L) if family == 'vim' else ((3, 4), pos)
+    elif family == 'vim':
         kwargs['cls_index'] = 5
     mixer.eval()
     aux = {}
@@ -261,7 +267,10 @@ def test_gate_skip_equals_multiply(family, masked):
             k: v[b : b + 1] if k == 'token_mask' else v
             for k, v in kwargs.items()
         }
-        out, _ = mixer(x[b : b + 1], *args, **one)
+        one_args = [
+            a[b : b + 1] if isinstance(a, torch.Tensor) else a for a in args
+        ]
+        out, _ = mixer(x[b : b + 1], *one_args, **one)
         torch.testing.assert_close(out, skipped[b : b + 1], **TOL)
 
 
@@ -275,23 +284,39 @@ def test_gate_off_runs_nothing(monkeypatch):
     torch.testing.assert_close(out, mixer.out_proj(y / 2), rtol=0, atol=0)
 
 
-def test_run_selected():
-    rows = torch.arange(5.0)[:, None].expand(5, 3)
+def test_add_gated():
+    """No bits: the sum; training: times the bits; inference: the selected
+    rows only, added in place, zeros before the first direction."""
+    rows = torch.arange(5.0)[:, None, None].expand(5, 3, 2)  # (R, C, K)
+    calls = []
 
     def run(index):
-        return rows if index is None else rows[index] * 10
+        calls.append(index)
+        return rows.clone() if index is None else rows[index] * 10
 
     sel = torch.tensor([1, 0, 1, 0, 0.0])
-    out = run_selected(run, sel, (5, 3), rows)
-    assert out[:, 0].tolist() == [0, 0, 20, 0, 0]
-    assert torch.equal(run_selected(run, torch.ones(5), (5, 3), rows), rows)
-    assert not run_selected(run, torch.zeros(5), (5, 3), rows).any()
+    assert torch.equal(add_gated(None, run, None, False, rows), rows)
+    assert torch.equal(add_gated(rows, run, None, False, rows), 2 * rows)
+    trained = add_gated(rows, run, sel, True, rows)
+    assert trained[:, 0, 0].tolist() == [0, 1, 4, 3, 4]
+    out = add_gated(None, run, sel, False, rows)
+    assert out[:, 0, 0].tolist() == [0, 0, 20, 0, 0]
+    total = torch.ones(5, 3, 2)
+    with torch.no_grad():  # in place where autograd does not record
+        assert add_gated(total, run, sel, False, rows) is total
+    assert total[:, 0, 0].tolist() == [1, 1, 21, 1, 1]
+    calls.clear()
+    assert not add_gated(None, run, torch.zeros(5), False, rows).any()
+    assert add_gated(total, run, torch.zeros(5), False, rows) is total
+    assert not calls  # nothing selected: nothing runs
+    assert torch.equal(add_gated(None, run, torch.ones(5), False, rows), rows)
+    assert calls == [None]  # all selected: the whole batch, no gathers
 
 
 def test_selected_rows_keep_the_kernels_layout():
     """At inference a direction's inputs are selected in their tokens-major
     layout (a (B, E, K) view of a projection's (B, K, 2E) output), which
-    the kernels read without a copy, and the gated output keeps it."""
+    the kernels read without a copy, and the gated sum keeps it."""
     xz = torch.randn(4, 7, 10)
     u = xz[..., :5].transpose(1, 2)  # (B, E, K) view
     index = torch.tensor([0, 2])
@@ -304,10 +329,13 @@ def test_selected_rows_keep_the_kernels_layout():
     def run(index):
         return u if index is None else 2 * select_rows(u, index)
 
-    out = run_selected(run, torch.tensor([1, 0, 1, 0]), u.shape, u)
+    out = add_gated(None, run, torch.tensor([1, 0, 1, 0]), False, u)
     assert out.stride(1) == 1
     assert torch.equal(out[index], 2 * u[index])
     assert not out[[1, 3]].any()
+    out = add_gated(out, run, torch.tensor([0, 1, 1, 0]), False, u)
+    assert out.stride(1) == 1
+    assert torch.equal(out, u * torch.tensor([2.0, 2, 4, 0])[:, None, None])
 
 
 @pytest.mark.parametrize('gap_mode', ['null', 'prev'])

@@ -23,7 +23,7 @@ Vision State Space Models" (NeurIPS 2024); see :class:`PlainMambaMixer`.
 """
 
 from functools import lru_cache
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -34,12 +34,12 @@ from torch import Tensor
 
 from mmssm.errors import UserError
 from mmssm.models.layers import (
+    add_gated,
     build_direction_gate,
     build_norm,
     dt_rank_of,
     init_dt_proj,
     record_gates,
-    run_selected,
     s4d_real_log,
 )
 from mmssm.models.layers.direction_gate import select_rows
@@ -120,24 +120,25 @@ def scan_orders(
     return tuple(t.to(device) for t in tables)
 
 
-def _token_rows(t: Tensor, index: Tensor) -> Tensor:
-    """The tokens ``index`` of a (B, C, L) tensor, as rows of C channels.
+def _token_rows(t: Tensor, index: Tensor, images: Tensor) -> Tensor:
+    """Tokens of a (B, C, L) tensor, as rows of C channels.
 
     Args:
         t (Tensor): (B, C, L), any strides (a transposed view of a Linear
             layer's (B, L, C) output is read without a copy).
-        index (Tensor): int64 (..., B, K), tokens of L per image.
+        index (Tensor): int64 (R, K): row r takes the tokens ``index[r]``
+            (of L) of image ``images[r]``.
+        images (Tensor): int64 (R, ), the image of each row of ``index``.
 
     Returns:
-        Tensor: (..., B, K, C), channels contiguous: a (B, C, K) transposed
+        Tensor: (R, K, C), channels contiguous: a (R, C, K) transposed
         view of it is the tokens-major layout that the scan kernel loads as
-        one vector per step (a contiguous (B, C, K) gather would cost it
+        one vector per step (a contiguous (R, C, K) gather would cost it
         one load per channel).
     """
     batch, C, L = t.shape
     rows = t.transpose(1, 2).reshape(batch * L, C)
-    base = torch.arange(batch, device=index.device)[:, None] * L
-    flat = (index + base).reshape(-1)
+    flat = (index + images[:, None] * L).reshape(-1)
     return rows.index_select(0, flat).view(*index.shape, C)
 
 
@@ -452,22 +453,6 @@ class PlainMambaMixer(nn.Module):
         y = y.transpose(1, 2) * self.act(z)
         return self.out_proj(y), y
 
-    def _gated(
-        self,
-        run: Callable[[Optional[Tensor]], Tensor],
-        bits: Optional[Tensor],
-        out_shape: Sequence[int],
-        like: Tensor,
-    ) -> Tensor:
-        """``run(index)`` gated by (rows,) ``bits``: all rows, times the
-        straight-through bits in training, only the rows whose bit is on at
-        inference (zeros for the others)."""
-        if bits is None:
-            return run(None)
-        if self.direction_gate.training:
-            return run(None) * bits.reshape(-1, 1, 1).to(like.dtype)
-        return run_selected(run, bits, out_shape, like)
-
     def _scan_in_place(
         self,
         u: Tensor,
@@ -489,6 +474,7 @@ class PlainMambaMixer(nn.Module):
         ``u``, ``dt`` or the outputs is gathered. Returns the sum of the
         four scans (B, E, L) in raster order."""
         orders, _, moves = scan_orders(hw_shape, u.device)
+        gate_trains = bits is not None and self.direction_gate.training
         y = None
         for d in range(4):
             order = orders[d]
@@ -526,10 +512,8 @@ class PlainMambaMixer(nn.Module):
                     order=o,
                 )
 
-            y_d = self._gated(
-                run, None if bits is None else bits[:, d], u.shape, u
-            )
-            y = y_d if y is None else y + y_d
+            bits_d = None if bits is None else bits[:, d]
+            y = add_gated(y, run, bits_d, gate_trains, u)
         return y
 
     def _scan_kept(
@@ -551,51 +535,56 @@ class PlainMambaMixer(nn.Module):
         token with the s-th smallest step in d (``order``), whose original
         step is the scan's position, and takes the step inputs of the
         raster token at that step (the released model). The kept tokens'
-        inputs are gathered once, the per-step inputs once per direction,
-        all tokens-major (the kernel's fast layout), and each scan writes
-        its output back in the order of ``positions``. Returns the sum of
-        the four scans (B, E, K) in that order."""
+        inputs are gathered once, the per-step inputs once per direction
+        for the images that run it, all tokens-major (the kernel's fast
+        layout), and each scan writes its output back in the order of
+        ``positions``. Returns the sum of the four scans (B, E, K) in that
+        order."""
         batch, K = positions.shape
         L = x_conv.shape[-1]
         _, ranks, moves = scan_orders(hw_shape, x_conv.device)
         # each kept token's step in each direction, sorted, and the slot
         # (in positions) of the kept token scanned at each of them
         steps, slot = ranks[:, positions].sort(dim=-1)  # (4, B, K)
-        u = _token_rows(x_conv, positions).transpose(1, 2)  # (B, E, K)
-        delta, B_steps, C_steps = (_token_rows(t, steps) for t in (dt, B, C))
-        # direction_Bs row of the move that arrived at each original step
-        move = moves[:, None].expand(-1, batch, -1).gather(2, steps)
-        B_steps = B_steps + self.direction_Bs[move].to(B.dtype)
+        images = torch.arange(batch, device=positions.device)
+        u = _token_rows(x_conv, positions, images).transpose(1, 2)
         # (with all tokens kept there are no gaps: the dense scan)
         aligned = gap_mode != 'none' and K < L
-        per_token = (delta, B_steps, C_steps)  # (4, B, K, .) each
+        gate_trains = bits is not None and self.direction_gate.training
         y = None
         for d in range(4):
-            per_step = [t[d].transpose(1, 2) for t in per_token]
-            scan_args = (u, *per_step, steps[d] if aligned else None, slot[d])
 
-            def run(index, args=scan_args):
-                if index is not None:  # the images whose direction runs
-                    args = tuple(select_rows(t, index) for t in args)
+            def run(index, d=d):
+                # the inputs of the images that run only (index None: all),
+                # gathered from the raster tensors once
+                if index is None:
+                    rows, u_d, step, order = images, u, steps[d], slot[d]
+                else:
+                    rows, step, order = index, steps[d, index], slot[d, index]
+                    u_d = _token_rows(x_conv, positions[index], index)
+                    u_d = u_d.transpose(1, 2)
+                delta, B_d, C_d = (
+                    _token_rows(t, step, rows) for t in (dt, B, C)
+                )
+                # direction_Bs row of the move that arrived at each step
+                B_d = B_d + self.direction_Bs[moves[d, step]].to(B.dtype)
                 return selective_scan(
-                    args[0],
-                    args[1],
+                    u_d,
+                    delta.transpose(1, 2),
                     A,
-                    args[2],
-                    args[3],
+                    B_d.transpose(1, 2),
+                    C_d.transpose(1, 2),
                     D=D,
                     delta_bias=delta_bias,
                     delta_softplus=True,
-                    positions=args[4],
+                    positions=step if aligned else None,
                     gap_mode=gap_mode,
                     impl=self.scan_impl,
-                    order=args[5],
+                    order=order,
                 )
 
-            y_d = self._gated(
-                run, None if bits is None else bits[:, d], u.shape, u
-            )
-            y = y_d if y is None else y + y_d
+            bits_d = None if bits is None else bits[:, d]
+            y = add_gated(y, run, bits_d, gate_trains, u)
         return y
 
 

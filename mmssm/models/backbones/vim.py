@@ -30,12 +30,12 @@ from torch import Tensor
 
 from mmssm.errors import UserError
 from mmssm.models.layers import (
+    add_gated,
     build_direction_gate,
     build_token_norm,
     dt_rank_of,
     init_dt_proj,
     record_gates,
-    run_selected,
     s4d_real_log,
     upcast,
 )
@@ -376,7 +376,8 @@ class BiMambaV2(nn.Module):
                 self.D_b,
             ),
         )
-        ys = []
+        gate_trains = bits is not None and self.direction_gate.training
+        y = None
         for d in range(2):  # forward, then backward (a reversed scan)
 
             def run(index, d=d):
@@ -396,14 +397,9 @@ class BiMambaV2(nn.Module):
                     reverse=d == 1,
                 )
 
-            if bits is None:
-                y = run(None)
-            elif self.direction_gate.training:  # straight-through bits
-                y = run(None) * bits[:, d, None, None].to(xs.dtype)
-            else:  # inference: really skip the images whose bit is off
-                y = run_selected(run, bits[:, d], xs.shape, xs)
-            ys.append(y)
-        y = (ys[0] + ys[1]).transpose(1, 2)  # (B, K, E)
+            bits_d = None if bits is None else bits[:, d]
+            y = add_gated(y, run, bits_d, gate_trains, xs)
+        y = y.transpose(1, 2)  # (B, K, E)
         return self.out_proj(y / 2), y
 
 

@@ -1,8 +1,8 @@
 from .direction_gate import (
     DirectionGate,
+    add_gated,
     build_direction_gate,
     record_gates,
-    run_selected,
 )
 from .mamba_init import dt_rank_of, init_dt_proj, s4d_real_log
 from .norm import RMSNorm, build_norm, build_token_norm, upcast
@@ -12,7 +12,7 @@ __all__ = [
     'DirectionGate',
     'build_direction_gate',
     'record_gates',
-    'run_selected',
+    'add_gated',
     'dt_rank_of',
     'init_dt_proj',
     's4d_real_log',

@@ -171,44 +171,75 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-def run_selected(
+def add_gated(
+    total: Optional[Tensor],
     run: Callable[[Optional[Tensor]], Tensor],
-    selected: Tensor,
-    out_shape: Sequence[int],
+    bits: Optional[Tensor],
+    training: bool,
     like: Tensor,
 ) -> Tensor:
-    """Run a computation on the selected rows of a batch only.
+    """``total`` plus one direction's output, gated by its bits.
 
-    Inference with direction gates: a direction's scan runs on the images
-    whose bit is on (their inputs gathered, not the whole batch's), and
-    the others get zeros, so the skipped compute is really skipped.
+    Without bits the whole output is added; in training all of it times
+    the (straight-through) bits; at inference only the rows whose bit is
+    on are computed and added at their rows (in place when autograd does
+    not record), so the skipped compute is really skipped, with no copy of
+    the output and no full-size sum.
 
     Args:
+        total (Tensor, optional): The sum of the directions so far
+            (``like``'s shape), or None before the first one. Added to in
+            place at inference without autograd.
         run (Callable): ``run(index)`` computes the rows ``index`` (int64,
-            sorted) of the output, or all of them for None.
-        selected (Tensor): (R, ) of 0/1 (or bool): the rows to compute.
-        out_shape (Sequence[int]): The full output's shape, (R, ...).
-        like (Tensor): Gives the output's dtype and device.
+            sorted) of the direction's output, or all of them for None.
+        bits (Tensor, optional): (R, ) of 0/1 (or bool), the direction's
+            bit per row; None: no gate.
+        training (bool): Whether the gate trains (multiply by the bits).
+        like (Tensor): The output's shape, dtype, device and layout (the
+            zeros when the first direction skips rows).
 
     Returns:
-        Tensor: ``out_shape``, zero in the rows that are not selected.
+        Tensor: ``total`` plus the gated output.
     """
-    if selected.device.type == 'meta':
-        # shapes only (FLOP counting with every gate on): no bits to read
-        return run(None)
-    index = selected.nonzero()[:, 0]
-    if index.numel() == selected.numel():
-        return run(None)
-    # zeros in the layout of ``like`` (the kernels' outputs are tokens-major
-    # when their inputs are), so that the rows are copied in as they are
-    # and the consumers see the layout of the ungated path
-    if tuple(out_shape) == tuple(like.shape):
-        out = empty_layout(like).zero_()
+    if bits is None:
+        out = run(None)
+    elif training:
+        out = run(None) * bits.reshape(-1, 1, 1).to(like.dtype)
     else:
-        out = like.new_zeros(out_shape)
-    if index.numel() == 0:
-        return out
-    return out.index_copy_(0, index, run(index))
+        index = _selected_rows(bits)
+        if index is not None:
+            if total is None:
+                total = empty_layout(like).zero_()
+            if index.numel():
+                total = _index_add_rows(total, index, run(index))
+            return total
+        out = run(None)
+    return out if total is None else total + out
+
+
+def _selected_rows(bits: Tensor) -> Optional[Tensor]:
+    """The rows whose bit is on (int64, sorted), or None for all of them."""
+    if bits.device.type == 'meta':
+        # shapes only (FLOP counting with every gate on): no bits to read
+        return None
+    index = bits.nonzero()[:, 0]
+    return None if index.numel() == bits.numel() else index
+
+
+def _index_add_rows(total: Tensor, index: Tensor, rows: Tensor) -> Tensor:
+    """``total`` plus ``rows`` at the rows ``index``: in place, except
+    while autograd records (it forbids modifying a custom op's output
+    view in place). Tokens-major tensors (the kernels' outputs) are added
+    as their contiguous (R, K, C) views: ``index_add_`` on the (R, C, K)
+    views is over 10 times slower."""
+    transposed = tokens_major(total) and tokens_major(rows)
+    if transposed:
+        total, rows = total.transpose(1, 2), rows.transpose(1, 2)
+    if torch.is_grad_enabled():
+        total = total.index_add(0, index, rows)
+    else:
+        total.index_add_(0, index, rows)
+    return total.transpose(1, 2) if transposed else total
 
 
 def select_rows(t: Optional[Tensor], index: Tensor) -> Optional[Tensor]:
