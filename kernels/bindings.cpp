@@ -16,9 +16,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("Bt"),
         py::arg("Ct"), py::arg("D"), py::arg("z"), py::arg("delta_bias"),
         py::arg("positions"), py::arg("order"), py::arg("softplus"),
-        py::arg("gap_mode"), py::arg("reverse"), py::arg("checkpoints"));
+        py::arg("gap_mode"), py::arg("reverse"), py::arg("checkpoints"),
+        py::arg("delta_proj") = py::none());
   // the checkpoints' chunk (mmssm/ops/selective_scan.py checks it)
   m.attr("scan_chunk") = mmssm::kScanChunk;
+  // selective_scan_fwd/bwd take delta_proj (mmssm/ops/selective_scan.py
+  // checks it: a build of older sources has another signature)
+  m.attr("scan_delta_proj") = true;
   m.def("selective_scan_bwd", &mmssm::selective_scan_bwd,
         "aligned selective scan, backward (CPU): du, ddelta, dA, dBt, dCt, "
         "dD, dz, ddelta_bias",
@@ -26,7 +30,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("Ct"), py::arg("D"), py::arg("z"), py::arg("delta_bias"),
         py::arg("positions"), py::arg("order"), py::arg("dout"),
         py::arg("softplus"), py::arg("gap_mode"), py::arg("reverse"),
-        py::arg("checkpoints"));
+        py::arg("checkpoints"), py::arg("delta_proj") = py::none());
   m.def("causal_conv1d_fwd", &mmssm::causal_conv1d_fwd,
         "depthwise causal conv1d, optionally position-aware, reversed and "
         "with SiLU, forward (CPU)",

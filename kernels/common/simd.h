@@ -182,6 +182,16 @@ inline vf vsigmoid(vf x) { return 1.0f / (1.0f + vexp(-x)); }
 // ---- float64: libm per lane ---------------------------------------------
 using vd = Simd<double>::V;
 
+inline vd vfma(vd a, vd b, vd c) {  // as the float32 one
+#if defined(__FMA__) && MMSSM_VEC_BYTES == 32
+  return __builtin_ia32_vfmaddpd256(a, b, c);
+#elif defined(__FMA__)
+  return __builtin_ia32_vfmaddpd(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
 inline vd vexp(vd x) {
   for (int i = 0; i < Simd<double>::W; ++i) x[i] = std::exp(x[i]);
   return x;

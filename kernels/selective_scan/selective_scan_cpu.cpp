@@ -39,6 +39,16 @@
 // (PlainMamba's zig-zag scans, whose step inputs come from the raster token,
 // without gathered copies).
 //
+// Fused step-size projection (mamba-ssm's dt_proj): with `delta_proj` (dim,
+// R), `delta` is the low-rank (batch, R, K) input and the step sizes are
+// delta_proj @ delta, computed in the preparation pass (R FMAs per W-lane
+// vector and step, the tile's weights transposed once per tile; the chunk's
+// low-rank rows are read once per thread and chunk, shared by its tiles),
+// so no (batch, dim, K) step-size tensor is read. The backward pass
+// returns the gradient of the full step sizes (batch, dim, K), tokens-major;
+// the op (mmssm/ops/selective_scan.py) turns it into those of delta and
+// delta_proj with two GEMMs.
+//
 // Layout: u, delta, z, dout: (batch, dim, K) with any strides; out, du,
 // ddelta, dz in the layout of their input (empty_layout); Bt, Ct: (batch, K,
 // N) with N contiguous and any other strides (slices of x_proj's output);
@@ -82,6 +92,10 @@ template <typename T>
 struct ScanArgs {
   Strided<T> u, delta, z, out;  // z.p null without z
   const T *A, *Bt, *Ct, *D, *bias;
+  // (dim, R) contiguous, or null: then delta is the step sizes, else the
+  // low-rank (batch, R, K) input of the projection
+  const T* proj = nullptr;
+  int64_t R = 0;
   int64_t sBb, sBk, sCb, sCk;  // strides of Bt, Ct over batch and K
   const T* gaps;  // (batch, K) in scan order: pruned tokens before each
   const int64_t* order;  // (batch or 1, K) or null
@@ -123,6 +137,7 @@ struct Tile {
   V* At = nullptr;   // N: A transposed, (n, lane)
   V* At2 = nullptr;  // N: At * decay_scale<T> (the recurrence's exponent)
   V* h = nullptr;    // N: the state
+  V* Wt = nullptr;   // R: delta_proj transposed, (r, lane)
   V At2_max{};       // max over n of |At2[n]|
   V bias{}, D{}, gap_step{};
   V prev_step{};  // delta of the step before the chunk ('prev' gaps)
@@ -145,7 +160,8 @@ struct Work {
   std::vector<V> decay, state;  // kChunk x N; (kChunk + 1) x N
   std::vector<V> dB, dC;        // kChunk x N: sums over the tiles
   std::vector<Tile<T>> tiles;
-  std::vector<V> At, At2, h, dh, dA, ckpt;
+  std::vector<V> At, At2, h, dh, dA, ckpt, Wt;
+  std::vector<T> low;  // kChunk x R: the chunk's low-rank delta, by step
   // whether every |e_k A2| of the chunk just prepared is at most
   // kDecayFastBound (float32: the decays need no clamps)
   bool decay_in_range = true;
@@ -171,6 +187,8 @@ struct Work {
     At.resize(G * N);
     At2.resize(G * N);
     h.assign(G * N, V{});
+    Wt.assign(G * a.R, V{});
+    low.resize(kChunk * a.R);
     if (backward) {
       dh.assign(G * N, V{});
       dA.assign(G * N, V{});
@@ -198,6 +216,12 @@ struct Work {
         if (a.D) t.D[w] = a.D[t.d0 + w];
       }
       t.gap_step = a.softplus ? vsoftplus(t.bias) : t.bias;
+      t.Wt = Wt.data() + g * a.R;
+      for (int64_t r = 0; r < a.R; ++r) {
+        for (int w = 0; w < t.lanes; ++w) {
+          t.Wt[r][w] = a.proj[(t.d0 + w) * a.R + r];
+        }
+      }
       if (backward) {
         t.dh = dh.data() + g * N;
         t.dA = dA.data() + g * N;
@@ -205,7 +229,44 @@ struct Work {
       }
     }
   }
+
+  // The low-rank delta of the steps in tok_s (len of them), by step: read
+  // once per chunk for all the thread's tiles.
+  void pack_low(const ScanArgs<T>& a, int64_t b, int64_t len) {
+    const T* base = a.delta.p + b * a.delta.sb;
+    for (int64_t j = 0; j < len; ++j) {
+      const T* src = base + tok_s[j] * a.delta.sk;
+      for (int64_t r = 0; r < a.R; ++r) low[j * a.R + r] = src[r * a.delta.sc];
+    }
+  }
 };
+
+// The step sizes (before bias and softplus) of len steps of a tile from
+// their low-rank rows low (len x R): step[j] = sum_r Wt[r] low[j, r]. Eight
+// steps at a time (eight independent FMA chains, each weight loaded once
+// per eight steps).
+template <typename T>
+void project_steps(const vec_t<T>* __restrict Wt, const T* __restrict low,
+                   int64_t R, int64_t len, vec_t<T>* __restrict step) {
+  using V = vec_t<T>;
+  constexpr int kB = 8;
+  int64_t j = 0;
+  for (; j + kB <= len; j += kB) {
+    const T* l = low + j * R;
+    V s[kB] = {};
+    for (int64_t r = 0; r < R; ++r) {
+      const V wr = Wt[r];
+      for (int i = 0; i < kB; ++i) s[i] = vfma(wr, V{} + l[i * R + r], s[i]);
+    }
+    for (int i = 0; i < kB; ++i) step[j + i] = s[i];
+  }
+  for (; j < len; ++j) {
+    const T* l = low + j * R;
+    V s{};
+    for (int64_t r = 0; r < R; ++r) s = vfma(Wt[r], V{} + l[r], s);
+    step[j] = s;
+  }
+}
 
 // Steps j0..j0+len-1 (tokens in w.tok_s, w.tok_u) of tile t: packed
 // inputs, the step sizes delta_k, the decay exponents e_k, the inputs
@@ -219,7 +280,11 @@ void prepare_chunk(const ScanArgs<T>& a, int64_t b, int64_t j0, int64_t len,
                    Tile<T>& t, Work<T>& w) {
   using V = vec_t<T>;
   V* step = w.step.data();
-  pack(a.delta, b, t.d0, t.lanes, w.tok_s.data(), len, step);
+  if (a.proj) {
+    project_steps<T>(t.Wt, w.low.data(), a.R, len, step);
+  } else {
+    pack(a.delta, b, t.d0, t.lanes, w.tok_s.data(), len, step);
+  }
   pack(a.u, b, t.d0, t.lanes, w.tok_u.data(), len, w.u.data());
   const bool z = a.z.p != nullptr;
   if (z) pack(a.z, b, t.d0, t.lanes, w.tok_u.data(), len, w.gate.data());
@@ -346,6 +411,7 @@ void forward_tiles(const ScanArgs<T>& a, int64_t b, int64_t g0, int64_t g1,
   for (int64_t j0 = 0; j0 < a.K; j0 += kChunk) {
     const int64_t len = std::min(kChunk, a.K - j0);
     a.tokens(b, j0, len, w.tok_s.data(), w.tok_u.data());
+    if (a.proj) w.pack_low(a, b, len);
     for (Tile<T>& t : w.tiles) {
       if (a.ckpt) store_state(a, b, j0 / kChunk, t);
       prepare_chunk<T, false>(a, b, j0, len, t, w);
@@ -395,7 +461,15 @@ vec_t<T> step_at(const ScanArgs<T>& a, int64_t b, int64_t j,
   int64_t tok_s, tok_u;
   a.tokens(b, j, 1, &tok_s, &tok_u);
   vec_t<T> raw;
-  pack(a.delta, b, t.d0, t.lanes, &tok_s, 1, &raw);
+  if (a.proj) {
+    raw = vec_t<T>{};
+    const T* src = a.delta.p + b * a.delta.sb + tok_s * a.delta.sk;
+    for (int64_t r = 0; r < a.R; ++r) {
+      raw = vfma(t.Wt[r], vec_t<T>{} + src[r * a.delta.sc], raw);
+    }
+  } else {
+    pack(a.delta, b, t.d0, t.lanes, &tok_s, 1, &raw);
+  }
   raw += t.bias;
   return a.softplus ? vsoftplus(raw) : raw;
 }
@@ -493,6 +567,7 @@ void backward_tiles(const ScanArgs<T>& a, const GradArgs<T>& g, int64_t b,
   for (int64_t i = 0; i < chunks && !a.ckpt; ++i) {
     const int64_t j0 = i * kChunk, len = std::min(kChunk, K - j0);
     a.tokens(b, j0, len, w.tok_s.data(), w.tok_u.data());
+    if (a.proj) w.pack_low(a, b, len);
     for (Tile<T>& t : w.tiles) {
       std::copy(t.h, t.h + N, t.ckpt + i * N);
       prepare_chunk<T, false>(a, b, j0, len, t, w);
@@ -503,6 +578,7 @@ void backward_tiles(const ScanArgs<T>& a, const GradArgs<T>& g, int64_t b,
   for (int64_t i = chunks - 1; i >= 0; --i) {
     const int64_t j0 = i * kChunk, len = std::min(kChunk, K - j0);
     a.tokens(b, j0, len, w.tok_s.data(), w.tok_u.data());
+    if (a.proj) w.pack_low(a, b, len);
     std::fill(w.dB.begin(), w.dB.begin() + len * N, V{});
     std::fill(w.dC.begin(), w.dC.begin() + len * N, V{});
     for (Tile<T>& t : w.tiles) backward_chunk<T, kN>(a, g, b, i, len, t, w);
@@ -554,7 +630,8 @@ ScanArgs<T> make_args(const at::Tensor& u, const at::Tensor& delta,
                       const std::optional<at::Tensor>& pos,
                       const std::optional<at::Tensor>& order,
                       const std::vector<T>& gaps, bool softplus,
-                      int64_t gap_mode, bool reverse) {
+                      int64_t gap_mode, bool reverse,
+                      const std::optional<at::Tensor>& proj) {
   TORCH_CHECK(u.dim() == 3, "u must be (batch, dim, K)");
   TORCH_CHECK(A.dim() == 2, "A must be (dim, N)");
   TORCH_CHECK(gap_mode >= kGapNone && gap_mode <= kGapNull,
@@ -564,7 +641,14 @@ ScanArgs<T> make_args(const at::Tensor& u, const at::Tensor& delta,
   const int64_t N = A.size(1);
   const auto dtype = u.scalar_type();
   check_tensor(u, "u", dtype, {batch, dim, K}, false);
-  check_tensor(delta, "delta", dtype, {batch, dim, K}, false);
+  const int64_t R = proj ? proj->size(-1) : 0;
+  if (proj) {
+    TORCH_CHECK(proj->dim() == 2, "delta_proj must be (dim, R)");
+    check_tensor(*proj, "delta_proj", dtype, {dim, R});
+    check_tensor(delta, "delta (low-rank)", dtype, {batch, R, K}, false);
+  } else {
+    check_tensor(delta, "delta", dtype, {batch, dim, K}, false);
+  }
   check_tensor(A, "A", dtype, {dim, N});
   check_tensor(Bt, "B (transposed)", dtype, {batch, K, N}, false);
   check_tensor(Ct, "C (transposed)", dtype, {batch, K, N}, false);
@@ -587,6 +671,8 @@ ScanArgs<T> make_args(const at::Tensor& u, const at::Tensor& delta,
   a.sCk = Ct.stride(1);
   a.D = D ? D->data_ptr<T>() : nullptr;
   a.bias = bias ? bias->data_ptr<T>() : nullptr;
+  a.proj = proj ? proj->data_ptr<T>() : nullptr;
+  a.R = R;
   a.gaps = gaps.empty() ? nullptr : gaps.data();
   a.order = nullptr;
   a.order_sb = 0;
@@ -678,7 +764,8 @@ std::vector<at::Tensor> selective_scan_fwd(
     const std::optional<at::Tensor>& delta_bias,
     const std::optional<at::Tensor>& positions,
     const std::optional<at::Tensor>& order, bool softplus, int64_t gap_mode,
-    bool reverse, bool checkpoints) {
+    bool reverse, bool checkpoints,
+    const std::optional<at::Tensor>& delta_proj) {
   TORCH_CHECK(u.scalar_type() == at::kFloat || u.scalar_type() == at::kDouble,
               "the CPU selective scan computes in float32 or float64, got ",
               u.scalar_type());
@@ -694,7 +781,7 @@ std::vector<at::Tensor> selective_scan_fwd(
                                              u.size(2), reverse);
     auto a = make_args<scalar_t>(u, delta, A, Bt, Ct, D, z, delta_bias,
                                  positions, order, gaps, softplus, gap_mode,
-                                 reverse);
+                                 reverse, delta_proj);
     a.out = Strided<scalar_t>(out);
     if (checkpoints) a.ckpt = ckpt.data_ptr<scalar_t>();
     if (a.N == 16) {
@@ -714,14 +801,20 @@ std::vector<std::optional<at::Tensor>> selective_scan_bwd(
     const std::optional<at::Tensor>& positions,
     const std::optional<at::Tensor>& order, const at::Tensor& dout,
     bool softplus, int64_t gap_mode, bool reverse,
-    const std::optional<at::Tensor>& checkpoints) {
+    const std::optional<at::Tensor>& checkpoints,
+    const std::optional<at::Tensor>& delta_proj) {
   TORCH_CHECK(u.scalar_type() == at::kFloat || u.scalar_type() == at::kDouble,
               "the CPU selective scan computes in float32 or float64, got ",
               u.scalar_type());
   check_tensor(dout, "dout", u.scalar_type(), u.sizes().vec(), false);
   const int64_t batch = u.size(0), dim = u.size(1);
   auto du = empty_layout(u);
-  auto ddelta = empty_layout(delta);
+  // with delta_proj: the full step sizes' gradient, tokens-major (the
+  // layout of the op's GEMMs)
+  auto ddelta =
+      delta_proj
+          ? at::empty({batch, u.size(2), dim}, u.options()).transpose(1, 2)
+          : empty_layout(delta);
   auto dz = z ? empty_layout(*z) : at::Tensor();
   auto dBt = at::empty(Bt.sizes(), Bt.options());
   auto dCt = at::empty(Ct.sizes(), Ct.options());
@@ -733,7 +826,7 @@ std::vector<std::optional<at::Tensor>> selective_scan_bwd(
                                              u.size(2), reverse);
     auto a = make_args<scalar_t>(u, delta, A, Bt, Ct, D, z, delta_bias,
                                  positions, order, gaps, softplus, gap_mode,
-                                 reverse);
+                                 reverse, delta_proj);
     if (checkpoints) {
       check_tensor(*checkpoints, "checkpoints", u.scalar_type(),
                    {batch, dim, a.chunks, a.N});

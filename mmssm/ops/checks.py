@@ -171,9 +171,12 @@ def check_order(order, u: Tensor) -> Tensor:
 
 
 def check_scan_inputs(
-    u, delta, A, B, C, D, z, delta_bias, positions, gap_mode
+    u, delta, A, B, C, D, z, delta_bias, positions, gap_mode, delta_proj=None
 ) -> Optional[Tensor]:
     """Validate the arguments of the selective scan.
+
+    With ``delta_proj`` (dim, R), ``delta`` is the low-rank (batch, R, K)
+    input of the step sizes ``delta_proj @ delta``.
 
     Returns:
         Tensor | None: ``positions`` as int64 (batch, K), or None.
@@ -183,7 +186,15 @@ def check_scan_inputs(
             f'gap_mode must be one of {GAP_MODES}, got {gap_mode!r}'
         )
     named = dict(
-        u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias
+        u=u,
+        delta=delta,
+        A=A,
+        B=B,
+        C=C,
+        D=D,
+        z=z,
+        delta_bias=delta_bias,
+        delta_proj=delta_proj,
     )
     check_float_tensors(named)
     if u.dim() != 3:
@@ -192,8 +203,16 @@ def check_scan_inputs(
     if A.dim() != 2 or A.shape[0] != dim:
         raise ValueError(f'A must be (dim={dim}, N), got {tuple(A.shape)}')
     N = A.shape[1]
+    R = None
+    if delta_proj is not None:
+        if delta_proj.dim() != 2 or delta_proj.shape[0] != dim:
+            raise ValueError(
+                f'delta_proj must be (dim={dim}, R), got '
+                f'{tuple(delta_proj.shape)}'
+            )
+        R = delta_proj.shape[1]
     expected = dict(
-        delta=(batch, dim, K),
+        delta=(batch, dim if R is None else R, K),
         z=(batch, dim, K),
         B=(batch, N, K),
         C=(batch, N, K),
@@ -203,8 +222,11 @@ def check_scan_inputs(
     for name, shape in expected.items():
         t = named[name]
         if t is not None and tuple(t.shape) != shape:
+            what = ''
+            if name == 'delta' and R is not None:
+                what = f' (batch, R, K), delta_proj being {(dim, R)}'
             raise ValueError(
-                f'{name} must have shape {shape}, got {tuple(t.shape)}'
+                f'{name} must have shape {shape}{what}, got {tuple(t.shape)}'
             )
     if positions is None:
         return None

@@ -100,16 +100,18 @@ def selective_scan_ref(
     gap_mode: str = 'prev',
     reverse: bool = False,
     order: Optional[Tensor] = None,
+    delta_proj: Optional[Tensor] = None,
 ) -> Tensor:
     """The aligned selective scan as a plain sequential loop: the reference.
 
     Computes in float64 for float64 ``u`` and in float32 otherwise. A
     reversed scan runs on flipped copies, an ordered one on gathered copies
-    (:func:`to_scan_order`). See :func:`mmssm.ops.selective_scan` for the
-    arguments.
+    (:func:`to_scan_order`); with ``delta_proj``, the step sizes are
+    projected first (:func:`project_delta`). See
+    :func:`mmssm.ops.selective_scan` for the arguments.
     """
     positions = check_scan_inputs(
-        u, delta, A, B, C, D, z, delta_bias, positions, gap_mode
+        u, delta, A, B, C, D, z, delta_bias, positions, gap_mode, delta_proj
     )
     order = _check_order_args(u, reverse, order)
     inputs = (u, delta, A, B, C, D, z, delta_bias)
@@ -121,6 +123,7 @@ def selective_scan_ref(
         gap_mode,
         reverse,
         order,
+        delta_proj,
     )
 
 
@@ -188,6 +191,7 @@ def selective_scan_chunked(
     chunk_size: int = 32,
     reverse: bool = False,
     order: Optional[Tensor] = None,
+    delta_proj: Optional[Tensor] = None,
 ) -> Tensor:
     """The aligned selective scan as a parallel scan in PyTorch.
 
@@ -197,7 +201,7 @@ def selective_scan_chunked(
     then carried across sequentially. Materialises (batch, dim, K, N).
     """
     positions = check_scan_inputs(
-        u, delta, A, B, C, D, z, delta_bias, positions, gap_mode
+        u, delta, A, B, C, D, z, delta_bias, positions, gap_mode, delta_proj
     )
     order = _check_order_args(u, reverse, order)
     inputs = (u, delta, A, B, C, D, z, delta_bias)
@@ -209,7 +213,18 @@ def selective_scan_chunked(
         gap_mode,
         reverse,
         order,
+        delta_proj,
     )
+
+
+def project_delta(delta: Tensor, delta_proj: Tensor) -> Tensor:
+    """The step sizes ``delta_proj @ delta`` (batch, dim, K) of a low-rank
+    ``delta`` (batch, R, K) and ``delta_proj`` (dim, R): what the compiled
+    kernel computes in its preparation pass (mamba-ssm's ``dt_proj``
+    without its bias, which is the scan's ``delta_bias``)."""
+    # (matmul: einsum's backward does not trace with other strides under
+    # torch.compile's dynamic shapes)
+    return torch.matmul(delta_proj.to(delta.dtype), delta)
 
 
 def scan_unchecked(
@@ -220,11 +235,13 @@ def scan_unchecked(
     gap_mode: str,
     reverse: bool = False,
     order: Optional[Tensor] = None,
+    delta_proj: Optional[Tensor] = None,
 ) -> Tensor:
     """Prepare checked inputs, run ``recurrence``, add D and the gate.
 
     ``inputs`` are ``(u, delta, A, B, C, D, z, delta_bias)``; ``positions``
-    is None or (batch, K); ``order`` None or (batch or 1, K).
+    is None or (batch, K); ``order`` None or (batch or 1, K);
+    ``delta_proj`` None or (dim, R), ``delta`` then (batch, R, K).
     ``recurrence(u, delta, decay_delta, A, B, C)`` returns ``C_k . h_k``
     (batch, dim, K) for the softplus'd steps ``delta`` and the exponents
     ``decay_delta`` of the steps' decays (gaps included).
@@ -232,7 +249,12 @@ def scan_unchecked(
     if reverse or order is not None:
         inputs, positions = to_scan_order(inputs, positions, reverse, order)
         y = scan_unchecked(
-            recurrence, inputs, delta_softplus, positions, gap_mode
+            recurrence,
+            inputs,
+            delta_softplus,
+            positions,
+            gap_mode,
+            delta_proj=delta_proj,
         )
         return from_scan_order(y, reverse, order)
     u, delta, A, B, C, D, z, delta_bias = inputs
@@ -242,6 +264,8 @@ def scan_unchecked(
     D, z, delta_bias = (
         None if t is None else t.to(dtype) for t in (D, z, delta_bias)
     )
+    if delta_proj is not None:
+        delta = project_delta(delta, delta_proj.to(dtype))
     gaps = None if positions is None else gaps_of(positions)
     delta = _prepare_delta(delta, delta_bias, delta_softplus)
     decay_delta = _effective_delta(

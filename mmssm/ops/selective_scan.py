@@ -13,6 +13,7 @@ import os
 from typing import List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .checks import (
@@ -28,6 +29,7 @@ from .reference import (
     compute_dtype,
     finish_scan,
     from_scan_order,
+    project_delta,
     recurrence_chunked,
     recurrence_loop,
     scan_unchecked,
@@ -107,6 +109,7 @@ def _run(
     gap_mode,
     reverse=False,
     order=None,
+    delta_proj=None,
 ):
     """The forward of a resolved implementation, on checked inputs, in the
     layout of the fake implementation (:func:`empty_layout` of ``u``)."""
@@ -121,11 +124,15 @@ def _run(
             gap_mode,
             reverse,
             order,
+            delta_proj,
         )
         return match_layout(y, u)
     if gap_mode == 'none':
         positions = None
     if impl == 'cuda':
+        if delta_proj is not None:
+            delta = project_delta(inputs[1], delta_proj)
+            inputs = (*inputs[:1], delta, *inputs[2:])
         inputs, positions = to_scan_order(inputs, positions, reverse, order)
         y = _scan_mamba(*inputs, delta_softplus, positions, gap_mode)
         return match_layout(from_scan_order(y, reverse, order), u)
@@ -133,7 +140,14 @@ def _run(
     if u.shape[-1] == 0:
         return match_layout(finish_scan(u.new_zeros(u.shape), u, D, z), u)
     return _kernel_forward(
-        *inputs, delta_softplus, positions, gap_mode, reverse, order, False
+        *inputs,
+        delta_softplus,
+        positions,
+        gap_mode,
+        reverse,
+        order,
+        False,
+        delta_proj,
     )[0]
 
 
@@ -158,10 +172,13 @@ def _scan_mamba(
 # --------------------------------------------------------------------------
 # The compiled CPU kernel (mmssm._ext).
 # --------------------------------------------------------------------------
-def _kernel_inputs(u, delta, A, B, C, D, z, delta_bias, positions, order):
+def _kernel_inputs(
+    u, delta, A, B, C, D, z, delta_bias, positions, order, delta_proj=None
+):
     """The kernel's inputs: one compute dtype, B and C as (batch, K, N)
-    with N contiguous (for SIMD). Other strides are read as they are (no
-    layout copies: the kernel reads transposed views)."""
+    with N contiguous (for SIMD), A, D, delta_bias and delta_proj
+    contiguous. Other strides are read as they are (no layout copies: the
+    kernel reads transposed views)."""
     dtype = compute_dtype(u)
 
     def prep(t):
@@ -172,12 +189,23 @@ def _kernel_inputs(u, delta, A, B, C, D, z, delta_bias, positions, order):
         return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
     u_, delta_, z_ = prep(u), prep(delta), prep(z)
-    A_, D_, bias_ = (
-        None if t is None else prep(t).contiguous() for t in (A, D, delta_bias)
+    A_, D_, bias_, proj_ = (
+        None if t is None else prep(t).contiguous()
+        for t in (A, D, delta_bias, delta_proj)
     )
     pos = None if positions is None else positions.contiguous()
     order = None if order is None else order.contiguous()
-    return u_, delta_, A_, prep_bc(B), prep_bc(C), D_, z_, bias_, pos, order
+    if proj_ is not None and not hasattr(load_ext(), 'scan_delta_proj'):
+        # a build of sources from before the fused projection (an A/B
+        # against one): dt_proj's GEMM first, as the models ran it
+        warn_once(
+            'selective_scan: mmssm._ext was built without the fused '
+            'delta_proj (rebuild it); projecting delta with a GEMM first.'
+        )
+        delta_ = F.linear(delta_.transpose(1, 2), proj_).transpose(1, 2)
+        proj_ = None
+    B_, C_ = prep_bc(B), prep_bc(C)
+    return u_, delta_, A_, B_, C_, D_, z_, bias_, pos, order, proj_
 
 
 def _kernel_forward(
@@ -195,14 +223,22 @@ def _kernel_forward(
     reverse,
     order,
     checkpoints,
+    delta_proj=None,
 ):
     """The kernel's output and, with ``checkpoints``, the state before
     each chunk (:func:`_checkpoint_shape`; else an empty tensor)."""
     args = _kernel_inputs(
-        u, delta, A, B, C, D, z, delta_bias, positions, order
+        u, delta, A, B, C, D, z, delta_bias, positions, order, delta_proj
     )
+    # (delta_proj only when given: builds without it take the rest)
+    proj = {} if args[10] is None else dict(delta_proj=args[10])
     out, ckpt = load_ext().selective_scan_fwd(
-        *args, delta_softplus, _GAP_MODE_IDS[gap_mode], reverse, checkpoints
+        *args[:10],
+        delta_softplus,
+        _GAP_MODE_IDS[gap_mode],
+        reverse,
+        checkpoints,
+        **proj,
     )
     return match_layout(out.to(u.dtype), u), ckpt
 
@@ -236,14 +272,22 @@ def _kernel_backward(
     reverse: bool,
     order: Optional[Tensor],
     checkpoints: Optional[Tensor] = None,
+    delta_proj: Optional[Tensor] = None,
 ) -> List[Tensor]:
     """The compiled kernel's backward: the gradients of the inputs that
     are not None, in the order of the arguments, in their dtypes and
     layouts (:func:`empty_layout`). ``checkpoints``: the forward's (the
-    kernel then skips the pass that recomputes them), or None."""
+    kernel then skips the pass that recomputes them), or None. With
+    ``delta_proj``, the gradient in the place of ``delta``'s is that of
+    the full step sizes ``delta_proj @ delta`` (batch, dim, K),
+    tokens-major (:func:`_project_grads` turns it into those of ``delta``
+    and ``delta_proj``)."""
     inputs = (u, delta, A, B, C, D, z, delta_bias)
     args = _kernel_inputs(
-        *inputs, None if gap_mode == 'none' else positions, order
+        *inputs,
+        None if gap_mode == 'none' else positions,
+        order,
+        delta_proj,
     )
     grads = load_ext().selective_scan_bwd(
         *args[:9],
@@ -253,21 +297,73 @@ def _kernel_backward(
         gap_mode=_GAP_MODE_IDS[gap_mode],
         reverse=reverse,
         checkpoints=checkpoints,
+        **({} if args[10] is None else dict(delta_proj=args[10])),
     )
     du, ddelta, dA, dBt, dCt, dD, dz, dbias = grads
     out = (du, ddelta, dA, dBt.transpose(1, 2), dCt.transpose(1, 2), dD, dz)
     out = (*out, dbias)
+    like = _grad_likes(inputs, delta_proj)
     return [
         match_layout(g.to(t.dtype), t)
-        for g, t in zip(out, inputs)
+        for g, t in zip(out, like)
         if t is not None
     ]
 
 
+def _grad_likes(inputs: tuple, delta_proj: Optional[Tensor]) -> tuple:
+    """What the kernel's gradients look like: the inputs, but with
+    ``delta_proj`` a tokens-major (batch, dim, K) in place of ``delta``
+    (the gradient of the full step sizes)."""
+    if delta_proj is None:
+        return inputs
+    u, delta = inputs[:2]
+    batch, dim, K = u.shape
+    full = delta.new_empty(batch, K, dim).transpose(1, 2)
+    return (u, full, *inputs[2:])
+
+
 @_kernel_backward.register_fake
-def _(dout, u, delta, A, B, C, D, z, delta_bias, *args):
-    inputs = (u, delta, A, B, C, D, z, delta_bias)
-    return [empty_layout(t) for t in inputs if t is not None]
+def _(
+    dout,
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D,
+    z,
+    delta_bias,
+    delta_softplus,
+    positions,
+    gap_mode,
+    reverse,
+    order,
+    checkpoints=None,
+    delta_proj=None,
+):
+    like = _grad_likes((u, delta, A, B, C, D, z, delta_bias), delta_proj)
+    return [empty_layout(t) for t in like if t is not None]
+
+
+def _project_grads(
+    ddelta: Tensor, delta: Tensor, delta_proj: Tensor, needs: Tuple[bool, bool]
+) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """The gradients of the low-rank ``delta`` (batch, R, K) and of
+    ``delta_proj`` (dim, R) from that of the step sizes ``delta_proj @
+    delta``, ``ddelta`` (batch, dim, K), as GEMMs over the tokens-major
+    layouts: ``d delta = delta_proj^T ddelta`` and ``d delta_proj`` the sum
+    over batch and K of ``ddelta delta^T``."""
+    dtype = ddelta.dtype
+    dfull = ddelta.transpose(1, 2)  # (batch, K, dim)
+    d_low = d_proj = None
+    if needs[0]:
+        d_low = torch.matmul(dfull, delta_proj.to(dtype)).transpose(1, 2)
+        d_low = match_layout(d_low.to(delta.dtype), delta)
+    if needs[1]:
+        low = delta.to(dtype).transpose(1, 2).reshape(-1, delta.shape[1])
+        dim = ddelta.shape[1]
+        d_proj = dfull.reshape(-1, dim).t().mm(low).to(delta_proj.dtype)
+    return d_low, d_proj
 
 
 # --------------------------------------------------------------------------
@@ -290,19 +386,37 @@ def _selective_scan_op(
     reverse: bool = False,
     order: Optional[Tensor] = None,
     checkpoints: bool = False,
+    delta_proj: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """The scan on checked inputs (positions None or (batch, K), order
-    None or (batch or 1, K)), and the compiled kernel's checkpoints for
-    its backward when ``checkpoints`` (:func:`_checkpoint_shape`)."""
+    None or (batch or 1, K), delta_proj None or (dim, R) with delta then
+    (batch, R, K)), and the compiled kernel's checkpoints for its backward
+    when ``checkpoints`` (:func:`_checkpoint_shape`)."""
     inputs = (u, delta, A, B, C, D, z, delta_bias)
     impl = _resolve_impl(impl, u)
     shape = _checkpoint_shape(u, A, impl, checkpoints)
     if len(shape) == 4 and u.shape[-1] > 0:
         pos = None if gap_mode == 'none' else positions
         return _kernel_forward(
-            *inputs, delta_softplus, pos, gap_mode, reverse, order, True
+            *inputs,
+            delta_softplus,
+            pos,
+            gap_mode,
+            reverse,
+            order,
+            True,
+            delta_proj,
         )
-    y = _run(impl, inputs, delta_softplus, positions, gap_mode, reverse, order)
+    y = _run(
+        impl,
+        inputs,
+        delta_softplus,
+        positions,
+        gap_mode,
+        reverse,
+        order,
+        delta_proj,
+    )
     return y, u.new_empty(shape, dtype=compute_dtype(u))
 
 
@@ -323,19 +437,22 @@ def _(
     reverse=False,
     order=None,
     checkpoints=False,
+    delta_proj=None,
 ):
     shape = _checkpoint_shape(u, A, _resolve_impl(impl, u), checkpoints)
     return empty_layout(u), u.new_empty(shape, dtype=compute_dtype(u))
 
 
 def _setup_context(ctx, inputs, output):
-    *tensors, delta_softplus, positions, gap_mode, impl, reverse, order = (
-        inputs[:-1]
-    )
+    tensors = inputs[: len(_NAMES)]
+    delta_softplus, positions, gap_mode, impl, reverse, order = inputs[
+        len(_NAMES) : len(_NAMES) + 6
+    ]
+    delta_proj = inputs[15] if len(inputs) > 15 else None
     ckpt = output[1]
     ctx.mark_non_differentiable(ckpt)
     ckpt = ckpt if ckpt.dim() == 4 else None
-    ctx.save_for_backward(*tensors, positions, order, ckpt)
+    ctx.save_for_backward(*tensors, delta_proj, positions, order, ckpt)
     ctx.config = (
         delta_softplus,
         gap_mode,
@@ -345,9 +462,11 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dout, dckpt):
-    *tensors, positions, order, ckpt = ctx.saved_tensors
+    *tensors, delta_proj, positions, order, ckpt = ctx.saved_tensors
     delta_softplus, gap_mode, impl, reverse = ctx.config
     needs = ctx.needs_input_grad[: len(_NAMES)]
+    need_proj = len(ctx.needs_input_grad) > 15 and ctx.needs_input_grad[15]
+    d_proj = None
     if impl == 'cpu' and tensors[0].shape[-1] > 0:
         grads = iter(
             _kernel_backward(
@@ -359,28 +478,37 @@ def _backward(ctx, dout, dckpt):
                 reverse,
                 order,
                 ckpt,
+                delta_proj,
             )
         )
         out = [None if t is None else next(grads) for t in tensors]
+        if delta_proj is not None:  # out[1]: d of delta_proj @ delta
+            out[1], d_proj = _project_grads(
+                out[1], tensors[1], delta_proj, (needs[1], need_proj)
+            )
     else:  # the PyTorch (or mamba-ssm) forward again, with autograd
         with torch.enable_grad():
             leaves = [
                 t.detach().requires_grad_(need) if t is not None else None
-                for t, need in zip(tensors, needs)
+                for t, need in zip((*tensors, delta_proj), (*needs, need_proj))
             ]
             y = _run(
                 impl,
-                tuple(leaves),
+                tuple(leaves[:-1]),
                 delta_softplus,
                 positions,
                 gap_mode,
                 reverse,
                 order,
+                leaves[-1],
             )
-            wanted = [t for t, need in zip(leaves, needs) if need]
+            wanted = [
+                t for t, need in zip(leaves, (*needs, need_proj)) if need
+            ]
             grads = iter(torch.autograd.grad(y, wanted, dout))
         out = [next(grads) if need else None for need in needs]
-    return (*out, None, None, None, None, None, None, None)
+        d_proj = next(grads) if need_proj else None
+    return (*out, None, None, None, None, None, None, None, d_proj)
 
 
 _selective_scan_op.register_autograd(_backward, setup_context=_setup_context)
@@ -401,12 +529,14 @@ def selective_scan(
     impl: str = 'auto',
     reverse: bool = False,
     order: Optional[Tensor] = None,
+    delta_proj: Optional[Tensor] = None,
 ) -> Tensor:
     """Selective scan over K tokens that may be a pruned subset.
 
     Args:
         u (Tensor): Inputs, (batch, dim, K).
-        delta (Tensor): Step sizes before bias/softplus, (batch, dim, K).
+        delta (Tensor): Step sizes before bias/softplus, (batch, dim, K);
+            with ``delta_proj``, their low-rank input (batch, R, K).
         A (Tensor): State matrix (negative), (dim, N).
         B (Tensor): Input projections, (batch, N, K).
         C (Tensor): Output projections, (batch, N, K).
@@ -439,6 +569,12 @@ def selective_scan(
             zig-zag scans, whose step inputs come from the raster token,
             without gathered copies). Not with ``reverse``.
             Defaults to None.
+        delta_proj (Tensor, optional): (dim, R): the step sizes are
+            ``delta_proj @ delta`` (mamba-ssm's ``dt_proj`` weight; its
+            bias is ``delta_bias``), computed inside the compiled kernel
+            (fused: no (batch, dim, K) step sizes in the forward) and by
+            the PyTorch implementations before their scan.
+            Defaults to None.
 
     Any strides are accepted: the compiled kernel reads (batch, dim, K)
     views of (batch, K, dim) tensors (a Linear layer's output) in place,
@@ -451,7 +587,7 @@ def selective_scan(
     if impl not in IMPLS:
         raise ValueError(f'impl must be one of {IMPLS}, got {impl!r}')
     positions = check_scan_inputs(
-        u, delta, A, B, C, D, z, delta_bias, positions, gap_mode
+        u, delta, A, B, C, D, z, delta_bias, positions, gap_mode, delta_proj
     )
     if order is not None:
         if reverse:
@@ -461,7 +597,7 @@ def selective_scan(
     # only when there will be one
     checkpoints = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad
-        for t in (u, delta, A, B, C, D, z, delta_bias)
+        for t in (u, delta, A, B, C, D, z, delta_bias, delta_proj)
     )
     return _selective_scan_op(
         u,
@@ -479,4 +615,5 @@ def selective_scan(
         bool(reverse),
         order,
         checkpoints,
+        delta_proj,
     )[0]

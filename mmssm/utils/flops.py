@@ -25,7 +25,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mmssm.errors import UserError
 from mmssm.ops import SCAN_CONVENTIONS
-from mmssm.ops.flop_formulas import causal_conv_macs, scan_elements
+from mmssm.ops.flop_formulas import (
+    causal_conv_macs,
+    delta_proj_macs,
+    scan_elements,
+)
 
 __all__ = [
     'SCAN_CONVENTIONS',
@@ -220,7 +224,9 @@ class _Recorder:
             return self.add('conv', causal_conv_macs(out_shape, w))
 
         def scan(u, delta, A, *args, **kwargs):
-            return self.add_scan(scan_elements(u, A))
+            # a fused dt_proj (delta_proj) counts as the linear layer
+            proj = self.add('linear', delta_proj_macs(u, args, kwargs))
+            return proj + self.add_scan(scan_elements(u, A))
 
         aten = torch.ops.aten
         return {

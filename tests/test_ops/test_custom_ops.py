@@ -244,3 +244,128 @@ def test_flop_counter_counts_the_backward(impl):
     if impl == 'cpu':  # the kernel's backward is an op of its own
         backward = torch.ops.mmssm.selective_scan_backward
         assert counter.get_flop_counts()['Global'][backward] == 2 * scan
+
+
+# --------------------------------------------------------------------------
+# The fused step-size projection (delta_proj): meta shapes, opcheck, FLOPs.
+# --------------------------------------------------------------------------
+def low_rank_scan_inputs(batch=2, dim=3, K=6, N=4, R=2, device='cpu'):
+    """scan_inputs with delta the low-rank (batch, R, K) input of
+    delta_proj (dim, R)."""
+    inputs = scan_inputs(batch, dim, K, N, device=device)
+    inputs['delta'] = torch.randn(batch, R, K, dtype=torch.float64)
+    inputs['delta'] = inputs['delta'].to(device)
+    inputs['delta_proj'] = torch.randn(dim, R, dtype=torch.float64)
+    inputs['delta_proj'] = inputs['delta_proj'].to(device)
+    return inputs
+
+
+@pytest.mark.parametrize('impl', ['auto', 'ref', 'chunked', 'cpu'])
+def test_scan_with_delta_proj_on_the_meta_device(impl):
+    inputs = requiring_grad(low_rank_scan_inputs(device='meta'))
+    positions = torch.tensor([0, 2, 3, 7, 8, 11], device='meta')
+    y = selective_scan(
+        **inputs, delta_softplus=True, positions=positions, impl=impl
+    )
+    assert y.device.type == 'meta' and y.shape == (2, 3, 6)
+    y.sum().backward()
+    for t in inputs.values():
+        assert t.grad.shape == t.shape and t.grad.device.type == 'meta'
+
+
+def _low_rank_op_args(impl, K=6, checkpoints=False):
+    inputs = requiring_grad(low_rank_scan_inputs(K=K))
+    positions = random_positions(2, K, K + 9)
+    proj = inputs.pop('delta_proj')
+    args = (*inputs.values(), True, positions, 'prev', impl, False, None)
+    return (*args, checkpoints, proj)
+
+
+@pytest.mark.parametrize('impl', SCAN_IMPLS)
+def test_opcheck_scan_with_delta_proj(impl):
+    torch.library.opcheck(
+        torch.ops.mmssm.selective_scan.default, _low_rank_op_args(impl)
+    )
+
+
+@needs_ext
+def test_opcheck_scan_with_delta_proj_and_checkpoints():
+    args = _low_rank_op_args('cpu', K=70, checkpoints=True)
+    torch.library.opcheck(torch.ops.mmssm.selective_scan.default, args)
+
+
+@needs_ext
+def test_opcheck_kernel_backward_with_delta_proj():
+    """The kernel's backward op: the gradient of the full step sizes
+    (batch, dim, K) in the place of delta's."""
+    args = _low_rank_op_args('cpu', K=70)
+    u, delta, A, B, C, D, z, bias, softplus, positions, gap_mode = args[:11]
+    dout = torch.randn(2, 3, 70, dtype=torch.float64)
+    bwd_args = (dout, u, delta, A, B, C, D, z, bias, softplus, positions)
+    bwd_args = (*bwd_args, gap_mode, False, None, None, args[-1])
+    detached = tuple(
+        t.detach() if isinstance(t, torch.Tensor) else t for t in bwd_args
+    )
+    torch.library.opcheck(
+        torch.ops.mmssm.selective_scan_backward.default, detached
+    )
+    grads = torch.ops.mmssm.selective_scan_backward(*detached)
+    assert grads[1].shape == (2, 3, 70)
+
+
+@pytest.mark.parametrize('impl', ['auto', *SCAN_IMPLS])
+def test_flop_counter_counts_the_fused_projection(impl):
+    """The scan with delta_proj counts the projection's batch*K*dim*R
+    MACs (what dt_proj's GEMM counted) besides the scan's."""
+    inputs = low_rank_scan_inputs(batch=2, dim=3, K=6, N=4, R=2)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        selective_scan(**inputs, impl=impl)
+    counts = counter.get_flop_counts()['Global']
+    scan, proj = 9 * 2 * 6 * 3 * 4, 2 * 6 * 3 * 2
+    assert counts == {torch.ops.mmssm.selective_scan: 2 * (scan + proj)}
+
+
+@needs_ext
+def test_fused_projection_counts_as_the_unfused():
+    """Forward and backward of the kernel: the fused projection counts as
+    many FLOPs as the GEMM it replaces (forward) and its gradients' GEMMs
+    (backward). (The PyTorch implementations' backward reruns their
+    forward, whose inner ops the counter sees.)"""
+
+    def total(fused):
+        inputs = requiring_grad(low_rank_scan_inputs(R=2))
+        with FlopCounterMode(display=False) as counter:
+            if not fused:
+                proj = inputs.pop('delta_proj')
+                inputs['delta'] = torch.nn.functional.linear(
+                    inputs['delta'].transpose(1, 2), proj
+                ).transpose(1, 2)
+            selective_scan(**inputs, impl='cpu').sum().backward()
+        return counter.get_total_flops()
+
+    assert total(True) == total(False) > 0
+
+
+@pytest.mark.parametrize('impl', SCAN_IMPLS)
+def test_torch_compile_fullgraph_with_delta_proj(impl):
+    torch._dynamo.reset()
+    inputs = low_rank_scan_inputs()
+    positions = random_positions(2, 6, 15)
+
+    def fn(s):
+        return selective_scan(
+            **s, delta_softplus=True, positions=positions, impl=impl
+        )
+
+    def outputs_and_grads(f):
+        s = requiring_grad(inputs)
+        y = f(s)
+        y.sum().backward()
+        return [y, *(t.grad for t in s.values())]
+
+    eager = outputs_and_grads(fn)
+    compiled = outputs_and_grads(
+        torch.compile(fn, backend='aot_eager', fullgraph=True)
+    )
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -411,3 +411,94 @@ def test_missing_avx2_build_falls_back_with_a_warning(monkeypatch):
     monkeypatch.setattr(ext_module, '_ext', ext_module._NOT_LOADED)
     assert ext_module.load_ext() is None
     assert 'mmssm._ext_avx2' in ext_module.ext_status()
+
+
+def _low_rank_inputs(batch, dim, K, N, R, dtype, tokens_major):
+    """_scan_inputs with delta the low-rank (batch, R, K) input of
+    delta_proj (dim, R): a slice of the (batch, K, R + 2N) projection that
+    B and C come from (tokens-major), or contiguous."""
+    inputs = {
+        k: v.detach()
+        for k, v in _scan_inputs(batch, dim, K, N, dtype, tokens_major).items()
+    }
+    x_dbl = torch.randn(batch, K, R + 2 * N, dtype=dtype)
+    low = 0.7 * x_dbl[..., :R].transpose(1, 2)
+    inputs['delta'] = low if tokens_major else low.contiguous()
+    inputs['delta_proj'] = torch.randn(dim, R, dtype=dtype) * R**-0.5
+    return {k: v.requires_grad_() for k, v in inputs.items()}
+
+
+def _unfused(delta, delta_proj, **kwargs):
+    delta = torch.einsum('er,brk->bek', delta_proj, delta)
+    return selective_scan(delta=delta, **kwargs)
+
+
+# dim 11: a partial tile in both builds; K 150: three chunks (the 'prev'
+# gap of a chunk's first step recomputed from the low-rank rows in the
+# backward); R 24: Vim's dt_rank (three blocks of 8 steps' FMAs).
+@needs_ext
+@pytest.mark.parametrize(
+    'dtype,rtol', [(torch.float64, 1e-10), (torch.float32, 2e-5)]
+)
+@pytest.mark.parametrize('tokens_major', [False, True])
+@pytest.mark.parametrize('mode', ['forward', 'reverse', 'order'])
+def test_fused_delta_proj_build_against_reference(
+    isa, dtype, rtol, tokens_major, mode
+):
+    """The kernel's fused projection (delta_proj) against the reference
+    on the projected step sizes: output and all gradients, dense and
+    every gap mode."""
+    batch, dim, K, L, N, R = 2, 11, 150, 260, 16, 24
+    inputs = _low_rank_inputs(batch, dim, K, N, R, dtype, tokens_major)
+    kwargs = dict(delta_softplus=True)
+    if mode == 'reverse':
+        kwargs['reverse'] = True
+    elif mode == 'order':
+        kwargs['order'] = torch.stack([torch.randperm(K) for _ in range(2)])
+    runs = [dict(kwargs)]
+    positions = random_positions(batch, K, L)
+    for gap_mode in ('prev', 'null', 'none'):
+        runs.append(dict(kwargs, positions=positions, gap_mode=gap_mode))
+    for kw in runs:
+        y, g = output_and_grads(selective_scan, inputs, impl='cpu', **kw)
+        y_ref, g_ref = output_and_grads(_unfused, inputs, impl='ref', **kw)
+        assert_close_rel(y, y_ref, rtol)
+        assert len(g) == len(g_ref) == len(inputs)
+        for a, b in zip(g, g_ref):
+            assert_close_rel(a, b, rtol)
+
+
+@needs_ext
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+def test_fused_delta_proj_checkpoints(isa, dtype):
+    """With delta_proj, the backward from the forward's checkpoints gives
+    bit for bit the gradients of the backward that recomputes them."""
+    inputs = _low_rank_inputs(2, 11, 150, 16, 24, dtype, True)
+    kwargs = dict(positions=random_positions(2, 150, 260), gap_mode='prev')
+    y, g = output_and_grads(
+        selective_scan, inputs, impl='cpu', delta_softplus=True, **kwargs
+    )
+    dout = torch.randn(
+        y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype
+    )
+    tensors = [inputs[k].detach() for k in _NAMES]
+    own = torch.ops.mmssm.selective_scan_backward(
+        dout,
+        *tensors,
+        True,
+        kwargs['positions'],
+        'prev',
+        False,
+        None,
+        None,
+        inputs['delta_proj'].detach(),
+    )
+    # own[1]: the gradient of the full step sizes; project it as the op
+    d_full = own[1]
+    assert d_full.shape == (2, 11, 150) and d_full.stride(1) == 1
+    d_low = torch.einsum('er,bek->brk', inputs['delta_proj'], d_full)
+    d_proj = torch.einsum('bek,brk->er', d_full, inputs['delta'])
+    assert_close_rel(g[1], d_low, 1e-10 if dtype == torch.float64 else 1e-5)
+    assert_close_rel(g[-1], d_proj, 1e-10 if dtype == torch.float64 else 1e-5)
+    for a, b in zip([g[0], *g[2:-1]], [own[0], *own[2:]]):
+        assert torch.equal(a, b)

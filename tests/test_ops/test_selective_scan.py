@@ -633,3 +633,132 @@ def test_order_errors():
         selective_scan(**inputs, order=torch.arange(4))
     with pytest.raises(TypeError, match='int64'):
         selective_scan(**inputs, order=torch.arange(5.0))
+
+
+# ---------------------------------------------------------------------------
+# The fused step-size projection (delta_proj, mamba-ssm's dt_proj): the
+# scan of delta = delta_proj @ delta_low equals the scan of the projected
+# step sizes, in the output and in every gradient (delta_low's and
+# delta_proj's through the projection).
+# ---------------------------------------------------------------------------
+def low_rank_inputs(batch, dim, K, N, R, dtype=torch.float64, layout='tm'):
+    """make_inputs with delta replaced by a low-rank input (batch, R, K)
+    and its projection delta_proj (dim, R). layout 'tm': delta, B and C
+    are slices of one tokens-major (batch, K, R + 2N) projection, u and z
+    tokens-major views (the models' layout); 'contiguous': (batch, ., K)
+    contiguous tensors."""
+    inputs = make_inputs(batch, dim, K, N, dtype=dtype)
+    x_dbl = torch.randn(batch, K, R + 2 * N, dtype=dtype)
+    x_dbl[..., :R] *= 0.7
+    if layout == 'tm':
+        inputs['delta'] = x_dbl[..., :R].transpose(1, 2)
+        inputs['B'] = x_dbl[..., R : R + N].transpose(1, 2)
+        inputs['C'] = x_dbl[..., R + N :].transpose(1, 2)
+        for name in ('u', 'z'):
+            inputs[name] = _tokens_major(inputs[name])
+    else:
+        inputs['delta'] = x_dbl[..., :R].transpose(1, 2).contiguous()
+    inputs['delta_proj'] = torch.randn(dim, R, dtype=dtype) * R**-0.5
+    return {k: v.detach().requires_grad_() for k, v in inputs.items()}
+
+
+def unfused_scan(delta, delta_proj, **kwargs):
+    """The scan with dt_proj's GEMM first, as the models ran it."""
+    delta = F.linear(delta.transpose(1, 2), delta_proj).transpose(1, 2)
+    return selective_scan(delta=delta, **kwargs)
+
+
+def compare_fused(impl, inputs, rtol, ref_impl='ref', **kwargs):
+    """Fused ``impl`` against the unfused ``ref_impl``: output and the
+    gradients of every input (delta_proj's included)."""
+    y, g = output_and_grads(selective_scan, inputs, impl=impl, **kwargs)
+    y_ref, g_ref = output_and_grads(
+        unfused_scan, inputs, impl=ref_impl, **kwargs
+    )
+    assert y.shape == y_ref.shape and y.dtype == y_ref.dtype
+    assert_close_rel(y, y_ref, rtol)
+    tensors = [t for t in inputs.values() if t is not None]
+    assert len(g) == len(g_ref) == len(tensors)
+    for a, b, t in zip(g, g_ref, tensors):
+        assert a.shape == b.shape == t.shape and a.dtype == t.dtype
+        assert_close_rel(a, b, rtol)
+
+
+@pytest.mark.parametrize(
+    'impl', ['ref', 'chunked', pytest.param('cpu', marks=needs_ext)]
+)
+@pytest.mark.parametrize('layout', ['tm', 'contiguous'])
+@pytest.mark.parametrize('mode', ['forward', 'reverse', 'order'])
+@pytest.mark.parametrize(
+    'dtype,rtol', [(torch.float64, 1e-10), (torch.float32, 2e-5)]
+)
+def test_fused_delta_proj_equals_unfused(impl, layout, mode, dtype, rtol):
+    batch, dim, K, L, N, R = 2, 11, 70, 120, 16, 5
+    inputs = low_rank_inputs(batch, dim, K, N, R, dtype, layout)
+    kwargs = dict(delta_softplus=True)
+    if mode == 'reverse':
+        kwargs['reverse'] = True
+    elif mode == 'order':
+        kwargs['order'] = torch.stack([torch.randperm(K) for _ in range(2)])
+    compare_fused(impl, inputs, rtol, **kwargs)  # dense
+    kwargs['positions'] = random_positions(batch, K, L)
+    for gap_mode in ('prev', 'null', 'none'):
+        compare_fused(impl, inputs, rtol, gap_mode=gap_mode, **kwargs)
+
+
+@pytest.mark.parametrize('impl', ['ref', pytest.param('cpu', marks=needs_ext)])
+def test_fused_delta_proj_without_bias_or_softplus(impl):
+    inputs = low_rank_inputs(2, 5, 9, 4, 3, layout='contiguous')
+    inputs['delta_bias'] = None
+    compare_fused(impl, inputs, 1e-10, positions=random_positions(2, 9, 20))
+
+
+@pytest.mark.parametrize('impl', ['ref', pytest.param('cpu', marks=needs_ext)])
+@pytest.mark.parametrize('gap_mode', ['prev', 'null'])
+def test_gradcheck_delta_proj(impl, gap_mode):
+    """float64 gradcheck through the fused projection (the kernel's
+    d(delta) projected onto delta and delta_proj by GEMMs); K 70: two
+    chunks of the kernel, 'prev' gaps across them."""
+    inputs = low_rank_inputs(1, 3, 70, 2, 2)
+    pos = random_positions(1, 70, 100)
+    names = list(inputs)
+
+    def fn(*tensors):
+        return selective_scan(
+            **dict(zip(names, tensors)),
+            delta_softplus=True,
+            positions=pos,
+            gap_mode=gap_mode,
+            impl=impl,
+        )
+
+    assert torch.autograd.gradcheck(fn, tuple(inputs.values()))
+
+
+@pytest.mark.parametrize(
+    'changes,match',
+    [
+        (dict(delta_proj=torch.randn(4, 2)), r'delta_proj must be \(dim=3'),
+        (dict(delta_proj=torch.randn(3)), r'delta_proj must be \(dim=3'),
+        (
+            dict(delta_proj=torch.randn(3, 2, 1)),
+            r'delta_proj must be \(dim=3',
+        ),
+        (
+            dict(delta_proj=torch.randn(3, 4)),
+            r'delta must have shape \(2, 4, 6\) \(batch, R, K\)',
+        ),
+    ],
+)
+def test_bad_delta_proj(changes, match):
+    """delta (batch, R, K) with delta_proj (dim, R): the shapes are checked
+    before any implementation runs."""
+    inputs = make_inputs(2, 3, 6, 4)
+    inputs['delta'] = torch.randn(2, 2, 6, dtype=torch.float64)
+    for impl in ('ref', 'cpu'):
+        with pytest.raises(ValueError, match=match):
+            selective_scan(**dict(inputs, **changes), impl=impl)
+    with pytest.raises(TypeError, match='delta_proj must be a floating'):
+        selective_scan(
+            **dict(inputs, delta_proj=torch.ones(3, 2, dtype=torch.long))
+        )

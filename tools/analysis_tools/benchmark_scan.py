@@ -15,6 +15,12 @@ it). A build of sources from before the forward's chunk checkpoints (no
 ``scan_chunk``) runs as it did: its forward returns no checkpoints, so
 its backward recomputes them (:class:`WithoutCheckpoints`).
 
+``--dt-proj`` adds Vim-S's scan (dim 768, N 16, dt_rank 24, 197 tokens,
+batch 1 and 8, the tokens-major slices of ``x_proj``'s output that the
+model passes) with ``dt_proj`` fused into it (``delta_proj``) against
+``dt_proj``'s GEMM followed by the scan, for the same builds (a build from
+before the fusion runs both as GEMM + scan).
+
 ``--conv`` adds the position-aware causal conv1d (Vim-S: dim 768, k 4,
 SiLU, the tokens-major layout of its Linear layers) at 137 of 197 tokens,
 with and without positions (the aligned and the rearranged DyVM paths),
@@ -35,6 +41,7 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
 from mmssm.errors import UserError
 from mmssm.ops import causal_conv1d, ext, ext_status, selective_scan
@@ -71,6 +78,12 @@ def parse_args():
         help="builds of the compiled kernel for impl 'cpu': 'generic', "
         "'avx2' or the path of another build's _ext*.so. Defaults to the "
         'one this process loads.',
+    )
+    parser.add_argument(
+        '--dt-proj',
+        action='store_true',
+        help="also time Vim-S's scan with dt_proj fused against its GEMM "
+        'followed by the scan',
     )
     parser.add_argument(
         '--conv',
@@ -214,9 +227,76 @@ def main():
                     f'{fwd_bwd / floor_ms:.2f} |',
                     flush=True,
                 )
+    cpu_rows = [(name, m) for name, impl, m in rows if impl == 'cpu']
+    if args.dt_proj:
+        dt_proj_rows(cpu_rows or [('cpu', None)], max(args.repeat, 20))
     if args.conv:
-        cpu_rows = [(name, m) for name, impl, m in rows if impl == 'cpu']
         conv_rows(cpu_rows or [('cpu', None)], max(args.repeat, 20))
+
+
+def dt_proj_rows(rows, repeat):
+    """Vim-S's scan (dim 768, N 16, R 24, 197 tokens) with dt_proj fused
+    (``delta_proj``) and as its GEMM + the scan, alternating over the
+    builds ``rows`` (name, module) and the two ways; one table row per
+    (batch, build, way)."""
+    print(
+        '\n| Vim-S scan (dim 768, N 16, R 24, 197 tokens) | batch | build '
+        '| dt_proj | fwd (ms) | fwd+bwd (ms) |'
+    )
+    print('|---' * 6 + '|')
+    loaded = ext.load_ext()
+    dim, N, R, K = 768, 16, 24, 197
+    for batch in (1, 8):
+        x_dbl = torch.randn(batch, K, R + 2 * N)  # x_proj's output
+        x_dbl[..., :R] *= 0.2
+        xz = torch.randn(batch, K, 2 * dim)  # in_proj's output
+        inputs = dict(
+            u=xz[..., :dim].transpose(1, 2),
+            delta=x_dbl[..., :R].transpose(1, 2),
+            A=-torch.rand(dim, N) - 0.1,
+            B=x_dbl[..., R : R + N].transpose(1, 2),
+            C=x_dbl[..., R + N :].transpose(1, 2),
+            D=torch.randn(dim),
+            z=xz[..., dim:].transpose(1, 2),
+            delta_bias=torch.randn(dim) * 0.1 - 2.0,
+            delta_proj=torch.randn(dim, R) * R**-0.5,
+        )
+        ways = {'fused': _fused_scan, 'GEMM + scan': _gemm_then_scan}
+        times = {(n, w): ([], []) for n, _ in rows for w in ways}
+        for _ in range(repeat + 1):  # round 0: warm-up
+            for name, module in rows:
+                ext._ext = module or loaded
+                for way, fn in ways.items():
+                    fwd, fwd_bwd = times[name, way]
+                    start = time.perf_counter()
+                    with torch.no_grad():
+                        fn(**inputs)
+                    fwd.append((time.perf_counter() - start) * 1e3)
+                    grads = {
+                        k: v.detach().requires_grad_()
+                        for k, v in inputs.items()
+                    }
+                    start = time.perf_counter()
+                    fn(**grads).sum().backward()
+                    fwd_bwd.append((time.perf_counter() - start) * 1e3)
+        ext._ext = loaded
+        for (name, way), runs in times.items():
+            fwd, fwd_bwd = (statistics.median(t[1:]) for t in runs)
+            print(
+                f'| | {batch} | {name} | {way} | {fwd:.3f} | {fwd_bwd:.3f} |',
+                flush=True,
+            )
+
+
+def _fused_scan(**inputs):
+    return selective_scan(**inputs, delta_softplus=True, impl='cpu')
+
+
+def _gemm_then_scan(delta, delta_proj, **inputs):
+    delta = F.linear(delta.transpose(1, 2), delta_proj).transpose(1, 2)
+    return selective_scan(
+        delta=delta, **inputs, delta_softplus=True, impl='cpu'
+    )
 
 
 def conv_rows(rows, repeat):

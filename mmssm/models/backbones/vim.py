@@ -252,14 +252,17 @@ class BiMambaV2(nn.Module):
         dt, B, C = torch.split(
             x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1
         )
-        dt = F.linear(dt, dt_proj.weight).transpose(1, 2)  # bias: in scan
         A = -torch.exp(upcast(A_log))
         delta_bias, softplus = upcast(dt_proj.bias), True
-        if step_mask is not None:
+        # dt_proj (its bias: in the scan) fused into the scan: the kernel
+        # projects the (B, R, K) view of x_proj's output per tile
+        dt, delta_proj = dt.transpose(1, 2), dt_proj.weight
+        if step_mask is not None:  # masked_delta needs the step sizes
+            dt = F.linear(dt.transpose(1, 2), delta_proj).transpose(1, 2)
             dt = masked_delta(
                 dt, step_mask, gap_mode, delta_bias, True, reverse
             )
-            delta_bias, softplus = None, False
+            delta_bias, softplus, delta_proj = None, False, None
         return selective_scan(
             x,
             dt,
@@ -274,6 +277,7 @@ class BiMambaV2(nn.Module):
             gap_mode=gap_mode,
             impl=self.scan_impl,
             reverse=reverse,
+            delta_proj=delta_proj,
         )
 
     def forward(
